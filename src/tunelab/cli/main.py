@@ -1,0 +1,71 @@
+"""The `tunelab` command: subcommands live in small modules imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# name -> (module under tunelab.cli, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("validate", "check a config and print it resolved, or every error at once"),
+    "data": ("data", "prepare and preview training data"),
+    "train": ("train", "fine-tune a model"),
+    "eval": ("evaluate", "evaluate a model or run; compare several"),
+    "runs": ("runs", "list and compare past runs"),
+    "export": ("export", "merge an adapter and export safetensors, GGUF, Ollama"),
+    "chat": ("chat", "chat with a model in the terminal"),
+    "serve": ("serve", "serve an OpenAI-compatible REST API"),
+    "webui": ("webui", "start the web UI"),
+    "env": ("env", "print versions and devices, for bug reports"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune LLMs from data to deployment.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            mod = importlib.import_module(f"tunelab.cli.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"tunelab.cli.{module}":
+                raise
+            p.set_defaults(_missing=True)
+            continue
+        mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tunelab.config.load import ConfigError
+    from tunelab.errors import TunelabError
+    from tunelab.models.resolve import ModelNotFoundError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 1
+    if getattr(args, "_missing", False):
+        print(f"tunelab {args.command}: not available in this version", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    module = importlib.import_module(f"tunelab.cli.{args._module}")
+    try:
+        return int(module.run(args) or 0)
+    except (ConfigError, TunelabError, ModelNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Read a run config: YAML file + `a.b=c` overrides -> validated RunConfig, with every error reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tunelab.config.schema import RunConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem with its dotted path."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"invalid config {source}" if source else "invalid config"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} is not of the form key.path=value"])
+    key, raw = text.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError([f"override {text!r} has an empty key"])
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return keys, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if k.isdigit() and isinstance(node, list):
+                node = node[int(k)]
+                continue
+            child = node.get(k)
+            if not isinstance(child, (dict, list)):
+                child = node[k] = {}
+            node = child
+        last = keys[-1]
+        if isinstance(node, list) and last.isdigit():
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at the parent of `loc`, following nested sections and discriminated unions."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None:
+            return []
+        if part in fields:
+            current = _inner_model(fields[part].annotation)
+        else:  # a discriminated union tag such as 'lora' in method.lora.rr
+            current = _union_member(current, part)
+        if current is None:
+            return []
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _inner_model(annotation: Any) -> Any:
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _union_member(_current: Any, tag: str) -> Any:
+    from typing import get_args
+
+    from tunelab.config import schema
+
+    for member in get_args(get_args(schema.MethodConfig)[0]):
+        if member.model_fields["name"].default == tag:
+            return member
+    return None
+
+
+def format_errors(error: ValidationError) -> list[str]:
+    problems = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        # discriminated unions put the tag in the path: method.lora.r -> method.r
+        shown = [str(p) for p in loc if not (len(loc) > 1 and loc[0] == "method" and p == loc[1] and isinstance(p, str)
+                                             and p in {"lora", "dora", "qlora", "full", "freeze", "prefix"})]
+        path = ".".join(shown) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            valid = _valid_keys(RunConfig, loc)
+            problems.append(f"{path}: unknown key; valid keys here: {', '.join(valid)}")
+        elif err["type"] == "union_tag_invalid":
+            problems.append(f"{path}: {err['msg']}")
+        else:
+            problems.append(f"{path}: {err['msg']} (got {err.get('input')!r})")
+    return problems
+
+
+def config_from_dict(data: dict, source: str | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e), source) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when path is None) and apply `a.b=c` overrides."""
+    data: dict = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file not found: {p}"])
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"expected a mapping of sections at the top level, got {type(loaded).__name__}"], source)
+        data = loaded or {}
+        data = _resolve_relative_paths(data, p.parent)
+    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(data, source)
+
+
+def _resolve_relative_paths(data: dict, base: Path) -> dict:
+    """Dataset paths and dataset_dir in a config file are relative to that file, as users expect."""
+    sections = [data.get("data") or {}, data.get("eval") or {}]
+    for section in sections:
+        if not isinstance(section, dict):
+            continue
+        if isinstance(section.get("dataset_dir"), str) and not Path(section["dataset_dir"]).is_absolute():
+            section["dataset_dir"] = str((base / section["dataset_dir"]).resolve())
+        for spec in section.get("datasets") or []:
+            if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+                candidate = base / spec["path"]
+                if not Path(spec["path"]).is_absolute() and (candidate.exists() or any(c in spec["path"] for c in "*?")):
+                    spec["path"] = str(candidate.resolve()) if candidate.exists() else str(candidate)
+    return data
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
