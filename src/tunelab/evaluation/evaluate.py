@@ -1,0 +1,260 @@
+"""Evaluation stage: measure a base or tuned model (loss, perplexity, generated-text metrics) and compare several.
+
+    result = evaluate("runs/my-run", "data/heldout.jsonl")          # EvalResult, prints as a table
+    print(compare_models(["HuggingFaceTB/SmolLM2-135M-Instruct", "runs/my-run"], "data/heldout.jsonl"))
+
+The model is loaded by the inference engine (tunelab.inference.hf), which prompts with the chat template recorded
+in the run; the loss uses the same model, template, tokenizer and encoder as training (loss.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.schema import DataConfig, EvalConfig
+from tunelab.data.types import Conversation
+from tunelab.errors import TunelabError
+from tunelab.evaluation.examples import (
+    EvalExample,
+    as_specs,
+    build_examples,
+    load_eval_conversations,
+    validation_conversations,
+)
+from tunelab.evaluation.metrics import MODEL_METRICS, aggregate, check_metric_names, make_checks, score_predictions
+from tunelab.evaluation.results import ComparisonResult, EvalResult, PredictionRecord
+
+log = logging.getLogger(__name__)
+
+
+def open_engine(model: str, adapter: str | None = None, *, template: str | None = None, device: str = "auto",
+                dtype: str = "auto"):
+    """Load a model for evaluation with the same loader chat and serving use."""
+    from tunelab.inference.hf import load_engine
+
+    return load_engine(model, adapter, device=device, dtype=dtype, template=template)
+
+
+def run_data_config(engine) -> DataConfig:
+    """The data settings training used (cutoff, train_on, system prompt), or the defaults for a plain model."""
+    artifact = getattr(engine, "artifact", None)
+    run_config = getattr(artifact, "run_config", None)
+    return run_config.data if run_config is not None else DataConfig()
+
+
+def load_examples(data: Any, cfg: EvalConfig, engine) -> tuple[list[EvalExample], str]:
+    """(examples, a label for reports) from `data`, else cfg.datasets, else the run's validation split."""
+    data_cfg = run_data_config(engine)
+    need_answer = needs_generation(cfg)
+    if isinstance(data, Sequence) and data and all(isinstance(d, Conversation) for d in data):
+        return build_examples(data, data_cfg.system, cfg.max_samples, need_answer), f"{len(data)} conversations"
+    if data is not None:
+        specs = as_specs(data)
+    elif cfg.datasets:
+        specs = list(cfg.datasets)
+    else:
+        return validation_examples(cfg, data_cfg, engine)
+    label = ", ".join(str(s.path or s.name) for s in specs)
+    conversations = load_eval_conversations(specs, data_cfg)
+    return build_examples(conversations, data_cfg.system, cfg.max_samples, need_answer), label
+
+
+def needs_generation(cfg: EvalConfig) -> bool:
+    return bool(cfg.checks) or any(m not in MODEL_METRICS for m in cfg.metrics)
+
+
+def validation_examples(cfg: EvalConfig, data_cfg: DataConfig, engine) -> tuple[list[EvalExample], str]:
+    """The held-out split training made (data.val_size, data.seed), re-derived from the run's datasets."""
+    if not data_cfg.datasets or not data_cfg.val_size:
+        raise TunelabError("no evaluation data: pass --data FILE (any format `tunelab data` reads), set "
+                           "eval.datasets, or evaluate a run trained with data.val_size > 0")
+    held_out = validation_conversations(data_cfg, engine.template, engine.tokenizer)
+    if not held_out:
+        raise TunelabError("the run's validation split is empty; pass --data FILE")
+    examples = build_examples(held_out, data_cfg.system, cfg.max_samples, needs_generation(cfg))
+    return examples, "validation split of the run"
+
+
+def generation_params(cfg: EvalConfig, stop: Sequence[str] = ()):
+    from tunelab.inference.engine import GenerationParams
+
+    return GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.do_sample else 0.0,
+                            top_p=cfg.top_p if cfg.do_sample else 1.0, stop=list(stop),
+                            seed=0 if cfg.do_sample else None)
+
+
+def generate_all(engine, prompts: list[str], params, batch_size: int) -> list:
+    """Completions in prompt order; prompts of similar length are batched together (less left padding)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, completion in zip(chunk, engine.generate([prompts[i] for i in chunk], params)):
+            out[i] = completion
+    return out
+
+
+def evaluate_engine(engine, examples: list[EvalExample], cfg: EvalConfig, *, name: str | None = None,
+                    data_label: str = "") -> EvalResult:
+    """Evaluate a loaded engine on examples: loss metrics first (one forward per batch), then generation."""
+    check_metric_names(cfg.metrics)
+    checks = make_checks(cfg.checks)
+    info: dict[str, Any] = {"model": name or engine.name, "data": data_label, "num_examples": len(examples),
+                            "template": getattr(engine.template, "name", "?"), "date": _now()}
+    metrics: dict[str, float] = {}
+    loss = _measure_loss(engine, examples, cfg, info) if set(cfg.metrics) & set(MODEL_METRICS) else None
+    if loss is not None:
+        metrics.update({k: v for k, v in loss.metrics().items() if k in cfg.metrics or k == "eval_tokens"})
+    prompts = [engine.render(e.messages, tools=e.tools, add_generation_prompt=True) if e.messages
+               else e.conversation.text or "" for e in examples]
+    completions: list = [None] * len(examples)
+    scores: list[dict] = [{} for _ in examples]
+    if needs_generation(cfg):
+        completions = _generate_timed(engine, prompts, cfg, info)
+    # A generation cut by max_new_tokens can end inside a multi-byte character (decoded as U+FFFD): not text.
+    texts = [c.text.rstrip("\ufffd") if c is not None else "" for c in completions]
+    if needs_generation(cfg):
+        scores = score_predictions(texts, [e.reference for e in examples], cfg.metrics, checks,
+                                   [e.source for e in examples])
+        metrics.update(aggregate(scores))
+    records = [_record(i, e, p, t, c, s, loss) for i, (e, p, t, c, s) in
+               enumerate(zip(examples, prompts, texts, completions, scores))]
+    return EvalResult(name or engine.name, metrics, records, info, run_dir=_run_dir(engine))
+
+
+def _measure_loss(engine, examples: list[EvalExample], cfg: EvalConfig, info: dict):
+    """Loss with the run's own cutoff_len and train_on, so the scored tokens are the trained ones."""
+    from tunelab.evaluation.loss import compute_loss
+
+    data_cfg = run_data_config(engine)
+    t0 = time.perf_counter()
+    loss = compute_loss(engine.model, engine.tokenizer, engine.template, [e.conversation for e in examples],
+                        cutoff_len=data_cfg.cutoff_len, train_on=data_cfg.train_on, batch_size=cfg.batch_size)
+    info.update(loss_s=round(time.perf_counter() - t0, 3), cutoff_len=data_cfg.cutoff_len, train_on=data_cfg.train_on)
+    return loss
+
+
+def _generate_timed(engine, prompts: list[str], cfg: EvalConfig, info: dict) -> list:
+    params = generation_params(cfg, getattr(engine.template, "stop_strings", ()))
+    t0 = time.perf_counter()
+    completions = generate_all(engine, prompts, params, cfg.batch_size)
+    elapsed = time.perf_counter() - t0
+    info.update(generation_s=round(elapsed, 3), examples_per_s=round(len(prompts) / elapsed, 3),
+                max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, batch_size=cfg.batch_size)
+    return completions
+
+
+def _record(i, example: EvalExample, prompt: str, text: str, completion, scores: dict, loss) -> PredictionRecord:
+    if loss is not None and loss.per_example[i] is not None:
+        scores = {**scores, "loss": loss.per_example[i]}
+    return PredictionRecord(i, example.source, example.messages, prompt, example.reference, text, scores,
+                            getattr(completion, "finish_reason", None), getattr(completion, "completion_tokens", None))
+
+
+def _run_dir(engine) -> Path | None:
+    return getattr(getattr(engine, "artifact", None), "run_dir", None)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def default_output_dir(engine_or_model, base: str | Path = "eval") -> Path:
+    """<run>/eval for a run, else eval/<model name> under the current folder."""
+    run_dir = _run_dir(engine_or_model) if not isinstance(engine_or_model, str) else None
+    if run_dir is not None:
+        return Path(run_dir) / "eval"
+    name = engine_or_model if isinstance(engine_or_model, str) else engine_or_model.name
+    return Path(base) / slug(name)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^\w.+-]+", "_", Path(str(name)).name or str(name)).strip("_") or "model"
+
+
+def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, *, adapter: str | None = None,
+             template: str | None = None, device: str = "auto", dtype: str = "auto",
+             output_dir: str | Path | None = None, write: bool = True) -> EvalResult:
+    """Evaluate `model` (a run dir, adapter, merged/HF folder, hub id, GGUF, or a loaded engine) on `data`.
+
+    Reports go to `output_dir` (default eval.output_dir, else <run>/eval or eval/<model>) unless write=False.
+    """
+    cfg = cfg or EvalConfig()
+    check_metric_names(cfg.metrics)  # config mistakes fail before anything is loaded
+    make_checks(cfg.checks)
+    engine = open_engine(model, adapter, template=template, device=device, dtype=dtype) \
+        if isinstance(model, (str, Path)) else model
+    examples, label = load_examples(data, cfg, engine)
+    result = evaluate_engine(engine, examples, cfg, data_label=label)
+    if write:
+        from tunelab.evaluation.report import write_reports
+
+        write_reports(result, output_dir or cfg.output_dir or default_output_dir(engine))
+    return result
+
+
+def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | None = None, *,
+                   template: str | None = None, device: str = "auto", dtype: str = "auto",
+                   output_dir: str | Path | None = None) -> ComparisonResult:
+    """Evaluate every model on the same examples and line the results up (first model = the baseline).
+
+    Without `data` and eval.datasets, the examples are the validation split of the first run among `models`
+    (so `compare_models([base, run])` scores the base on the run's held-out data). Models are loaded one at a
+    time. Prints as a side-by-side table; with `output_dir`, writes each model's reports in a subfolder and
+    comparison.json/.md/.html.
+    """
+    if len(models) < 2:
+        raise TunelabError("compare needs at least two models (e.g. the base model and the tuned run)")
+    cfg = cfg or EvalConfig()
+    check_metric_names(cfg.metrics)
+    make_checks(cfg.checks)  # a bad check fails before any model is loaded
+    first = _examples_source(models) if data is None and not cfg.datasets else 0
+    results: dict[int, EvalResult] = {}
+    examples, label = None, ""
+    for i in [first, *(j for j in range(len(models)) if j != first)]:
+        model = models[i]
+        engine = open_engine(model, template=template, device=device, dtype=dtype) \
+            if isinstance(model, (str, Path)) else model
+        if examples is None:
+            examples, label = load_examples(data, cfg, engine)
+        results[i] = evaluate_engine(engine, examples, cfg, name=engine.name, data_label=label)
+        log.info("evaluated %s (%d/%d)", engine.name, len(results), len(models))
+        del engine
+        gc.collect()  # free one model before loading the next
+    ordered = [results[i] for i in range(len(models))]
+    for k, result in enumerate(ordered):
+        result.model = _unique_name(result.model, [r.model for r in ordered[:k]])
+    comparison = ComparisonResult(ordered)
+    if output_dir is not None:
+        from tunelab.evaluation.report import write_comparison, write_reports
+
+        for k, result in enumerate(ordered):
+            write_reports(result, Path(output_dir) / f"{k + 1}-{slug(result.model)}")
+        write_comparison(comparison, output_dir)
+    return comparison
+
+
+def _examples_source(models: Sequence[Any]) -> int:
+    """Index of the first run (directory, or engine loaded from one): its validation split is the shared data."""
+    from tunelab.evaluation.runs import is_run_dir
+
+    for i, model in enumerate(models):
+        if isinstance(model, (str, Path)) and is_run_dir(Path(model)) or _run_dir(model) is not None:
+            return i
+    return 0
+
+
+def _unique_name(name: str, taken: list[str]) -> str:
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name} ({n})" in taken:
+        n += 1
+    return f"{name} ({n})"

@@ -1,0 +1,110 @@
+"""Evaluation stage, input: turn evaluation data (any format the data stage reads) into prompt/reference pairs.
+
+Each conversation is split before its last assistant message: everything before is the prompt the model answers,
+that message is the reference. The whole conversation is kept for the loss, which scores every trained token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.schema import DataConfig, DatasetSpec
+from tunelab.data.types import Conversation, Message
+from tunelab.errors import DataError, TunelabError
+
+
+@dataclass
+class EvalExample:
+    conversation: Conversation  # the full record, reference included (for the loss)
+    messages: list[dict[str, Any]]  # the prompt: every message before the reference
+    reference: str
+
+    @property
+    def source(self) -> str:
+        return self.conversation.source
+
+    @property
+    def tools(self) -> list[dict] | None:
+        return self.conversation.tools
+
+
+def split_conversation(conv: Conversation, index: int, need_answer: bool = True) -> EvalExample:
+    where = conv.source or f"example {index}"
+    if conv.is_text:  # plain text (continued pretraining): a loss is defined, an answer to compare with is not
+        if need_answer:
+            raise DataError(f"{where}: a plain-text record has no prompt and answer; evaluate it with "
+                            "eval.metrics=[loss,perplexity] only, or use chat-formatted data")
+        return EvalExample(conv, [], "")
+    if not conv.messages or conv.messages[-1].role != "assistant":
+        last = conv.messages[-1].role if conv.messages else "nothing"
+        raise DataError(f"{where}: the last message is from {last}; an evaluation example needs the expected answer "
+                        "as its last assistant message (alpaca: an `output` column; sharegpt/openai: a final "
+                        "assistant turn)")
+    reference = conv.messages[-1].content or ""
+    if not reference.strip():
+        raise DataError(f"{where}: the reference answer (last assistant message) is empty")
+    prompt = conv.messages[:-1]
+    if not any(m.role == "user" for m in prompt):
+        raise DataError(f"{where}: no user message before the answer; nothing to prompt the model with")
+    return EvalExample(conv, [m.to_template_dict() for m in prompt], reference)
+
+
+def with_system(conv: Conversation, system: str | None) -> Conversation:
+    """Give a record without a system message the default one, as training did (data.system)."""
+    if not system or conv.is_text or (conv.messages and conv.messages[0].role == "system"):
+        return conv
+    return replace(conv, messages=[Message("system", system), *conv.messages])
+
+
+def as_specs(data: Any) -> list[DatasetSpec]:
+    if isinstance(data, DatasetSpec):
+        return [data]
+    if isinstance(data, (str, Path)):
+        path = Path(data).expanduser()
+        if not path.exists() and not any(ch in str(data) for ch in "*?["):
+            raise TunelabError(f"evaluation data not found: {data}")
+        return [DatasetSpec(path=str(path.resolve()) if path.exists() else str(data))]
+    if isinstance(data, Sequence) and all(isinstance(d, (DatasetSpec, str, Path)) for d in data):
+        return [s for d in data for s in as_specs(d)]
+    raise TypeError(f"evaluation data must be a path, a DatasetSpec or a list of Conversation, not {type(data)}")
+
+
+def load_eval_conversations(specs: list[DatasetSpec], data_cfg: DataConfig) -> list[Conversation]:
+    """Read records exactly as training reads them (same readers, cleaning, variables and default system prompt),
+    but refuse bad records instead of skipping them: a silently thinner evaluation set is a misleading one."""
+    from tunelab.data.pipeline import load_all
+
+    # Duplicates stay: the user chose the evaluation set, and its size must match what they gave.
+    cfg = data_cfg.model_copy(update={"datasets": specs, "clean": data_cfg.clean.model_copy(update={"dedup": False})})
+    conversations, rejects, _ = load_all(cfg)
+    if rejects:
+        shown = "\n".join(f"  - {r}" for r in rejects[:5])
+        more = f"\n  ... and {len(rejects) - 5} more" if len(rejects) > 5 else ""
+        raise DataError(f"{len(rejects)} evaluation record(s) cannot be used; fix or remove them:\n{shown}{more}")
+    if not conversations:
+        raise DataError(f"no evaluation record in {', '.join(str(s.path or s.name) for s in specs)}")
+    return conversations
+
+
+def validation_conversations(data_cfg: DataConfig, template, tokenizer) -> list[Conversation]:
+    """The held-out split training made: same loading, encoding filter and seeded shuffle as prepare_data."""
+    from tunelab.data.encode import encode_batch
+    from tunelab.data.pipeline import load_all, split_examples
+
+    conversations, _, _ = load_all(data_cfg)
+    encoded, _ = encode_batch(conversations, template, tokenizer, data_cfg.cutoff_len, data_cfg.train_on)
+    kept = [c for c, e in zip(conversations, encoded) if e is not None]
+    _, held_out = split_examples(kept, data_cfg.val_size, data_cfg.seed)
+    return held_out
+
+
+def build_examples(conversations: Sequence[Conversation], system: str | None = None,
+                   max_samples: int | None = None, need_answer: bool = True) -> list[EvalExample]:
+    """Prompt/reference pairs; `need_answer=False` (loss-only evaluation) also accepts plain-text records."""
+    conversations = list(conversations)[:max_samples] if max_samples else list(conversations)
+    if not conversations:
+        raise DataError("the evaluation data holds no example")
+    return [split_conversation(with_system(c, system), i, need_answer) for i, c in enumerate(conversations)]

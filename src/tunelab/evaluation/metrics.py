@@ -1,0 +1,231 @@
+"""Evaluation stage: text metrics on generated predictions (BLEU-4, ROUGE-1/2/L, exact match, regex/contains).
+
+Pure functions of (prediction, reference) strings, one registry of metric names. How each metric tokenizes
+English and Chinese text is documented in docs/metrics.md; tests pin the numbers against hand computations.
+Scores of BLEU and ROUGE are on a 0-100 scale (as sacrebleu and LLaMA-Factory report them); exact match and
+checks are 0 or 1 per example, so their mean is a fraction.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from tunelab.errors import DataError, TunelabError
+
+# Han ideographs (CJK Unified Ideographs, extensions A-F, compatibility ideographs): the characters that
+# jieba segments into words. Other scripts are split into words by the regex below.
+_HAN = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+)")
+# A word for ROUGE outside Han text: a run of letters/digits (Unicode-aware; on ASCII text this is exactly
+# rouge-score's default tokenizer: lowercase, split on anything that is not [a-z0-9]).
+_WORD = re.compile(r"[^\W_]+")
+_SPACE = re.compile(r"\s+")
+
+MODEL_METRICS = ("loss", "perplexity")  # computed from the model's logits, not from generated text
+
+
+def _install_hint(package: str) -> TunelabError:
+    return TunelabError(f"this metric needs the `{package}` package: pip install 'tunelab[eval]'")
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+@lru_cache(maxsize=1)
+def _bleu_tokenizer():
+    try:
+        from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
+    except ImportError as e:
+        raise _install_hint("sacrebleu") from e
+    return TokenizerZh()
+
+
+def bleu_tokens(text: str) -> list[str]:
+    """BLEU tokens: sacrebleu's `zh` tokenizer, i.e. every Chinese character (and full-width punctuation) is a
+    token and the rest goes through mteval-v13a (words and punctuation split, case kept).
+
+    On pure English this equals sacrebleu's default 13a tokenization; on Chinese it is character-level BLEU.
+    """
+    return _bleu_tokenizer()(text).split()
+
+
+@lru_cache(maxsize=1)
+def _jieba():
+    try:
+        import jieba
+    except ImportError as e:
+        raise _install_hint("jieba") from e
+    jieba.setLogLevel(60)  # its "Building prefix dict" banner is noise in a report
+    return jieba
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """ROUGE tokens: Han runs are segmented into words by jieba (precise mode), everything else is split into
+    lower-cased runs of letters and digits. Punctuation and whitespace are never tokens."""
+    tokens: list[str] = []
+    for i, part in enumerate(_HAN.split(text)):
+        if i % 2:  # odd parts are the captured Han runs
+            tokens.extend(w for w in _jieba().lcut(part) if _WORD.search(w))
+        else:
+            tokens.extend(_WORD.findall(part.lower()))
+    return tokens
+
+
+class _RougeTokenizer:
+    """Adapter so rouge-score's scorer uses our tokenization (it calls `.tokenize(text)`)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return rouge_tokens(text)
+
+
+def normalize_answer(text: str) -> str:
+    """Exact match compares texts after Unicode NFKC, trimming and collapsing whitespace; case is kept."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+def bleu4(prediction: str, reference: str) -> float:
+    """Sentence BLEU-4 (uniform weights, brevity penalty) with Chen & Cherry smoothing method 3, 0-100.
+
+    Method 3 (NIST geometric smoothing) replaces the k-th zero n-gram precision by 1 / (2^k * hyp_ngrams), as
+    nltk's `SmoothingFunction().method3` and LLaMA-Factory do. No unigram match at all gives 0.
+    """
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    hyp, ref = bleu_tokens(prediction), bleu_tokens(reference)
+    if not hyp or not ref:
+        return 0.0
+    return 100.0 * sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method3)
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    try:
+        from rouge_score.rouge_scorer import RougeScorer
+    except ImportError as e:
+        raise _install_hint("rouge-score") from e
+    return RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False, tokenizer=_RougeTokenizer())
+
+
+def rouge(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 (n-gram overlap) and ROUGE-L (longest common subsequence) F1, 0-100."""
+    scores = _rouge_scorer().score(reference, prediction)  # rouge-score takes (target, prediction)
+    return {
+        "rouge-1": 100.0 * scores["rouge1"].fmeasure,
+        "rouge-2": 100.0 * scores["rouge2"].fmeasure,
+        "rouge-l": 100.0 * scores["rougeL"].fmeasure,
+    }
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+@dataclass(frozen=True)
+class Check:
+    """A pass/fail test of one prediction: `contains` a text, or matches a `regex` (re.search)."""
+
+    kind: str
+    pattern: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.pattern}"
+
+    def __call__(self, prediction: str) -> float:
+        if self.kind == "contains":
+            return float(self.pattern in prediction)
+        return float(re.search(self.pattern, prediction) is not None)
+
+
+def make_checks(specs: Iterable) -> list[Check]:
+    """Checks from config entries (objects with .kind/.pattern or dicts); a bad regex fails here, not mid-run."""
+    checks = []
+    for spec in specs:
+        kind = spec["kind"] if isinstance(spec, dict) else spec.kind
+        pattern = spec["pattern"] if isinstance(spec, dict) else spec.pattern
+        if kind not in ("contains", "regex"):
+            raise TunelabError(f"eval.checks: unknown kind {kind!r}; expected contains or regex")
+        if kind == "regex":
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise TunelabError(f"eval.checks: invalid regular expression {pattern!r}: {e}") from e
+        checks.append(Check(kind, pattern))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------ registry
+TextMetric = Callable[[str, str], dict[str, float]]
+_TEXT_METRICS: dict[str, TextMetric] = {}
+
+
+def register_metric(name: str, fn: TextMetric) -> None:
+    """Register a text metric: fn(prediction, reference) -> {score name: value}."""
+    if name in _TEXT_METRICS or name in MODEL_METRICS:
+        raise ValueError(f"metric {name!r} is already registered")
+    _TEXT_METRICS[name] = fn
+
+
+def get_metric(name: str) -> TextMetric:
+    if name not in _TEXT_METRICS:
+        raise TunelabError(f"unknown metric {name!r}; known: {', '.join(known_metrics())}")
+    return _TEXT_METRICS[name]
+
+
+def known_metrics() -> list[str]:
+    return [*MODEL_METRICS, *_TEXT_METRICS]
+
+
+def check_metric_names(names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in MODEL_METRICS and n not in _TEXT_METRICS]
+    if unknown:
+        raise TunelabError(f"eval.metrics: unknown metric(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(known_metrics())}")
+
+
+register_metric("bleu", lambda p, r: {"bleu-4": bleu4(p, r)})
+register_metric("rouge", rouge)
+register_metric("exact_match", lambda p, r: {"exact_match": exact_match(p, r)})
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def score_example(prediction: str, reference: str, metrics: Sequence[str], checks: Sequence[Check] = ()) -> dict:
+    """All requested text scores of one example (model metrics such as loss are skipped here)."""
+    scores: dict[str, float] = {}
+    for name in metrics:
+        if name not in MODEL_METRICS:
+            scores.update(get_metric(name)(prediction, reference))
+    for check in checks:
+        scores[check.name] = check(prediction)
+    return scores
+
+
+def score_predictions(predictions: Sequence[str], references: Sequence[str], metrics: Sequence[str],
+                      checks: Sequence[Check] = (), sources: Sequence[str] | None = None) -> list[dict]:
+    """Per-example scores; an empty reference is an error naming the example (it would score 0 silently)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    check_metric_names(metrics)
+    for i, ref in enumerate(references):
+        if not ref or not ref.strip():
+            where = sources[i] if sources and sources[i] else f"example {i}"
+            raise DataError(f"{where}: the reference answer is empty; every evaluation example needs a non-empty "
+                            "last assistant message to compare the prediction with")
+    return [score_example(p, r, metrics, checks) for p, r in zip(predictions, references)]
+
+
+def aggregate(per_example: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean of each score over the examples that have it (sentence-level averaging, as LLaMA-Factory does)."""
+    keys: dict[str, None] = {}
+    for scores in per_example:
+        keys.update(dict.fromkeys(scores))
+    out = {}
+    for key in keys:
+        values = [s[key] for s in per_example if key in s and not math.isnan(s[key])]
+        if values:
+            out[key] = statistics.fmean(values)
+    return out

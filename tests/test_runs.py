@@ -1,0 +1,100 @@
+"""`tunelab runs`: listing and comparing run directories built here from the files training writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab.cli.main import main
+from tunelab.errors import TunelabError
+from tunelab.evaluation.runs import compare_runs, config_diff, list_runs, loss_series, read_run, runs_table
+
+
+def make_run(root: Path, name: str, *, lr: float = 2e-4, r: int = 8, losses=(2.0, 1.5, 1.2), eval_losses=(1.4,),
+             status: str = "finished", started: str = "2026-01-01T00:00:00", eval_metrics: dict | None = None) -> Path:
+    run = root / name
+    (run / "final").mkdir(parents=True)
+    config = {"model": {"name": "tiny"}, "method": {"name": "lora", "r": r, "alpha": 16},
+              "train": {"lr": lr, "batch_size": 8, "max_steps": 30, "run_name": name, "output_dir": str(root)},
+              "data": {"datasets": [{"path": "train.jsonl"}]}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (run / "run.json").write_text(json.dumps({"status": status, "started_at": started,  # as training writes it
+                                              "metrics": {"train_loss": losses[-1], "eval_loss": None,
+                                                          "global_step": 30}}), encoding="utf-8")
+    events = [{"step": 10 * (i + 1), "loss": v, "learning_rate": lr} for i, v in enumerate(losses)]
+    events += [{"step": 30, "eval_loss": v} for v in eval_losses]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"step": 4', encoding="utf-8")
+    if eval_metrics:
+        (run / "eval").mkdir()
+        (run / "eval" / "metrics.json").write_text(json.dumps({"metrics": eval_metrics}), encoding="utf-8")
+    return run
+
+
+def test_read_run_takes_metrics_from_run_json_log_and_eval(tmp_path):
+    run = make_run(tmp_path, "a", eval_metrics={"rouge-l": 41.5, "loss": 1.1, "perplexity": 3.0})
+    summary = read_run(run)
+    assert summary.status == "finished" and summary.method == "lora r=8 alpha=16"
+    assert summary.metrics == {"train_loss": 1.2, "global_step": 30, "eval_loss": 1.4, "rouge-l": 41.5,
+                               "eval/loss": 1.1, "eval/perplexity": 3.0}  # eval_loss None in run.json: from the log
+    series = loss_series(summary.history)  # the torn last line of metrics.jsonl is skipped
+    assert series == {"loss": [(10.0, 2.0), (20.0, 1.5), (30.0, 1.2)], "eval_loss": [(30.0, 1.4)]}
+
+
+def test_list_runs_sorted_and_tabled(tmp_path):
+    make_run(tmp_path, "late", started="2026-02-01T00:00:00", lr=1e-4)
+    make_run(tmp_path, "early", started="2026-01-01T00:00:00", eval_metrics={"exact_match": 0.9})
+    (tmp_path / "not-a-run").mkdir()
+    runs = list_runs(tmp_path)
+    assert [r.name for r in runs] == ["early", "late"]
+    table = runs_table(runs)
+    header, _, first, second = table.splitlines()
+    assert header.split()[:3] == ["run", "status", "method"] and "exact_match" in header
+    assert first.startswith("early") and "0.900" in first and "0.0002" in first
+    assert second.startswith("late") and "0.0001" in second
+
+
+def test_missing_run_files_give_clear_errors(tmp_path):
+    with pytest.raises(TunelabError, match="no runs folder"):
+        list_runs(tmp_path / "nope")
+    (tmp_path / "x").mkdir()
+    with pytest.raises(TunelabError, match="not a run directory: it has no config.yaml"):
+        read_run(tmp_path / "x")
+    with pytest.raises(TunelabError, match="at least two runs"):
+        compare_runs([make_run(tmp_path, "solo")])
+
+
+def test_compare_two_runs_diff_metrics_and_overlaid_curves(tmp_path):
+    a = make_run(tmp_path, "a", lr=2e-4, r=8, losses=(2.0, 1.5, 1.2))
+    b = make_run(tmp_path, "b", lr=5e-4, r=16, losses=(2.1, 1.3, 0.9), eval_losses=(1.2,))
+    comparison = compare_runs([a, b], output_dir=tmp_path / "cmp")
+    assert comparison.diff == {"method.r": [8, 16], "train.lr": [2e-4, 5e-4]}  # run_name/output_dir ignored
+    text = str(comparison)
+    assert "method.r" in text and "train_loss" in text and "0.9000" in text and "1.2000" in text
+    png = comparison.plot.read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    md = (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8")
+    assert "| method.r | 8 | 16 |" in md and "![loss curves](loss.png)" in md
+
+
+def test_config_diff_of_identical_runs_is_empty(tmp_path):
+    runs = [read_run(make_run(tmp_path, n)) for n in ("a", "b")]
+    assert config_diff(runs) == {}
+
+
+def test_runs_cli_list_and_compare(tmp_path, capsys):
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b", lr=1e-3)
+    assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "a " in out and "b " in out and "train_loss" in out
+    assert main(["runs", "compare", str(a), str(b), "--output", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr" in out and (tmp_path / "cmp" / "loss.png").is_file()
+    assert (tmp_path / "cmp" / "comparison.md").read_text(encoding="utf-8").count("train.lr") == 1
+    assert main(["runs", "compare", str(a)]) == 2
+    assert "at least two runs" in capsys.readouterr().err
+    assert main(["runs", "--json", str(tmp_path)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in listed] == ["a", "b"] and listed[1]["config"]["train"]["lr"] == 1e-3
