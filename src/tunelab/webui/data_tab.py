@@ -1,0 +1,181 @@
+"""Web UI, Data tab: pick a file or a registered dataset, run the data stage (tunelab.data.pipeline.prepare_data,
+the same call `tunelab data prepare` and training make) and show its summary, rejects, length histogram and a few
+examples with the trained tokens highlighted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from tunelab.webui.i18n import text
+from tunelab.webui.render import esc, guard, message, open_image, table_html
+
+TRAIN_ON = ("all_assistant", "last_assistant", "everything")
+FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
+
+
+def registered_names(dataset_dir: str) -> list[str]:
+    from tunelab.data.sources import read_registry
+
+    return sorted(read_registry(dataset_dir)) if dataset_dir and dataset_dir.strip() else []
+
+
+def data_config(path: str, dataset_dir: str, name: str, fmt: str, template: str, cutoff: Any, train_on: str):
+    """The DataConfig of the page's choices: a file/folder/glob, or a dataset registered in dataset_dir."""
+    from tunelab.config.schema import DataConfig, DatasetSpec
+    from tunelab.errors import TunelabError
+
+    path, name = (path or "").strip(), (name or "").strip()
+    if not path and not name:
+        raise TunelabError("choose a data file (or upload one), or a registered dataset from data.dataset_dir")
+    spec = DatasetSpec(path=path, format=fmt or "auto") if path else DatasetSpec(name=name, format=fmt or "auto")
+    return DataConfig(datasets=[spec], dataset_dir=(dataset_dir or "").strip() or None, template=template or "auto",
+                      cutoff_len=int(cutoff or 1024), train_on=train_on or "all_assistant", packing=False)
+
+
+def prepare(model: str, cfg):
+    """Tokenizer and template exactly as training resolves them, then the data stage itself."""
+    from tunelab.config.schema import ModelConfig
+    from tunelab.data.pipeline import prepare_data
+    from tunelab.data.templates import apply_template, resolve_template
+    from tunelab.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name=model))
+    template = resolve_template(cfg.template, tokenizer, cfg.enable_thinking)
+    apply_template(tokenizer, template)
+    return prepare_data(cfg, tokenizer, template), tokenizer, template
+
+
+# --------------------------------------------------------------------------------------------------- rendering
+def read_rejects(path: str | None, limit: int = 50) -> list[dict]:
+    """The first `limit` rejects prepare_data wrote (one JSON object per line: source, field, reason, rule)."""
+    import json
+
+    if not path or not Path(path).is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if len(rows) >= limit:
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def stats_html(stats: dict) -> str:
+    """The same summary `tunelab data prepare` prints, then the rejects with their reasons."""
+    from tunelab.data.preview import summary
+
+    parts = [f'<pre class="tl-summary">{esc(summary(stats))}</pre>']
+    rejects = read_rejects(stats.get("rejects_file"))
+    if rejects:
+        total = (stats.get("rejected") or {}).get("total", len(rejects))
+        rows = [[r.get("source", ""), r.get("field", ""), r.get("rule", ""), r.get("reason", "")] for r in rejects]
+        parts.append(f'<div class="tl-rejects"><b>rejects: {esc(total)}</b>'
+                     + table_html(["record", "field", "rule", "reason"], rows) + "</div>")
+    return "".join(parts)
+
+
+def spans_html(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """One encoded example as text with the trained tokens (label != -100) highlighted; runs of tokens come from
+    data.preview.segments, as in `tunelab data preview`, and are decoded whole so split characters stay intact."""
+    from tunelab.data.preview import segments
+
+    return "".join(_span(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+                         trained) for trained, ids in segments(list(input_ids), list(labels)))
+
+
+def _span(piece: str, trained: bool) -> str:
+    return f'<span class="{"tl-trained" if trained else "tl-context"}">{esc(piece)}</span>'
+
+
+def examples_html(dataset, tokenizer, n: int) -> str:
+    blocks = []
+    for i in range(min(n, len(dataset))):
+        row = dataset[i]
+        tokens = len(row["input_ids"])
+        trained = sum(1 for x in row["labels"] if x != -100)
+        blocks.append(f'<div class="tl-example"><div class="tl-src">#{i} · {tokens} tokens · {trained} trained</div>'
+                      f'{spans_html(tokenizer, row["input_ids"], row["labels"])}</div>')
+    return "".join(blocks)
+
+
+def prepare_event(lang, model, path, dataset_dir, name, fmt, template, cutoff, train_on, n):
+    """Status line, summary, length histogram and highlighted examples of the chosen data."""
+    prepared, tokenizer, tmpl = prepare(model, data_config(path, dataset_dir, name, fmt, template, cutoff, train_on))
+    head = f"{len(prepared.train)} train"
+    if prepared.validation is not None:
+        head += f", {len(prepared.validation)} validation"
+    stats = dict(prepared.stats)
+    return (message(esc(f"{head} · template {tmpl.name} · {prepared.fingerprint[:12]}"), "ok"),
+            stats_html(stats), open_image(stats.get("histogram")), examples_html(prepared.train, tokenizer, int(n)))
+
+
+def refresh_event(lang, dataset_dir):
+    names = registered_names(dataset_dir)
+    return "", gr.update(choices=names, value=names[0] if names else None)
+
+
+# ------------------------------------------------------------------------------------------------------- layout
+def build(ui) -> dict[str, Any]:
+    L = ui.L
+    with gr.Row():
+        path = L.make(gr.Textbox, "data.path", info="data.path.info", scale=3, elem_id="data-path")
+        upload = L.make(gr.File, "data.upload", type="filepath", file_count="single", scale=1, height=90,
+                        elem_id="data-upload")
+    with gr.Row(equal_height=True):
+        dataset_dir = L.make(gr.Textbox, "data.dataset_dir", value=ui.dataset_dir, scale=2, elem_id="data-dataset-dir")
+        names = ui.registered()
+        name = L.make(gr.Dropdown, "data.name", choices=names, value=(ui.start_datasets() or [None])[0],
+                      allow_custom_value=True, scale=2, elem_id="data-name")
+        refresh = L.make(gr.Button, "data.refresh", prop="value", scale=1)
+    with gr.Row():
+        model = L.make(gr.Textbox, "data.model", value=ui.default_model, scale=3, elem_id="data-model")
+        template = L.make(gr.Textbox, "data.template", value="auto", elem_id="data-template")
+        fmt = L.make(gr.Dropdown, "data.format", choices=list(FORMATS), value="auto")
+        cutoff = L.make(gr.Number, "data.cutoff", value=1024, precision=0, elem_id="data-cutoff")
+        train_on = L.make(gr.Dropdown, "data.train_on", choices=list(TRAIN_ON), value="all_assistant")
+        count = L.make(gr.Slider, "data.examples", minimum=1, maximum=20, step=1, value=3)
+    with gr.Row():
+        prepare_btn = L.make(gr.Button, "data.prepare", prop="value", variant="primary", elem_id="data-prepare")
+        use_btn = L.make(gr.Button, "data.use", prop="value", elem_id="data-use")
+    status = gr.HTML(elem_id="data-status")
+    with gr.Row():
+        summary = gr.HTML(elem_id="data-summary")
+        histogram = L.make(gr.Image, "data.histogram", type="pil", height=300, elem_id="data-histogram",
+                           interactive=False)
+    L.add(gr.Markdown(L.t("data.legend")), lambda lang: {"value": text("data.legend", lang)})
+    examples = gr.HTML(elem_id="data-examples")
+
+    upload.upload(lambda f: f or gr.skip(), upload, path)
+    refresh.click(guard(refresh_event, 2, 0), [ui.lang, dataset_dir], [status, name])
+    prepare_btn.click(guard(prepare_event, 4, 0),
+                      [ui.lang, model, path, dataset_dir, name, fmt, template, cutoff, train_on, count],
+                      [status, summary, histogram, examples])
+    return {"path": path, "dataset_dir": dataset_dir, "name": name, "fmt": fmt, "model": model, "template": template,
+            "cutoff": cutoff, "train_on": train_on, "use": use_btn, "status": status}
+
+
+def connect(ui, data: dict[str, Any], train: dict[str, Any]) -> None:
+    """"Use in the Train form": copy the chosen data and model into the Train tab's config fields."""
+    inputs = train["inputs"]
+
+    def use(lang, path_v, dir_v, name_v, fmt_v, model_v, template_v, cutoff_v, train_on_v):
+        import yaml
+
+        cfg = data_config(path_v, dir_v, name_v, fmt_v, template_v, cutoff_v, train_on_v)
+        specs = [s.model_dump(exclude_defaults=True) for s in cfg.datasets]
+        datasets = yaml.safe_dump(specs, sort_keys=False, allow_unicode=True).strip()
+        return (message(esc(text("data.used", lang)), "ok"), datasets, cfg.dataset_dir or "", model_v,
+                cfg.template, cfg.cutoff_len, cfg.train_on)
+
+    outputs = [data["status"], inputs["data.datasets"], inputs["data.dataset_dir"], inputs["model.name"],
+               inputs["data.template"], inputs["data.cutoff_len"], inputs["data.train_on"]]
+    data["use"].click(guard(use, len(outputs), 0),
+                      [ui.lang, data["path"], data["dataset_dir"], data["name"], data["fmt"], data["model"],
+                       data["template"], data["cutoff"], data["train_on"]], outputs)
