@@ -10,6 +10,7 @@ import sys
 
 # name -> (module under tunelab.cli, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "run the whole pipeline on the bundled example: data, train, evaluate, export, chat"),
     "validate": ("validate", "check a config and print it resolved, or every error at once"),
     "data": ("data", "prepare and preview training data"),
     "train": ("train", "fine-tune a model"),
@@ -47,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.models.resolve import ModelNotFoundError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come after options (`tunelab data preview CFG -n 3 data.cutoff_len=64`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 1

@@ -65,8 +65,11 @@ class DatasetSpec(Section):
 
 
 class CleanConfig(Section):
-    normalize_whitespace: bool = Field(True, description="Collapse runs of spaces/tabs, trim each message.")
-    strip_html: bool = Field(False, description="Remove HTML tags from messages.")
+    normalize_whitespace: bool = Field(
+        True, description="Trim each message, unify line endings, drop trailing spaces, collapse blank-line runs and "
+        "runs of spaces/tabs inside a line (indentation is kept)."
+    )
+    strip_html: bool = Field(False, description="Remove HTML tags and entities (not chat markup like <think>).")
     drop_empty: bool = Field(True, description="Drop records whose prompt or response is empty.")
     dedup: bool = Field(True, description="Drop exact duplicate conversations.")
     min_chars: int = Field(0, ge=0, description="Drop records whose total text is shorter than this.")
@@ -98,8 +101,12 @@ class DataConfig(Section):
     max_reject_ratio: float = Field(0.05, ge=0, le=1, description="Fail when more than this share is rejected.")
     strict: bool = Field(False, description="Fail on the first bad record instead of skipping it.")
     clean: CleanConfig = Field(default_factory=CleanConfig)
-    cache_dir: str | None = Field(None, description="Where processed data is cached (default ~/.cache/tunelab/data).")
-    num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
+    cache_dir: str | None = Field(
+        None, description="Where processed data is cached (default: $TUNELAB_DATA_CACHE, else ~/.cache/tunelab/data)."
+    )
+    num_proc: int = Field(
+        2, ge=1, description="Tokenizer calls run in parallel threads (the Rust tokenizer releases the GIL)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- method
@@ -176,6 +183,10 @@ class TrainConfig(Section):
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"], description="Trackers: tensorboard, wandb, swanlab, mlflow."
     )
+    trackers_offline: bool = Field(
+        True, description="wandb and swanlab write their runs locally (sync them later); mlflow logs to "
+        "<run>/mlflow.db unless MLFLOW_TRACKING_URI is set."
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the device supports it fast, else none."
     )
@@ -184,6 +195,14 @@ class TrainConfig(Section):
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config.")
     fsdp: str | None = Field(None, description="FSDP options string passed to transformers, e.g. 'full_shard auto_wrap'.")
     max_memory_gb: float | None = Field(None, gt=0, description="Fail early when the estimate exceeds this.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_no(cls, data):
+        """YAML reads `mixed_precision: no` as false; it means "no"."""
+        if isinstance(data, dict) and data.get("mixed_precision") is False:
+            data = {**data, "mixed_precision": "no"}
+        return data
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -196,27 +215,36 @@ class EvalConfig(Section):
     datasets: list[DatasetSpec] = Field(
         default_factory=list, description="Evaluation data; empty: the run's validation split."
     )
-    max_samples: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(128, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_samples: int | None = Field(None, ge=1, description="Evaluate only the first N examples.")
+    batch_size: int = Field(8, ge=1, description="Examples per loss forward and per generation batch.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer, in tokens.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding (uses temperature and top_p).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (only with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (only with do_sample).")
     metrics: list[str] = Field(
-        default_factory=lambda: ["loss", "perplexity", "bleu", "rouge", "exact_match"], description="Metrics to compute."
+        default_factory=lambda: ["loss", "perplexity", "bleu", "rouge", "exact_match"],
+        description="Metrics to compute: loss, perplexity, bleu, rouge, exact_match (see docs/metrics.md).",
     )
     checks: list[CheckConfig] = Field(default_factory=list, description="Extra regex/contains checks.")
-    output_dir: str | None = Field(None, description="Where reports go (default: <run>/eval).")
+    output_dir: str | None = Field(None, description="Where reports go (default: <run>/eval, else eval/<model>).")
 
 
 # ---------------------------------------------------------------------------------------------------------- export
 class ExportConfig(Section):
     output_dir: str | None = Field(None, description="Export folder (default: <run>/export).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Merged weights dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Merged weights dtype. auto: the dtype the base model was saved in."
+    )
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
-    gguf: list[str] = Field(default_factory=list, description="GGUF types to write, e.g. [f16, q8_0].")
-    ollama: bool = Field(False, description="Write an Ollama Modelfile (needs a GGUF).")
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(
+        default_factory=list, description="GGUF types to write, e.g. [f16, q8_0]."
+    )
+    ollama: bool = Field(False, description="Write an Ollama Modelfile (needs a GGUF; q8_0 is written if none is asked).")
     quantize: Literal["none", "int8", "bnb8", "bnb4"] = Field("none", description="Post-merge quantization.")
+    converter_dir: str | None = Field(
+        None, description="A llama.cpp checkout with convert_hf_to_gguf.py (default: fetched from the "
+        "llama-cpp-python sdist on PyPI into the cache)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- serve
@@ -231,6 +259,9 @@ class ServeConfig(Section):
     max_batch_size: int = Field(8, ge=1, description="Requests generated together in one batch.")
     max_queue: int = Field(64, ge=1, description="Waiting requests before 503.")
     max_new_tokens: int = Field(512, ge=1, description="Default and ceiling of max_tokens.")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long the first queued request waits for others to share its batch."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------- run

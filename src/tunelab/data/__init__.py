@@ -1,0 +1,1 @@
+"""The data stage: raw files -> validated conversations -> templated, tokenized, masked training examples."""
