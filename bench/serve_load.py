@@ -1,0 +1,166 @@
+"""Load test of `tunelab serve` on loopback: requests/s, tokens/s and latency at 1, 4 and 16 concurrent clients.
+
+By default it serves the embedded SmolLM2-135M-Instruct in this process (uvicorn in a thread, on a free
+127.0.0.1 port) and sends a bounded number of greedy chat requests per level, so it stops by itself:
+
+    .venv/bin/python bench/serve_load.py                      # 1, 4, 16 clients, 32 new tokens each
+    .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --model NAME   # an already running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+TOPICS = ["the sea", "autumn", "a robot", "bread", "the moon", "rivers", "chess", "tea", "cities", "rain",
+          "春天", "长城", "bicycles", "music", "mountains", "snow"]
+
+
+@dataclass
+class Level:
+    clients: int
+    requests: int
+    seconds: float
+    tokens: int
+    latencies: list[float]
+    errors: int
+    load: float  # 1-minute load average at the end: the machine is shared, other work skews the numbers
+
+    def row(self) -> str:
+        lat = sorted(self.latencies)
+        p50 = statistics.median(lat) if lat else float("nan")
+        p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))] if lat else float("nan")
+        return (f"| {self.clients} | {self.requests} | {self.requests / self.seconds:.2f} | "
+                f"{self.tokens / self.seconds:.1f} | {p50:.2f} | {p95:.2f} | {self.errors} | {self.load:.1f} |")
+
+
+def ask(client: httpx.Client, url: str, model: str, i: int, max_tokens: int) -> tuple[float, int]:
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": f"Write a few sentences about {TOPICS[i % len(TOPICS)]}."}]}
+    start = time.perf_counter()
+    r = client.post(url + "/v1/chat/completions", json=body)
+    r.raise_for_status()
+    return time.perf_counter() - start, r.json()["usage"]["completion_tokens"]
+
+
+def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int, headers: dict) -> Level:
+    """`requests` requests spread over `clients` threads, each sending its next request when the last returns."""
+    latencies, tokens, errors = [], 0, 0
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def client_loop() -> None:
+        nonlocal tokens, errors
+        with httpx.Client(timeout=600, headers=headers) as client:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                try:
+                    latency, n = ask(client, url, model, i, max_tokens)
+                except httpx.HTTPError as e:
+                    print(f"  request {i} failed: {e}", file=sys.stderr)
+                    with lock:
+                        errors += 1
+                    continue
+                with lock:
+                    latencies.append(latency)
+                    tokens += n
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client_loop) for _ in range(clients)]:
+            f.result()
+    return Level(clients, len(latencies), time.perf_counter() - start, tokens, latencies, errors, os.getloadavg()[0])
+
+
+@contextmanager
+def local_server(model: str, max_batch_size: int):
+    """The model served in this process on a free loopback port; yields (url, served name)."""
+    import uvicorn
+
+    from tunelab.config.schema import ServeConfig
+    from tunelab.inference.hf import load_engine
+    from tunelab.serving.app import create_app
+
+    start = time.perf_counter()
+    engine = load_engine(model)
+    print(f"loaded {engine.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    app = create_app(engine, ServeConfig(max_batch_size=max_batch_size, max_queue=256))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", app.state.serve
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def report(levels: list[Level], max_tokens: int, note: str) -> None:
+    print(f"\n{note}; greedy, max_tokens={max_tokens}")
+    print("| clients | requests | requests/s | tokens/s | p50 latency s | p95 latency s | errors | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
+    for level in levels:
+        print(level.row())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tunelab.config.schema import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model to load (or the served name with --url)")
+    parser.add_argument("--url", help="benchmark this running server instead of starting one")
+    parser.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"))
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument("--requests-per-client", type=int, default=2, help="requests per level = this x clients")
+    parser.add_argument("--min-requests", type=int, default=4, help="at least this many requests per level")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="server batch size (local server only)")
+    parser.add_argument("--threads", type=int, help="torch threads of the local server (default: torch's choice); "
+                        "on a busy shared machine 1 avoids OpenMP threads spinning against other processes")
+    args = parser.parse_args(argv)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    levels = [int(c) for c in args.clients.split(",")]
+
+    def bench(url: str, model: str) -> list[Level]:
+        run_level(url, model, 1, 1, 4, headers)  # warm-up: first-call allocations are not part of the numbers
+        results = []
+        for clients in levels:
+            n = max(args.min_requests, args.requests_per_client * clients)
+            results.append(run_level(url, model, clients, n, args.max_tokens, headers))
+            print(f"  {clients} clients done: {results[-1].row()}", file=sys.stderr)
+        return results
+
+    if args.url:
+        report(bench(args.url.rstrip("/"), args.model), args.max_tokens, f"server {args.url}")
+        return 0
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with local_server(args.model, args.max_batch_size) as (url, state):
+        results = bench(url, state.model_name)
+        batches = f"{state.batcher.batches} engine calls, largest batch {state.batcher.largest_batch}"
+    note = (f"{state.model_name} on {state.engine.device!s}, {torch.get_num_threads()} torch threads, "
+            f"{os.cpu_count()} cores, "
+            f"max_batch_size={args.max_batch_size} ({batches})")
+    report(results, args.max_tokens, note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

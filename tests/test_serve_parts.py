@@ -1,0 +1,291 @@
+"""Serving parts on their own: batch grouping, API keys, tool-role rendering, CORS, and `tunelab serve` itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tunelab.cli.main import main
+from tunelab.config.schema import ServeConfig
+from tunelab.inference.engine import Engine, GenerationParams
+from tunelab.serving.batcher import Batcher, QueueFullError, ShuttingDownError, batch_key
+from tunelab.serving.protocol import ApiError
+from tunelab.serving.security import KeyChecker
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    from tunelab.inference.hf import load_engine
+
+    return load_engine(str(tiny_models["llama"]))
+
+
+# ------------------------------------------------------------------------------------------------------- batching
+def test_batch_key_groups_only_requests_that_answer_the_same():
+    greedy = GenerationParams(max_new_tokens=8, temperature=0)
+    assert batch_key(greedy) == batch_key(GenerationParams(max_new_tokens=8, temperature=0, top_p=0.5, seed=3))
+    assert batch_key(greedy) != batch_key(GenerationParams(max_new_tokens=9, temperature=0))
+    assert batch_key(greedy) != batch_key(GenerationParams(max_new_tokens=8, temperature=0, stop=["\n"]))
+    sampled = GenerationParams(max_new_tokens=8, temperature=0.7)
+    assert batch_key(sampled) == batch_key(GenerationParams(max_new_tokens=8, temperature=0.7))
+    seeded = GenerationParams(max_new_tokens=8, temperature=0.7, seed=1)
+    assert batch_key(seeded) != batch_key(seeded)  # a seeded sample runs alone, so it is reproducible
+
+
+def test_batcher_groups_compatible_requests_into_one_call(engine):
+    class Counting:
+        def __init__(self):
+            self.calls: list[int] = []
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate(self, prompts, params):
+            self.calls.append(len(prompts))
+            return engine.generate(prompts, params)
+
+    counting = Counting()
+    batcher = Batcher(counting, max_batch_size=4, max_queue=16, batch_wait_s=0.05)
+    prompts = [engine.render([{"role": "user", "content": f"q{i}"}]) for i in range(6)]
+    greedy, longer = GenerationParams(max_new_tokens=3), GenerationParams(max_new_tokens=4)
+
+    async def go():
+        jobs = [batcher.generate([p], greedy) for p in prompts[:5]] + [batcher.generate(prompts[5:], longer)]
+        return await asyncio.gather(*jobs)
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        batcher.close()
+    assert sorted(counting.calls) == [1, 1, 4]  # 4 greedy, then the 5th greedy; the 4-token one alone
+    expected = [engine.generate([p], greedy)[0].text for p in prompts[:5]]
+    assert [r[0].text for r in results[:5]] == expected
+    assert results[5][0].completion_tokens == 4
+
+
+def test_batcher_bounds_the_queue_and_fails_queued_work_on_close(engine):
+    from test_serve_support import SlowEngine
+
+    batcher = Batcher(SlowEngine(engine, delay_s=0.5), max_batch_size=1, max_queue=2, batch_wait_s=0)
+    prompt = engine.render([{"role": "user", "content": "hi"}])
+    params = GenerationParams(max_new_tokens=2)
+
+    async def go():
+        running = asyncio.ensure_future(batcher.generate([prompt], params))
+        await asyncio.sleep(0.1)  # the engine thread has taken it
+        queued = [asyncio.ensure_future(batcher.generate([prompt], params)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError):
+            await batcher.generate([prompt], params)
+        batcher.close()
+        with pytest.raises(ShuttingDownError):
+            await queued[0]
+        return await running
+
+    assert asyncio.run(go())[0].completion_tokens == 2
+
+
+def test_engine_errors_reach_the_request(engine):
+    class Broken:
+        name, max_context = "broken", 2048
+
+        def generate(self, prompts, params):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    batcher = Batcher(Broken(), batch_wait_s=0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        asyncio.run(batcher.generate(["x"], GenerationParams()))
+    batcher.close()
+
+
+def test_engine_failure_mid_stream_is_an_error_event(engine):
+    """After the 200 status is sent, a failure can only be reported inside the stream."""
+    from fastapi.testclient import TestClient
+    from test_serve_support import SlowEngine
+
+    from tunelab.serving.app import create_app
+
+    class FailsMidStream(SlowEngine):
+        def stream(self, prompt, params, cancel=None):
+            for i, event in enumerate(super().stream(prompt, params, cancel)):
+                if i == 2:
+                    raise RuntimeError("device lost (simulated)")
+                yield event
+
+    app = create_app(FailsMidStream(engine, delay_s=0), ServeConfig())
+    body = {"model": engine.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True}
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json=body)
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert "device lost" in json.loads(events[-2])["error"]["message"]
+
+
+# ----------------------------------------------------------------------------------------------------- security
+def test_key_checker():
+    open_server = KeyChecker([])
+    open_server.check(None)
+    checker = KeyChecker(["sk-a", "sk-b"])
+    checker.check("Bearer sk-b")
+    checker.check("bearer sk-a")
+    for header in (None, "Bearer sk-c", "sk-a", "Basic sk-a", "Bearer "):
+        with pytest.raises(ApiError) as e:
+            checker.check(header)
+        assert e.value.status == 401 and e.value.headers == {"WWW-Authenticate": "Bearer"}
+
+
+def test_cors_only_for_configured_origins(engine):
+    from fastapi.testclient import TestClient
+
+    from tunelab.serving.app import create_app
+
+    app = create_app(engine, ServeConfig(cors_origins=["https://ui.example"]))
+    with TestClient(app) as c:
+        ok = c.get("/v1/models", headers={"Origin": "https://ui.example"})
+        assert ok.headers["access-control-allow-origin"] == "https://ui.example"
+        other = c.get("/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+# ------------------------------------------------------------------------------------------------------ templates
+def test_tool_roles_render_through_the_training_template(tiny_models):
+    """system/user/assistant(tool_calls)/tool messages reach the qwen2.5 template as Hugging Face expects them."""
+    from fastapi.testclient import TestClient
+
+    from tunelab.inference.hf import load_engine
+    from tunelab.serving.app import create_app
+
+    qwen = load_engine(str(tiny_models["qwen2"]))
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}
+    messages = [{"role": "system", "content": "You help."}, {"role": "user", "content": "北京天气？"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"}]
+    expected_messages = [messages[0], messages[1],
+                         {"role": "assistant", "content": "", "tool_calls": [
+                             {"type": "function", "id": "call_1",
+                              "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]},
+                         {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"}]
+    prompt = qwen.render(expected_messages, tools)
+    assert '"city": "北京"' in prompt and "<tool_response>" in prompt and "get_weather" in prompt
+    with TestClient(create_app(qwen, ServeConfig())) as c:
+        r = c.post("/v1/chat/completions", json={"model": qwen.name, "messages": messages, "tools": tools,
+                                                 "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == qwen.count_tokens(prompt)
+    assert r.json()["choices"][0]["message"]["content"] == qwen.generate([prompt], GenerationParams(3))[0].text
+
+
+def test_prompt_is_the_one_tunelab_chat_renders_for_a_run(tiny_models, tmp_path):
+    """A run trained with data.system: the server prompts exactly like `tunelab chat` (ChatSession) does."""
+    from fastapi.testclient import TestClient
+
+    from tunelab.inference.chat import ChatSession
+    from tunelab.inference.hf import load_engine
+    from tunelab.serving.app import create_app
+
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  system: 你是一个乐于助人的助手。\n", encoding="utf-8")
+    (run / "run.json").write_text("{}", encoding="utf-8")
+    (run / "final").symlink_to(tiny_models["llama"], target_is_directory=True)
+    engine = load_engine(str(run))
+    params = GenerationParams(max_new_tokens=4)
+    prompt = ChatSession(engine, params=params).prompt("今天天气怎么样？")
+    assert "乐于助人" in prompt
+    expected = engine.generate([prompt], params)[0]
+    with TestClient(create_app(engine, ServeConfig())) as c:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "今天天气怎么样？"}], "max_tokens": 4,
+                "temperature": 0}
+        reply = c.post("/v1/chat/completions", json=body).json()
+        simple = c.post("/generate", json={"instruction": "今天天气怎么样？", "max_length": 2048,
+                                           "temperature": 0}).json()
+    assert reply["usage"]["prompt_tokens"] == expected.prompt_tokens
+    assert reply["choices"][0]["message"]["content"] == expected.text
+    assert simple["output"].startswith(expected.text)
+
+
+def test_template_refusal_is_a_400(tiny_models):
+    """Mistral's template raises on non-alternating roles: the client gets the template's reason."""
+    from fastapi.testclient import TestClient
+
+    from tunelab.inference.hf import load_engine
+    from tunelab.serving.app import create_app
+
+    mistral = load_engine(str(tiny_models["mistral"]))
+    assert isinstance(mistral, Engine)
+    messages = [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with TestClient(create_app(mistral, ServeConfig())) as c:
+        r = c.post("/v1/chat/completions", json={"model": mistral.name, "messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def test_serve_refuses_network_without_a_key(tiny_models, capsys, monkeypatch):
+    monkeypatch.delenv("TUNELAB_API_KEY", raising=False)
+    assert main(["serve", str(tiny_models["llama"]), "--host", "0.0.0.0"]) == 2
+    assert "refusing to serve on 0.0.0.0 without an API key" in capsys.readouterr().err
+
+
+def test_serve_config_from_yaml_and_flags(tmp_path):
+    from tunelab.cli.main import build_parser
+    from tunelab.cli.serve import serve_config
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("serve:\n  port: 9001\n  api_keys: [sk-yaml]\n  max_queue: 5\n", encoding="utf-8")
+    args = build_parser().parse_args(["serve", "m", "--config", str(cfg_file), "--api-key", "sk-flag",
+                                      "--max-queue", "7"])
+    cfg = serve_config(args)
+    assert (cfg.port, cfg.max_queue, cfg.host) == (9001, 7, "127.0.0.1")
+    assert cfg.api_keys == ["sk-yaml", "sk-flag"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tunelab_serve_runs_and_shuts_down_gracefully(tiny_models):
+    port = free_port()
+    cmd = [sys.executable, "-m", "tunelab.cli.main", "serve", str(tiny_models["llama"]), "--port", str(port),
+           "--model-name", "tiny"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60}
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
+            while httpx.get(url + "/health").json()["running"] == 0:
+                assert not in_flight.done()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)  # graceful: the request in flight still gets its answer
+            reply = in_flight.result()
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+        assert proc.wait(30) == 0
+        output = proc.stdout.read()
+        assert f"serving tiny on http://127.0.0.1:{port}/v1" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
