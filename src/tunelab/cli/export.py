@@ -1,0 +1,109 @@
+"""`tunelab export RUN_OR_ADAPTER`: merged safetensors folder, GGUF files, Ollama Modelfile, and a summary with
+the files, their sizes, the template/GGUF checks and one sample answer from the exported model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
+KIND_TEXT = {"merged": "adapter merged into the base", "full": "full model (no adapter)",
+             "prefix": "base + prefix adapter (prefix tuning cannot be merged)"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", help="run folder, adapter folder, or model folder/hub id/.gguf")
+    parser.add_argument("--adapter", help="adapter folder to merge into SOURCE (a base model)")
+    parser.add_argument("--out", help="output folder (default: <run>/export or <folder>-export)")
+    parser.add_argument("--gguf", help="comma-separated GGUF types: f32, f16, bf16, q8_0 (e.g. f16,q8_0)")
+    parser.add_argument("--ollama", action="store_true", default=None, help="write an Ollama Modelfile")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="merged weights dtype")
+    parser.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 2GB")
+    parser.add_argument("--quantize", choices=["none", "int8", "bnb8", "bnb4"], help="post-merge quantized copy")
+    parser.add_argument("--converter-dir", help="llama.cpp checkout with convert_hf_to_gguf.py")
+    parser.add_argument("--verify", action="store_true", help="reload each GGUF with transformers and compare answers")
+    parser.add_argument("--prompt", default=SAMPLE_PROMPT, help="question for the sample answer")
+    parser.add_argument("--no-sample", action="store_true", help="skip the sample answer")
+    parser.add_argument("--fetch-converter", action="store_true",
+                        help="download llama.cpp's GGUF converter into the cache now (needs PyPI; once)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.fetch_converter:
+        from tunelab.export.gguf import fetch_converter
+
+        print(f"GGUF converter ready in {fetch_converter()}")
+        if args.source is None:
+            return 0
+    if args.source is None:
+        print("error: give a run folder, adapter or model to export (or --fetch-converter)", file=sys.stderr)
+        return 2
+    from tunelab.export.pipeline import export_model
+
+    result = export_model(args.source, export_config(args), adapter=args.adapter, out=args.out, verify=args.verify)
+    ok = print_summary(result)
+    if not args.no_sample:
+        print_sample(result, args.prompt)
+    return 0 if ok else 1
+
+
+def export_config(args: argparse.Namespace):
+    """The run's export section (or the defaults), with the flags given on the command line on top."""
+    from tunelab.config.schema import ExportConfig
+    from tunelab.inference.artifacts import is_run_dir, read_run_config
+
+    source = Path(args.source).expanduser()
+    cfg = read_run_config(source).export if is_run_dir(source) else ExportConfig()
+    updates = {"dtype": args.dtype, "max_shard_size": args.max_shard_size, "quantize": args.quantize,
+               "ollama": args.ollama, "converter_dir": args.converter_dir}
+    if args.gguf is not None:
+        updates["gguf"] = [t.strip().lower() for t in args.gguf.split(",") if t.strip()]
+    data = {**cfg.model_dump(), **{k: v for k, v in updates.items() if v is not None}}
+    return ExportConfig(**data)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def print_summary(result) -> bool:
+    print(f"exported {result.source} -> {result.out_dir}  ({KIND_TEXT[result.kind]})")
+    for path, size in result.files():
+        print(f"  {human_size(size):>9}  {path.relative_to(result.out_dir)}")
+    for note in result.notes:
+        print(f"note: {note}")
+    ok = not result.template_problems and not result.modelfile_problems
+    print("chat template: " + ("identical to training on the sample conversations" if not result.template_problems
+                               else "DIFFERS from training:\n  " + "\n  ".join(result.template_problems)))
+    if result.modelfile is not None:
+        state = "matches training" if not result.modelfile_problems else "DIFFERS:\n  " + "\n  ".join(
+            result.modelfile_problems)
+        print(f"Ollama: {result.modelfile} (TEMPLATE {state}); run: ollama create NAME -f {result.modelfile}")
+    for rt in result.round_trips:
+        ok &= rt.passed
+        print(f"GGUF round trip {rt.gguf.name}: {rt.identical}/{rt.total} greedy answers identical, "
+              f"{rt.token_agreement:.0%} same next token, mean KL {rt.mean_kl:.2g} (tolerance {rt.tolerance:g}): "
+              f"{'ok' if rt.passed else 'FAILED'}")
+    if result.quantized:
+        q = result.quantized
+        speed = (f", {q['tokens_per_s']:.1f} tokens/s (merged {q['merged_tokens_per_s']:.1f})"
+                 if "tokens_per_s" in q else "")
+        print(f"{q['method']}: {human_size(q['size_bytes'])} (merged {human_size(q['merged_size_bytes'])}){speed}")
+    return ok
+
+
+def print_sample(result, prompt: str) -> None:
+    from tunelab.inference.chat import ChatSession
+    from tunelab.inference.engine import GenerationParams
+    from tunelab.inference.hf import load_engine
+
+    engine = load_engine(str(result.out_dir))
+    session = ChatSession(engine, params=GenerationParams(max_new_tokens=64))
+    answer = session.ask(prompt)
+    print(f"sample answer from the exported model ({session.last_stats['tokens_per_s']:.1f} tokens/s):")
+    print(f"  Q: {prompt}\n  A: {answer.text.strip()}")

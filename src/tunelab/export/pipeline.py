@@ -1,0 +1,137 @@
+"""Stage 6 (export): run, adapter or model -> merged HF folder -> optional quantized copy, GGUF files, Modelfile.
+
+    <out>/                 merged model (safetensors shards, tokenizer with the training template,
+                           generation_config stopping at the end-of-turn token, tunelab_export.json)
+    <out>/prefix_adapter/  prefix-tuning runs only: the adapter next to its base (cannot be merged)
+    <out>/gguf/            <name>-<type>.gguf files and the Ollama Modelfile
+    <out>/<quant>/         post-merge quantized copy (int8, bnb8, bnb4)
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.config.schema import ExportConfig
+from tunelab.errors import TunelabError
+from tunelab.export.gguf import convert_to_gguf
+from tunelab.export.merge import PREFIX_NOTE, load_merged, save_hf_folder, save_prefix_export, write_marker
+from tunelab.export.verify import RoundTrip, compare_gguf, template_mismatches
+from tunelab.inference.artifacts import Artifact, resolve_artifact
+from tunelab.inference.template import load_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    kind: str  # merged | full | prefix
+    source: str
+    notes: list[str] = field(default_factory=list)
+    gguf: dict[str, Path] = field(default_factory=dict)
+    modelfile: Path | None = None
+    quantized: dict | None = None  # folder, size, tokens/s (quantize.py)
+    template_problems: list[str] = field(default_factory=list)
+    modelfile_problems: list[str] = field(default_factory=list)
+    round_trips: list[RoundTrip] = field(default_factory=list)
+
+    def files(self) -> list[tuple[Path, int]]:
+        return [(p, p.stat().st_size) for p in sorted(self.out_dir.rglob("*")) if p.is_file()]
+
+
+def export_model(source: str, cfg: ExportConfig | None = None, *, adapter: str | None = None,
+                 out: str | Path | None = None, verify: bool = False) -> ExportResult:
+    """Export `source` (run dir, adapter, or model folder) as configured; see the module docstring for the layout.
+
+    With `verify`, every GGUF is reloaded with transformers and compared with the merged folder.
+    """
+    art = resolve_artifact(source, adapter, device="cpu")
+    cfg = cfg or (art.run_config.export if art.run_config is not None else ExportConfig())
+    out_dir = Path(out or cfg.output_dir or default_output_dir(source, art)).expanduser()
+    gguf_types = list(dict.fromkeys(cfg.gguf or (["q8_0"] if cfg.ollama else [])))
+    model, tokenizer, kind = load_merged(art, cfg.dtype)
+    if kind == "prefix" and (gguf_types or cfg.quantize != "none"):
+        raise TunelabError(f"cannot write GGUF or quantize this run: {PREFIX_NOTE}")
+    template = training_template(art, tokenizer)
+    result = ExportResult(out_dir, kind, source)
+    if kind == "prefix":
+        save_prefix_export(model, tokenizer, template, art, out_dir, cfg.max_shard_size)
+        result.notes.append(PREFIX_NOTE)
+    else:
+        save_hf_folder(model, tokenizer, template, out_dir, cfg.max_shard_size)
+    write_marker(out_dir, _provenance(art, kind, template, model, gguf_types))
+    del model
+    gc.collect()
+    result.template_problems = template_mismatches(out_dir, template)
+    if cfg.quantize != "none":
+        from tunelab.export.quantize import quantize_export
+
+        result.quantized = quantize_export(out_dir, cfg.quantize)
+    _write_gguf_and_modelfile(result, cfg, gguf_types, art, template, tokenizer)
+    if verify:
+        result.round_trips = [compare_gguf(path, out_dir) for path in result.gguf.values()]
+    return result
+
+
+def _write_gguf_and_modelfile(result: ExportResult, cfg: ExportConfig, types: list[str], art: Artifact,
+                              template, tokenizer) -> None:
+    from tunelab.export.modelfile import build_modelfile, write_modelfile
+
+    name = export_name(art)
+    for outtype in types:
+        target = result.out_dir / "gguf" / f"{name}-{outtype}.gguf"
+        result.gguf[outtype] = convert_to_gguf(result.out_dir, target, outtype, cfg.converter_dir,
+                                               art.model_cfg.cache_dir)
+    if cfg.ollama:  # the smallest file: Ollama users run the quantized one
+        gguf_file = min(result.gguf.values(), key=lambda p: p.stat().st_size)
+        system = art.run_config.data.system if art.run_config is not None else None
+        modelfile = build_modelfile(gguf_file.name, template, tokenizer, system=system,
+                                    parameters={"num_ctx": _context_length(result.out_dir)})
+        result.modelfile = write_modelfile(gguf_file.parent, modelfile)
+        result.modelfile_problems = modelfile.mismatches
+        if modelfile.family is None:
+            result.notes.append("Modelfile has no TEMPLATE: unknown chat template family (see the Modelfile)")
+
+
+def training_template(art: Artifact, tokenizer):
+    """The template the run trained with; Qwen3-style thinking on/off stays baked into its text (data.templates)
+    so the exported tokenizer renders what training saw without the caller passing enable_thinking."""
+    thinking = art.run_config.data.enable_thinking if art.run_config is not None else None
+    return load_template(tokenizer, None, art.template_file, thinking)
+
+
+def export_name(art: Artifact) -> str:
+    return art.name.replace("+", "-").replace("/", "-")
+
+
+def default_output_dir(source: str, art: Artifact) -> Path:
+    """<run>/export for runs; <folder>-export next to an adapter or model folder; ./<name>-export otherwise."""
+    if art.run_dir is not None:
+        return art.run_dir / "export"
+    path = Path(source).expanduser()
+    return path.parent / f"{path.name}-export" if path.exists() else Path(f"{export_name(art)}-export")
+
+
+def _context_length(folder: Path) -> int:
+    import json
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return min(int(config.get("max_position_embeddings") or 4096), 8192)
+
+
+def _provenance(art: Artifact, kind: str, template, model, gguf_types: list[str]) -> dict:
+    info = {
+        "kind": kind,
+        "source": str(art.run_dir or art.adapter_path or art.base_path),
+        "base_model": art.model_cfg.name,
+        "adapter": "prefix_adapter" if kind == "prefix" else None,
+        "template": template.name,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "gguf": gguf_types,
+    }
+    if art.run_config is not None:
+        info["method"] = art.run_config.method.name
+    return info

@@ -1,0 +1,199 @@
+"""The transformers inference engine behind chat, evaluation, serving and the web UI (Engine in engine.py).
+
+`load_engine` accepts a run directory, an adapter, an exported or HF folder, a hub id or a GGUF file, and renders
+prompts with the chat template recorded in the artifact, so the model is prompted exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.inference.artifacts import Artifact, resolve_artifact
+from tunelab.inference.engine import Completion, GenerationParams, StreamEvent
+from tunelab.inference.stopping import StopWatch, safe_prefix
+from tunelab.inference.template import load_template
+from tunelab.models.load import end_of_turn_tokens, load_model, load_tokenizer, pick_device
+
+log = logging.getLogger(__name__)
+
+
+class HFEngine:
+    """A causal LM (optionally with a PEFT adapter) and its tokenizer; safe to call from several threads."""
+
+    def __init__(self, model, tokenizer, template, name: str, artifact: Artifact | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
+        self.template = template
+        self.name = name
+        self.artifact = artifact
+        self.device = next(model.parameters()).device
+        self.max_context = _max_context(model, tokenizer)
+        self.stop_ids = _stop_token_ids(model, tokenizer, template)
+        # end-of-turn strings of the template that are not one token (e.g. "### Human:") are matched as text
+        vocab = tokenizer.get_vocab()
+        self.text_stops = [s for s in getattr(template, "stop_strings", ()) if s and s not in vocab]
+        self._lock = threading.Lock()  # one generate at a time: the model and its caches are not reentrant
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+               add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # --------------------------------------------------------------------------------------------- generation
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
+        """Batched generation for rendered prompts (they already hold bos and the template's tokens)."""
+        if not prompts:
+            return []
+        with self._lock:
+            return self._run(prompts, params)
+
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+        """Yield text deltas as tokens arrive; the last event carries the Completion. Closing the iterator or
+        setting `cancel` stops generation after the current token."""
+        steps: queue.Queue = queue.Queue()
+        abandon = threading.Event()
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    result = self._run([prompt], params, cancel=(cancel, abandon), on_step=steps.put)[0]
+                steps.put(result)
+            except Exception as e:  # noqa: BLE001 (re-raised in the consumer's thread)
+                steps.put(e)
+
+        worker = threading.Thread(target=work, name="tunelab-generate", daemon=True)
+        worker.start()
+        shown = ""
+        try:
+            while True:
+                item = steps.get()
+                while isinstance(item, list) and not steps.empty():  # behind: only the newest ids matter
+                    item = steps.get_nowait()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Completion):
+                    if not item.text.startswith(shown):
+                        log.warning("streamed text diverged from the final text (tokenizer decode is not prefix-stable)")
+                    yield StreamEvent(item.text[len(shown):] if item.text.startswith(shown) else "", item)
+                    return
+                text = safe_prefix(self._partial_text(item), self._stops(params))
+                if len(text) > len(shown) and text.startswith(shown):
+                    yield StreamEvent(text[len(shown):])
+                    shown = text
+        finally:
+            abandon.set()  # the consumer left early (client gone): stop generating
+            worker.join()
+
+    def _partial_text(self, ids: list[int]) -> str:
+        for i, tok in enumerate(ids):
+            if tok in self.stop_ids:
+                ids = ids[:i]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _run(self, prompts: list[str], params: GenerationParams, cancel=(), on_step=None) -> list[Completion]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        prompt_len = enc["input_ids"].shape[1]
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        room = self.max_context - max(lengths)
+        if room < 1:
+            raise TunelabError(f"prompt has {max(lengths)} tokens; the model accepts {self.max_context} in all")
+        watch = StopWatch(self.tokenizer, prompt_len, len(prompts), self.stop_ids, self._stops(params), cancel,
+                          on_step)
+        config = self._generation_config(params, min(params.max_new_tokens, room))
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, generation_config=config, stopping_criteria=[watch])
+        results = []
+        for row, ids in enumerate(out[:, prompt_len:].tolist()):
+            text, count, reason = watch.finish(row, ids)
+            results.append(Completion(text, int(lengths[row]), count, reason))
+        return results
+
+    def _stops(self, params: GenerationParams) -> list[str]:
+        return list(dict.fromkeys([*params.stop, *self.text_stops]))
+
+    def _generation_config(self, params: GenerationParams, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        sample = params.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None,
+            top_k=params.top_k if sample else None,  # 0 turns top-k off; GenerationConfig's default would be 50
+            repetition_penalty=params.repetition_penalty,
+            eos_token_id=sorted(self.stop_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            use_cache=True,
+        )
+
+
+def _max_context(model, tokenizer) -> int:
+    limits = [getattr(model.config, "max_position_embeddings", None)]
+    if 0 < (tokenizer.model_max_length or 0) < 10_000_000:
+        limits.append(tokenizer.model_max_length)
+    limits = [int(x) for x in limits if x]
+    return min(limits) if limits else 2048
+
+
+def _stop_token_ids(model, tokenizer, template) -> set[int]:
+    """eos of the model and tokenizer plus every end-of-turn token the template emits (e.g. <|eot_id|>)."""
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    names = end_of_turn_tokens(tokenizer) | set(getattr(template, "stop_strings", []) or [])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[n] for n in names if n in vocab)
+    return {int(i) for i in ids if i is not None}
+
+
+def load_engine(model: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto",
+                template: str | None = None, merge: bool = False) -> HFEngine:
+    """Load `model` (run dir, adapter, exported/HF folder, hub id or .gguf) for inference.
+
+    `template` overrides the recorded chat template (a registered name or a .jinja path); `merge` folds a
+    LoRA adapter into the weights after loading (faster generation, same outputs).
+    """
+    art = resolve_artifact(model, adapter, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(art.model_cfg, path=art.tokenizer_path)
+    net = load_model(art.model_cfg, path=art.base_path)
+    if art.adapter_path is not None:
+        net = apply_adapter(net, art.adapter_path, tokenizer, merge=merge)
+    enable_thinking = art.run_config.data.enable_thinking if art.run_config is not None else None
+    chat_template = load_template(tokenizer, template, art.template_file, enable_thinking)
+    log.info("loaded %s on %s (%s)", art.name, pick_device(art.model_cfg.device), next(net.parameters()).dtype)
+    return HFEngine(net, tokenizer, chat_template, art.name, art)
+
+
+def apply_adapter(model, adapter_path: Path, tokenizer=None, merge: bool = False):
+    """Wrap `model` with the PEFT adapter in `adapter_path` (inference mode), optionally merged."""
+    from peft import PeftModel
+
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # training added tokens; the adapter saved their rows
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+    except Exception as e:
+        raise TunelabError(f"cannot apply the adapter in {adapter_path} to this base model: {e}") from e
+    if merge and not peft_model.peft_config["default"].is_prompt_learning:  # prefix tuning cannot merge
+        return peft_model.merge_and_unload()
+    return peft_model
