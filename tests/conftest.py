@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import FAMILIES, build_tiny_model  # noqa: E402
+from tiny import FAMILIES, build_tiny_model
 
 
 @pytest.fixture(scope="session")

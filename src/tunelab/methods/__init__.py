@@ -1,0 +1,108 @@
+"""Stage 3 (method): make a loaded model trainable the way `cfg.method` says; one registry entry per method.
+
+    check_method_available(cfg.method, device)     # before anything is loaded
+    model = load_model(cfg.model, **method_load_kwargs(cfg.method, device))
+    model = apply_method(model, cfg.method)         # PEFT model, or the model with frozen parameters
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
+
+
+def _always_available(_cfg, _device: str) -> None:
+    return None
+
+
+def _no_load_kwargs(_cfg, _device: str) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One tuning method: how to check it can run, extra loading arguments, and how to apply it."""
+
+    name: str
+    apply: Callable[[Any, Any], Any]  # (model, method_cfg) -> model
+    check: Callable[[Any, str], None] = _always_available  # raises MethodUnavailableError
+    load_kwargs: Callable[[Any, str], dict[str, Any]] = _no_load_kwargs  # extra from_pretrained kwargs
+    supports_packing: bool = True  # prefix tuning passes a KV cache, which turns off packed-sequence detection
+    trains_base_weights: bool = False  # full / freeze: the base weights get gradients and optimizer state
+    description: str = ""
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise TunelabError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def known_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def check_method_available(method_cfg, device: str) -> None:
+    """Raise MethodUnavailableError (saying why and what to use instead) before any weights are loaded."""
+    get_method(method_cfg.name).check(method_cfg, device)
+
+
+def method_load_kwargs(method_cfg, device: str) -> dict[str, Any]:
+    """Extra `from_pretrained` arguments the method needs (QLoRA: quantization_config, device_map)."""
+    return get_method(method_cfg.name).load_kwargs(method_cfg, device)
+
+
+def apply_method(model, method_cfg):
+    """Return the model ready to train with `method_cfg` and log its trainable / total parameter counts."""
+    model = get_method(method_cfg.name).apply(model, method_cfg)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise TunelabError(f"method {method_cfg.name}: no parameter is trainable; check the method section")
+    log.info("method %s: %s", method_cfg.name, describe_parameters(trainable, total))
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count every packed value, as peft does."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":  # two 4-bit values per byte of storage
+            n *= 2 * getattr(getattr(param, "quant_storage", None), "itemsize", 1)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe_parameters(trainable: int, total: int) -> str:
+    share = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"
+
+
+def _register_builtin() -> None:
+    from tunelab.methods import freeze, full, lora, prefix, qlora
+
+    for module in (lora, qlora, full, freeze, prefix):
+        for method in module.METHODS:
+            register_method(method)
+
+
+_register_builtin()

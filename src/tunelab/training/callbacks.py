@@ -1,0 +1,171 @@
+"""Stage 4 (training): what the user sees while training runs (console line + progress bar, metrics.jsonl,
+TensorBoard) and the loss curve drawn at the end. All are transformers TrainerCallbacks."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+# Trainer log keys -> short names in the console line and metrics.jsonl
+RENAMES = {"learning_rate": "lr", "grad_norm": "grad_norm", "loss": "loss", "eval_loss": "eval_loss"}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def format_log_line(record: dict, max_steps: int) -> str:
+    """One console line per logging step: epoch, step/total, loss, lr, tokens/s, elapsed, ETA."""
+    parts = [f"epoch {record.get('epoch', 0):.2f}", f"step {record['step']}/{max_steps}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "eval_loss" in record:
+        parts.append(f"eval_loss {record['eval_loss']:.4f}")
+    if "lr" in record:
+        parts.append(f"lr {record['lr']:.2e}")
+    if record.get("tokens_per_s"):
+        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+    if "elapsed_s" in record:
+        parts.append(f"elapsed {format_duration(record['elapsed_s'])}")
+    if record.get("eta_s") is not None:
+        parts.append(f"ETA {format_duration(record['eta_s'])}")
+    return " | ".join(parts)
+
+
+class MonitorCallback(ProgressCallback):
+    """Progress bar (from transformers) plus a readable line and a metrics.jsonl record per log event."""
+
+    def __init__(self, metrics_path: Path, echo: bool = True):
+        super().__init__()
+        self.metrics_path = metrics_path
+        self.echo = echo
+        self.records: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.echo:
+            super().on_train_begin(args, state, control, **kwargs)
+        self.current_step = state.global_step
+        self._start = self._last_time = time.perf_counter()
+        self._start_step = state.global_step
+        self._last_tokens = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or not hasattr(self, "_start"):
+            return
+        record = self.make_record(state, logs)
+        self.records.append(record)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.echo and ("loss" in record or "eval_loss" in record):
+            line = format_log_line(record, state.max_steps)
+            if self.training_bar is not None:
+                self.training_bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def make_record(self, state, logs: dict) -> dict:
+        now = time.perf_counter()
+        record: dict = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": time.time()}
+        record.update({RENAMES.get(k, k): v for k, v in logs.items() if k not in ("epoch", "num_input_tokens_seen")})
+        tokens = state.num_input_tokens_seen
+        if tokens and "loss" in logs:
+            record["tokens_per_s"] = round((tokens - self._last_tokens) / max(now - self._last_time, 1e-9), 2)
+            record["tokens_seen"] = tokens
+            self._last_tokens, self._last_time = tokens, now
+        record["elapsed_s"] = round(now - self._start, 3)
+        done = state.global_step - self._start_step
+        if done > 0 and state.max_steps:
+            record["eta_s"] = round((state.max_steps - state.global_step) * (now - self._start) / done, 1)
+        return record
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by the trainer before the optimizer step that would have applied a NaN/inf loss."""
+
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+        super().__init__(f"loss became {value} at step {step}")
+
+
+def is_finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))
+
+
+class RunStatusCallback(TrainerCallback):
+    """Keeps run.json current: total steps once known, the last complete checkpoint after every save."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.run_dir.update(max_steps=state.max_steps)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.run_dir.update(last_checkpoint=f"checkpoint-{state.global_step}", step=state.global_step)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    return records
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume: keep what was logged up to the checkpoint; the steps after it are trained (and logged) again."""
+    from tunelab.training.rundir import write_atomic
+
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    if path.is_file():
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+
+def plot_losses(metrics_path: Path, png: Path, title: str = "") -> Path | None:
+    """loss.png: training loss (and validation loss) against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and is_finite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png

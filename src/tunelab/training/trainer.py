@@ -1,0 +1,112 @@
+"""Stage 4 (training): transformers' Trainer with two guarantees added: checkpoints appear atomically, and a
+NaN/inf loss stops the run before the optimizer step that would spread it into the weights.
+
+A checkpoint is written under checkpoints/.staging/ and renamed into checkpoints/checkpoint-N only when every file
+(model, optimizer, scheduler, RNG of every rank, trainer state) is there: a kill -9 at any moment leaves either the
+complete checkpoint or none, never a corrupt "latest". Old checkpoints are renamed away before they are deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from transformers import Trainer
+
+from tunelab.training.callbacks import NonFiniteLossError
+from tunelab.training.rundir import CHECKPOINT_RE, STAGING
+
+
+class TunelabTrainer(Trainer):
+    def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+        self._staging_root: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------ NaN guard
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = loss.detach().float().isfinite().reshape(1)
+        if self.args.world_size > 1:  # every rank must stop together, else the others wait forever in all-reduce
+            finite = self.accelerator.gather(finite)
+        if not bool(finite.all()):
+            raise NonFiniteLossError(self.state.global_step + 1, float(loss.detach().float().item()))
+        return loss
+
+    # ------------------------------------------------------------------------------------------ atomic checkpoint
+    def _get_output_dir(self, trial) -> str:
+        if self._staging_root is not None:
+            return str(self._staging_root)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        root = Path(self.args.output_dir)
+        staging = root / STAGING
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging / name, ignore_errors=True)
+            staging.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staging:  # record where the checkpoint will live, not where it was built
+            self.state.best_model_checkpoint = str(root / Path(best).name)
+            if self.args.should_save:
+                self.state.save_to_json(str(staging / name / "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            publish(staging / name, root / name, trash=staging)
+            self._rotate(root, staging)
+            _remove_if_empty(staging)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate(self, root: Path, staging: Path) -> None:
+        if not self.keep_checkpoints:
+            return
+        found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
+        best = Path(self.state.best_model_checkpoint).name if self.state.best_model_checkpoint else None
+        old = [p for _, p in found[: max(0, len(found) - self.keep_checkpoints)] if p.name != best]
+        for path in old:
+            remove_dir(path, trash=staging)
+
+
+def publish(source: Path, target: Path, trash: Path) -> None:
+    """Move a finished folder into place with one rename (replacing an older copy, if any)."""
+    if target.exists():
+        remove_dir(target, trash)
+    os.replace(source, target)
+    _fsync_dir(target.parent)
+
+
+def remove_dir(path: Path, trash: Path) -> None:
+    """Rename first, delete after: a kill during the delete leaves debris in the trash, not a broken checkpoint."""
+    trash.mkdir(parents=True, exist_ok=True)
+    doomed = trash / f"trash-{path.name}-{os.getpid()}"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another rank's debris) or already gone
+        pass

@@ -1,0 +1,123 @@
+"""Interrupted runs and multi-process runs, with real processes: kill -9 mid-run (and mid-save), resume to the same
+final loss as an uninterrupted run; 2 CPU processes (torchrun, gloo) follow the 1-process loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import losses, make_config
+
+from tunelab.config import dump_config
+from tunelab.training.rundir import latest_checkpoint
+from tunelab.training.sft import train
+
+KILLER = """
+import os, signal, sys, threading
+from transformers import TrainerCallback
+from tunelab.config import load_config
+from tunelab.training.sft import train
+
+STEP, DELAY = int(sys.argv[2]), float(sys.argv[3])
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == STEP:  # the save of this step starts right after this callback
+            threading.Timer(DELAY, kill).start() if DELAY else kill()
+
+train(load_config(sys.argv[1]), callbacks=[Kill()], echo=False)
+"""
+
+
+def run_and_kill(cfg, tmp_path: Path, step: int, delay: float = 0.0) -> int:
+    config_file = tmp_path / f"{cfg.train.run_name}.yaml"
+    config_file.write_text(dump_config(cfg), encoding="utf-8")
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER, encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(config_file), str(step), str(delay)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    return proc.returncode
+
+
+COMMON = ["train.max_steps=6", "train.save_steps=2", "train.save_total_limit=1", "method.dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_models, tmp_path_factory) -> list[float]:
+    tmp = tmp_path_factory.mktemp("whole")
+    return losses(train(make_config(tiny_models["llama"], tmp, *COMMON), echo=False).run_dir)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02], ids=["between-steps", "during-save"])
+def test_resume_after_kill_ends_with_the_uninterrupted_loss(delay, uninterrupted, tiny_llama, tmp_path):
+    cfg = make_config(tiny_llama, tmp_path, *COMMON)
+    # kill after step 3 (checkpoint-2 is complete), or 20 ms into the save of checkpoint-4
+    assert run_and_kill(cfg, tmp_path, step=4 if delay else 3, delay=delay) == -9  # really killed
+    run = tmp_path / "runs" / "run"
+    last = latest_checkpoint(run / "checkpoints")
+    assert last is not None and last.name in ("checkpoint-2", "checkpoint-4")
+    assert (last / "optimizer.pt").is_file() and (last / "scheduler.pt").is_file()
+    assert json.loads((run / "run.json").read_text())["status"] == "running"  # what a kill leaves
+    result = train(cfg, resume=True, echo=False)
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "completed" and status["resumed_from"] == str(last)
+    resumed = losses(run)  # steps logged before the checkpoint, then the resumed ones; none twice
+    assert resumed[-1] == pytest.approx(uninterrupted[-1], rel=1e-5)  # same final loss
+    assert resumed == pytest.approx(uninterrupted, rel=1e-5)  # and the same curve
+    assert result.metrics["global_step"] == 6
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]  # the killed steps purged
+    assert not (run / "checkpoints" / ".staging").exists()
+
+
+def test_resume_finds_the_run_of_the_same_config(tiny_llama, tmp_path):
+    cfg = make_config(tiny_llama, tmp_path, "train.max_steps=4", "train.save_steps=2")
+    unnamed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_name": None})})
+    first = train(unnamed, echo=False)
+    again = train(unnamed.model_copy(update={"train": unnamed.train.model_copy(update={"max_steps": 6})}),
+                  echo=False)
+    assert again.run_dir != first.run_dir  # different config: a new run
+    resumed = train(unnamed, resume=True, echo=False)
+    assert resumed.run_dir == first.run_dir
+    status = json.loads((first.run_dir / "run.json").read_text())
+    assert status["resumed_from"].endswith("checkpoint-4")
+
+
+def test_cli_resume_from_the_run_folder(tiny_llama, tmp_path, capsys):
+    from tunelab.cli.main import main
+
+    cfg = make_config(tiny_llama, tmp_path, "train.max_steps=4", "train.save_steps=2")
+    train(cfg, echo=False)
+    run = tmp_path / "runs" / "run"
+    assert main(["train", str(run), "train.max_steps=6", "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert losses(run)[-1] and json.loads((run / "run.json").read_text())["metrics"]["global_step"] == 6
+
+
+def test_two_cpu_processes_follow_the_one_process_loss_curve(tiny_llama, tmp_path):
+    common = ["train.max_steps=4", "train.save_steps=2", "train.group_by_length=false", "train.mixed_precision=no"]
+    single = train(make_config(tiny_llama, tmp_path, "train.run_name=one", "train.batch_size=4", *common), echo=False)
+    cfg = make_config(tiny_llama, tmp_path, "train.run_name=two", "train.batch_size=2", *common)
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(dump_config(cfg), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli.main", "train", str(config_file), "--nproc", "2"],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "two"
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    assert losses(run) == pytest.approx(losses(single.run_dir), rel=1e-4)
+    assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-4").glob("rng_state_*.pth")) == [
+        "rng_state_0.pth", "rng_state_1.pth"]
+    assert (run / "final" / "adapter_config.json").is_file()
+    assert proc.stdout.count("tunelab chat") == 1  # printed once, by rank 0
