@@ -42,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party() -> None:
+    """Keep the console for tunelab's own output: optional backends (torchao without its CUDA kernels, torch's
+    pytree notices) and deprecation notices of libraries say nothing the user can act on. `-v` shows them."""
+    import warnings
+
+    for name in ("torchao", "torch", "torch.utils._pytree", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     from tunelab.config.load import ConfigError
     from tunelab.errors import TunelabError
@@ -61,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunelab {args.command}: not available in this version", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        quiet_third_party()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     module = importlib.import_module(f"tunelab.cli.{args._module}")
     try:
