@@ -1,0 +1,374 @@
+"""Stage 4 (training): speed options the recipe applies to a model before training (see docs/speed.md).
+
+Each lever is a plain function with a config switch in TrainConfig; none changes which tokens are trained:
+
+- `cast_frozen_weights`: keep the frozen base in bf16 while trainable weights (LoRA adapters) stay fp32. Autocast
+  alone keeps fp32 copies and re-casts every frozen weight at every op; a bf16 base halves the bytes every
+  elementwise op moves, and every matmul runs on the CPU's bf16 units.
+- `use_packed_attention`: attention per packed example (a causal kernel on each segment) instead of one dense
+  block-diagonal mask over the whole packed row, whose cost grows with the square of the row length.
+- `trained_token_loss`: logits only where a label is trained (prompt positions never reach the 49k-column
+  lm_head), and the fp32 log-softmax recomputed per chunk in the backward pass instead of kept.
+- `set_threads`: one intra-op thread per core this process may use.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+PACKED_ATTENTION = "sdpa_packed"  # the name registered with transformers' AttentionInterface
+ADAPTER_METHODS = ("lora", "dora")  # methods whose trainable weights are adapters beside a frozen base
+
+
+# ------------------------------------------------------------------------------------------------------------ plan
+@dataclass(frozen=True)
+class SpeedPlan:
+    """Which levers a run uses, after checking each against the device, precision, method and data layout."""
+
+    threads: int | None = None  # intra-op CPU threads; None leaves torch's choice
+    bf16_frozen_base: bool = False
+    packed_attention: bool = False
+    sparse_logits: bool = False
+    fast_dropout: bool = False
+
+    def describe(self) -> str:
+        on = [f"{self.threads} threads" if self.threads else None,
+              "bf16 frozen base" if self.bf16_frozen_base else None,
+              "per-example attention" if self.packed_attention else None,
+              "logits only on trained tokens" if self.sparse_logits else None,
+              "fast LoRA dropout" if self.fast_dropout else None]
+        return "speed: " + (", ".join(x for x in on if x) or "no options")
+
+
+def plan_speed(cfg, device: str, autocast: str | None, packing: bool) -> SpeedPlan:
+    """Resolve TrainConfig's speed switches for this run (a RunConfig); options that cannot apply are off."""
+    t = cfg.train
+    adapters = cfg.method.name in ADAPTER_METHODS
+    sharded = bool(t.deepspeed or t.fsdp)  # the wrappers own parameter dtypes
+    return SpeedPlan(
+        threads=(t.threads or usable_cores()) if device == "cpu" else None,
+        bf16_frozen_base=t.bf16_frozen_base and autocast == "bf16" and adapters and not sharded,
+        packed_attention=t.packed_attention and packing and cfg.model.attn_implementation == "sdpa",
+        sparse_logits=t.sparse_logits,
+        fast_dropout=t.fast_dropout and device == "cpu" and adapters,
+    )
+
+
+def apply_speed(model, plan: SpeedPlan, longest: int | None = None) -> SpeedPlan:
+    """Apply the model-level levers of `plan` to a model ready to train (after the method); returns what applied.
+
+    `longest` is the longest example (cutoff_len): a sliding window at least that long never cuts an example.
+    `sparse_logits` is applied by the trainer's loss (trained_token_loss), and only where the model's forward
+    accepts `logits_to_keep`; threads are set before loading (set_threads).
+    """
+    if plan.bf16_frozen_base:
+        cast_frozen_weights(model, torch.bfloat16)
+        keep_lora_inputs_in_compute_dtype(model)
+    packed = plan.packed_attention and use_packed_attention(model, longest)
+    dropout = plan.fast_dropout and use_fast_dropout(model) > 0
+    sparse = plan.sparse_logits and accepts_logits_to_keep(model)
+    return SpeedPlan(plan.threads, plan.bf16_frozen_base, packed, sparse, dropout)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Causal LMs of transformers 5 take `logits_to_keep` (an index tensor or a boolean mask) in forward."""
+    return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
+
+
+# ---------------------------------------------------------------------------------------------------------- threads
+def usable_cores() -> int:
+    """Cores this process may run on (cgroup/affinity aware, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None or 0: one per usable core); returns the count in force."""
+    n = threads or usable_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------- frozen dtype
+def cast_frozen_weights(model, dtype: torch.dtype) -> int:
+    """Cast every frozen floating-point parameter and buffer to `dtype`; trainable ones keep theirs.
+
+    Returns the number of parameters cast. Norm weights are cast too: transformers' RMSNorm computes in fp32 and
+    casts back, so only the storage changes. Buffers such as rotary inverse frequencies stay fp32 (they are
+    recomputed from, and must keep, full precision).
+    """
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += param.numel()
+    return cast
+
+
+# ------------------------------------------------------------------------------------------------------- LoRA path
+def keep_lora_inputs_in_compute_dtype(model) -> int:
+    """Let LoRA layers take their input as it comes (bf16 under autocast) instead of casting it to the fp32 of the
+    adapter weights first; autocast then runs the adapter matmuls in bf16 while the fp32 master weights get fp32
+    gradients. Saves two full-size activation copies per adapted layer, forward and backward. Returns the count.
+
+    Only valid under autocast (without it a bf16 input meets an fp32 weight). peft documents the switch
+    (`cast_input_dtype_enabled`, see peft.helpers.disable_input_dtype_casting).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """y = x * keep / (1 - p), saving the 1-byte keep mask (F.dropout saves a mask in the input's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+
+
+def keep_mask(shape, p: float, device) -> torch.Tensor:
+    """Bernoulli(1 - p) keep mask drawn 16 bits at a time: one 64-bit draw of the CPU generator gives four
+    uniform int16 lanes, so the mask costs a quarter of the generator calls of Tensor.bernoulli_ (which draws one
+    per element and dominated LoRA dropout on CPU). p is resolved to 1/65536; seeding and RNG state (resume) work
+    as for any torch random op."""
+    n = 1
+    for d in shape:
+        n *= d
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    lanes = words.view(torch.int16)[:n].view(shape)
+    return lanes >= -32768 + round(p * 65536)
+
+
+class FastDropout(torch.nn.Module):
+    """Drop-in for nn.Dropout with a faster mask on CPU (see keep_mask); plain dropout elsewhere."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":  # GPU generators are already fast (Philox, in parallel)
+            return F.dropout(x, self.p, True)
+        return _MaskedScale.apply(x, keep_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model) -> int:
+    """Swap the nn.Dropout modules of LoRA adapters (peft's `lora_dropout`) for FastDropout; returns the count."""
+    swapped = 0
+    for module in model.modules():
+        table = getattr(module, "lora_dropout", None)
+        if not isinstance(table, torch.nn.ModuleDict):
+            continue
+        for name, dropout in list(table.items()):
+            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                table[name] = FastDropout(dropout.p)
+                swapped += 1
+    return swapped
+
+
+# ------------------------------------------------------------------------------------------------ packed attention
+def packed_segments(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
+    """(start, end) of each example in a single packed row, or None when the row holds one sequence.
+
+    An example starts wherever the position does not follow the previous one (the rule transformers uses).
+    """
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return None
+    row = position_ids[0]
+    starts = (torch.diff(row) != 1).nonzero().flatten().add_(1).tolist()
+    if not starts:
+        return None
+    bounds = [0, *starts, row.shape[0]]
+    return list(itertools.pairwise(bounds))
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          position_ids=None, **kwargs):
+    """transformers attention function: causal sdpa per packed example; plain sdpa for everything else.
+
+    Shapes follow transformers' convention: query/key/value (batch, heads, seq, head_dim) in, (batch, seq, heads,
+    head_dim) out. Falls back to sdpa whenever a mask is given (padding, prefix tuning, generation with a cache).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segments = None
+    if attention_mask is None and query.shape[2] == key.shape[2]:
+        segments = packed_segments(position_ids)
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_ids=position_ids, **kwargs)
+    window = kwargs.get("sliding_window")
+    if window is not None and max(e - s for s, e in segments) > window:  # use_packed_attention checks this first
+        raise RuntimeError(f"a packed example is longer than the sliding window ({window}); use sdpa attention")
+    outputs = [_causal_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling, dropout)
+               for s, e in segments]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+MATMUL_ATTENTION_MAX = 384  # longer examples go to sdpa: the explicit form's (heads x n x n) scores grow as n^2
+
+
+def _causal_attention(query, key, value, scale, dropout: float):
+    """Causal attention of one example.
+
+    Short examples on CPU use the explicit form (scores, softmax, weighted sum): torch's CPU flash kernel has a
+    slow backward pass (3-5x its forward) at these lengths, and the explicit form measured 1.3-2.5x faster for
+    fwd+bwd up to ~300 tokens (docs/speed.md). Scores are computed and normalized in fp32, as the flash kernel
+    does, so its error matches sdpa's.
+    """
+    n = query.shape[2]
+    if query.device.type != "cpu" or dropout or n > MATMUL_ATTENTION_MAX or query.shape[0] != 1:
+        return F.scaled_dot_product_attention(query, key, value, scale=scale, dropout_p=dropout, is_causal=True,
+                                              enable_gqa=query.shape[1] != key.shape[1])
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    group = heads // kv_heads  # query heads sharing one key/value head, adjacent as in transformers' repeat_kv
+    with torch.autocast("cpu", enabled=False):  # autocast would run this bmm in bf16 and round the scores
+        q = query.reshape(kv_heads, group * n, dim).float()
+        scores = torch.bmm(q, key[0].transpose(1, 2).float())
+    scores.mul_(scale if scale is not None else dim**-0.5)
+    future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1).repeat(group, 1)
+    probs = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1).to(value.dtype)
+    return torch.bmm(probs, value[0]).view(1, heads, n, dim)
+
+
+def _packed_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
+    """Mask builder paired with packed_sdpa_attention: no mask at all when there is nothing to mask but causality
+    and packing (both handled by the attention function); sdpa's dense mask otherwise (padding, caches)."""
+    from transformers.masking_utils import sdpa_mask
+
+    plain = q_length == kv_length and not q_offset and not kv_offset
+    if plain and (attention_mask is None or bool(attention_mask.all())):
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, **kwargs)
+
+
+def register_packed_attention() -> str:
+    """Register `sdpa_packed` with transformers (idempotent) and return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_mask)
+    return PACKED_ATTENTION
+
+
+def plain_causal_attention(config, longest: int | None = None) -> bool:
+    """True when every layer attends causally to the whole example: no sliding window shorter than the longest
+    example (`longest`, None: any length), no soft-capped attention scores. Only then is per-example causal
+    attention exactly what the model computes."""
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    if getattr(config, "attn_logit_softcapping", None):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return longest is not None and longest <= window
+    return True
+
+
+def use_packed_attention(model, longest: int | None = None) -> bool:
+    """Switch a model that runs sdpa to per-example attention (examples up to `longest` tokens); False, leaving the
+    model unchanged, for other attention implementations and for layers that are not plain causal."""
+    config = _base_config(model)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not plain_causal_attention(config, longest):
+        return False
+    _base_model(model).set_attn_implementation(register_packed_attention())
+    return True
+
+
+def restore_attention(model, name: str = "sdpa") -> None:
+    """Back to a standard implementation, e.g. before saving (a saved config must not name our function)."""
+    if getattr(_base_config(model), "_attn_implementation", None) == PACKED_ATTENTION:
+        _base_model(model).set_attn_implementation(name)
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _base_config(model):
+    return getattr(_base_model(model), "config", None)
+
+
+# ------------------------------------------------------------------------------------------------------------ loss
+def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, targets): a (batch, seq) bool mask of positions whose NEXT token is trained, and those tokens.
+
+    Position t predicts labels[t + 1]; the last position predicts nothing.
+    """
+    shifted = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = shifted != IGNORE
+    return keep, shifted[shifted != IGNORE]
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Sum of fp32 cross-entropy over rows of `logits` (n, vocab), one chunk at a time.
+
+    With more than one chunk, each chunk's fp32 copy and log-softmax are recomputed in the backward pass
+    (activation checkpointing), so memory holds the logits in their own dtype plus one chunk in fp32, not
+    n x vocab fp32 values twice. A single chunk is computed directly (no recompute, no slicing).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if logits.shape[0] <= chunk:
+        return _ce_sum(logits, targets)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], chunk):
+        part = logits[start:start + chunk]
+        want = targets[start:start + chunk]
+        if logits.requires_grad:
+            total = total + checkpoint(_ce_sum, part, want, use_reentrant=False)
+        else:
+            total = total + _ce_sum(part, want)
+    return total
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def trained_token_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = 1024):
+    """The causal-LM loss computed from logits at trained positions only; returns (loss, outputs).
+
+    Equal to transformers' ForCausalLMLoss: a sum over trained tokens divided by `num_items_in_batch` when given
+    (the Trainer counts the whole accumulated batch), else by this batch's trained tokens.
+    """
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    keep, targets = trained_positions(labels)
+    outputs = model(**inputs, logits_to_keep=keep)
+    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+    total = chunked_cross_entropy(logits, targets.to(logits.device), chunk)
+    count = num_items_in_batch if num_items_in_batch is not None else max(int(targets.numel()), 1)
+    if torch.is_tensor(count):
+        count = count.to(total.device)
+    return total / count, outputs
