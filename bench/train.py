@@ -113,19 +113,22 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ setup (parent)
-def tunelab_config(spec: dict, gradient_checkpointing: bool = False, method: str = "lora"):
-    """The tunelab arm's RunConfig: tunelab's defaults, plus what every arm shares (data, steps, batch, lr, seed)."""
+def tunelab_config(spec: dict, gradient_checkpointing: bool = False, method: str = "lora",
+                   overrides: list[str] | None = None):
+    """The tunelab arm's RunConfig: tunelab's defaults, plus what every arm shares (data, steps, batch, lr, seed),
+    plus `overrides` ("train.sparse_logits=false") for the ablation arms."""
+    from tunelab.config.load import apply_overrides
     from tunelab.config.schema import RunConfig
 
-    return RunConfig.model_validate({
+    return RunConfig.model_validate(apply_overrides({
         "model": {"name": spec["model"], "device": spec["device"]},
         "data": {"datasets": [{"path": spec["data_json"]}], "cutoff_len": spec["cutoff"]},
         "method": {"name": method, "r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
                    "target_modules": LORA["targets"]},
         "train": {"output_dir": str(Path(spec["work"]) / "runs"), "max_steps": spec["steps"],
                   "batch_size": spec["batch_size"], "lr": HYPER["lr"], "scheduler": HYPER["scheduler"],
-                  "seed": HYPER["seed"], "gradient_checkpointing": gradient_checkpointing},
-    })
+                  "seed": HYPER["seed"], "gradient_checkpointing": gradient_checkpointing, "logging_steps": 1},
+    }, overrides or []))
 
 
 def build_gpu_model(tokenizer_dir: Path, out: Path) -> Path:
@@ -242,32 +245,35 @@ def _load_model(spec: dict):
 
 def _shared_args(spec: dict, arm: str) -> dict:
     """TrainingArguments every Hugging Face arm shares: same steps, batch, schedule, seed; no saving, no trackers."""
-    return dict(output_dir=str(Path(spec["work"]) / arm), per_device_train_batch_size=spec["batch_size"],
-                max_steps=spec["steps"], learning_rate=HYPER["lr"], lr_scheduler_type=HYPER["scheduler"],
-                seed=HYPER["seed"], logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-                use_cpu=spec["device"] == "cpu", dataloader_pin_memory=spec["device"] == "cuda")
+    return {"output_dir": str(Path(spec["work"]) / arm), "per_device_train_batch_size": spec["batch_size"],
+            "max_steps": spec["steps"], "learning_rate": HYPER["lr"], "lr_scheduler_type": HYPER["scheduler"],
+            "seed": HYPER["seed"], "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+            "disable_tqdm": True, "use_cpu": spec["device"] == "cpu",
+            "dataloader_pin_memory": spec["device"] == "cuda"}
 
 
 def arm_plain(spec: dict, gc: bool) -> dict:
     """(a) The seeds' recipe: Trainer + DataCollatorForSeq2Seq(padding=True) + PEFT LoRA."""
     from datasets import load_from_disk
     from peft import get_peft_model
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    set_seed(HYPER["seed"])  # the adapters' random initialisation, as in every arm
     model = get_peft_model(_load_model(spec), _peft_lora())
     args = TrainingArguments(**_shared_args(spec, "plain"), bf16=spec["device"] == "cuda",
                              gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = Trainer(model=model, args=args, train_dataset=load_from_disk(spec["dataset"]),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
     output = trainer.train()
-    return {"loss": output.training_loss, "train_s": output.metrics["train_runtime"]}
+    return {"loss": output.training_loss, "train_s": output.metrics["train_runtime"],
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
 
 
 def arm_trl(spec: dict, gc: bool, fast: bool = False) -> dict:
     """(b) TRL SFTTrainer with its defaults; (c) with fast=True, at its fastest settings for this data."""
     from datasets import load_from_disk
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
     extra = {"bf16": True}  # TRL's default; stated so the CUDA run reads the same
@@ -275,18 +281,22 @@ def arm_trl(spec: dict, gc: bool, fast: bool = False) -> dict:
         extra.update(padding_free=True, max_length=None, gradient_checkpointing=gc)
     # the default arm keeps TRL's default gradient checkpointing (on) in both tables
     args = SFTConfig(**_shared_args(spec, "trl_fast" if fast else "trl"), **extra)
+    set_seed(HYPER["seed"])
     trainer = SFTTrainer(model=_load_model(spec), args=args, train_dataset=load_from_disk(spec["dataset"]),
                          processing_class=AutoTokenizer.from_pretrained(spec["model"]), peft_config=_peft_lora())
     output = trainer.train()
-    return {"loss": output.training_loss, "train_s": output.metrics["train_runtime"]}
+    return {"loss": output.training_loss, "train_s": output.metrics["train_runtime"],
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
 
 
-def arm_tunelab(spec: dict, gc: bool, method: str = "lora") -> dict:
-    """(d) tunelab's recipe with its defaults."""
+def arm_tunelab(spec: dict, gc: bool, method: str = "lora", overrides: list[str] | None = None) -> dict:
+    """(d) tunelab's recipe with its defaults (or with `overrides`, one speed option turned off)."""
     from tunelab.training.sft import train
 
-    result = train(tunelab_config(spec, gc, method), echo=False)
-    return {"loss": result.metrics["train_loss"], "train_s": result.metrics["runtime_s"]}
+    result = train(tunelab_config(spec, gc, method, overrides), echo=False)
+    lines = (result.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return {"loss": result.metrics["train_loss"], "train_s": result.metrics["runtime_s"],
+            "losses": [r["loss"] for r in map(json.loads, lines) if "loss" in r]}
 
 
 ARM_FUNCS = {
@@ -296,6 +306,27 @@ ARM_FUNCS = {
     "tunelab": arm_tunelab,
     "tunelab_qlora": lambda spec, gc: arm_tunelab(spec, gc, method="qlora"),  # CUDA + bitsandbytes
 }
+# tunelab with one speed option off at a time (--ablate): each option's measured effect (docs/speed.md)
+# (group_by_length is not among them: it only applies to padded batches, i.e. with data.packing=false)
+ABLATIONS = ["data.packing=false", "train.mixed_precision=no", "train.bf16_frozen_base=false",
+             "train.fp32_adapter_output=false", "train.packed_attention=false", "train.sparse_logits=false",
+             "train.fast_dropout=false"]
+
+
+def arm_function(arm: str):
+    """`tunelab:<override>[;<override>]` runs tunelab with those overrides; other names are ARM_FUNCS keys."""
+    if arm.startswith("tunelab:"):
+        overrides = arm.split(":", 1)[1].split(";")
+        return lambda spec, gc: arm_tunelab(spec, gc, overrides=overrides)
+    return ARM_FUNCS[arm]
+
+
+def arm_label(arm: str) -> str:
+    if arm.startswith("tunelab:"):
+        return "tunelab, " + arm.split(":", 1)[1].replace(";", ", ")
+    return LABELS[arm]
+
+
 LABELS = {
     "plain": "seeds' recipe (Trainer + pad to longest + LoRA, fp32)",
     "trl": "TRL SFTTrainer, defaults",
@@ -309,7 +340,7 @@ def run_arm(spec_file: str, out_file: str) -> int:
     """Child process: train one arm, then write its measurements (peak RSS is this process's own)."""
     spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
     started = time.perf_counter()
-    result = ARM_FUNCS[spec["arm"]](spec, spec["gc"])
+    result = arm_function(spec["arm"])(spec, spec["gc"])
     result["process_s"] = time.perf_counter() - started
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     if spec["device"] == "cuda":
@@ -324,7 +355,8 @@ def run_arm(spec_file: str, out_file: str) -> int:
 def launch(spec: dict, arm: str, gc: bool, timeout: float) -> dict:
     """Run one arm in a fresh interpreter; its log goes to the work folder."""
     work = Path(spec["work"])
-    tag = f"{arm}{'-gc' if gc else ''}-{int(time.time() * 1000) % 10**8}"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in arm)
+    tag = f"{safe}{'-gc' if gc else ''}-{int(time.time() * 1000) % 10**8}"
     spec_file, out_file, log_file = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.log"
     spec_file.write_text(json.dumps({**spec, "arm": arm, "gc": gc, "lengths": None}), encoding="utf-8")
     started = time.perf_counter()
@@ -356,19 +388,23 @@ def table(rows: list[dict], gpu: bool) -> str:
             "MFU fp32", "MFU bf16"] + (["peak GPU GB"] if gpu else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        label = LABELS[r["arm"]] + (" + grad. checkpointing" if r["gc"] and r["arm"] != "trl" else "")
+        label = arm_label(r["arm"]) + (" + grad. checkpointing" if r["gc"] and r["arm"] != "trl" else "")
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error'][:150]} |")
             continue
-        ratio = (lambda k: f"{r[k] / base[k]:.2f}x") if base else (lambda k: "-")
+        speed, memory = (_ratio(r, base, k) for k in ("tokens_per_s", "peak_rss_gb"))
         loss = f"{100 * (r['loss'] / base['loss'] - 1):+.2f}%" if base else "-"
-        cells = [label, f"{r['tokens_per_s']:.1f}", ratio("tokens_per_s"), f"{r['train_s']:.1f}",
-                 f"{r['peak_rss_gb']:.2f}", ratio("peak_rss_gb"), f"{r['loss']:.4f}", loss,
+        cells = [label, f"{r['tokens_per_s']:.1f}", speed, f"{r['train_s']:.1f}",
+                 f"{r['peak_rss_gb']:.2f}", memory, f"{r['loss']:.4f}", loss,
                  f"{100 * r['mfu_fp32']:.1f}%", f"{100 * r['mfu_bf16']:.1f}%"]
         if gpu:
             cells.append(f"{r.get('peak_gpu_gb', 0):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(row: dict, base: dict | None, key: str) -> str:
+    return f"{row[key] / base[key]:.2f}x" if base else "-"
 
 
 def machine(device: str) -> str:
@@ -400,6 +436,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARM_FUNCS)}")
     parser.add_argument("--gc-arms", default="plain,tunelab", help="arms repeated with gradient checkpointing")
     parser.add_argument("--no-gc", action="store_true", help="skip the gradient-checkpointing table")
+    parser.add_argument("--ablate", action="store_true", help="also run tunelab with each speed option off in turn "
+                        "(a third table: what each option is worth)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per arm, interleaved; the median is reported")
     parser.add_argument("--model", default=None, help="model folder (default: embedded SmolLM2 on CPU, a random "
                         "Qwen2.5-0.5B-sized model on CUDA)")
@@ -421,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         peak = matmul_peak(args.device)
         flops = training_flops(spec["model"], spec["lengths"])
         plan = [(arm, False) for arm in args.arms.split(",")]
+        if args.ablate:
+            plan += [(f"tunelab:{o}", False) for o in ABLATIONS]
         if not args.no_gc:
             plan += [(arm, True) for arm in args.gc_arms.split(",") if arm]
         print(f"{len(plan)} arms x {args.repeat}, {args.steps} steps x {args.batch_size} examples, "
@@ -447,15 +487,20 @@ def render(args, spec: dict, peak: dict, flops: float, rows: list[dict], seconds
     gpu = args.device == "cuda"
     stats = spec["data_stats"]
     parts = [
-        f"Machine: {machine(args.device)}. Model: {Path(spec['model']).name}. "
-        f"Matmul peak in this run: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s.",
-        f"Data: {spec['data_examples']} synthetic Alpaca-like examples (tokens p50 {stats['p50']:.0f}, "
-        f"p90 {stats['p90']:.0f}, max {stats['max']}, cutoff {args.cutoff}); every arm trains the same first "
-        f"{args.steps * args.batch_size} ({spec['tokens']} tokens, {spec['trained_tokens']} with loss), "
-        f"{args.steps} steps of {args.batch_size}; {flops / 1e12:.2f} model TFLOP.",
+        (f"Machine: {machine(args.device)}. Model: {Path(spec['model']).name}. "
+         f"Matmul peak in this run: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s."),
+        (f"Data: {spec['data_examples']} synthetic Alpaca-like examples (tokens p50 {stats['p50']:.0f}, "
+         f"p90 {stats['p90']:.0f}, max {stats['max']}, cutoff {args.cutoff}); every arm trains the same first "
+         f"{args.steps * args.batch_size} ({spec['tokens']} tokens, {spec['trained_tokens']} with loss), "
+         f"{args.steps} steps of {args.batch_size}; {flops / 1e12:.2f} model TFLOP."),
         "",
-        table([r for r in rows if not r["gc"]], gpu),
+        table([r for r in rows if not r["gc"] and not r["arm"].startswith("tunelab:")], gpu),
     ]
+    ablations = [r for r in rows if r["arm"].startswith("tunelab:")]
+    if ablations:
+        tuned = [r for r in rows if r["arm"] == "tunelab" and not r["gc"]]
+        parts += ["", "tunelab with one speed option off (ratios still to the seeds' recipe):", "",
+                  table(tuned + ablations + [r for r in rows if r["arm"] == "plain" and not r["gc"]], gpu)]
     if any(r["gc"] for r in rows):
         parts += ["", "With gradient checkpointing:", "", table([r for r in rows if r["gc"]], gpu)]
     command = "python bench/train.py " + " ".join(sys.argv[1:])

@@ -206,6 +206,27 @@ def test_bf16_frozen_base_keeps_adapters_fp32_and_the_loss_close(tiny_llama):
     assert grads and all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads.values())
 
 
+# ---------------------------------------------------------------------------------------------- fp32 adapter output
+def test_small_adapter_updates_survive_bf16_autocast(tiny_llama):
+    """A bf16 frozen output is exact on the bf16 grid: an adapter update under half a bf16 step vanishes in the sum,
+    unless the sum is kept in fp32."""
+    model = with_lora(load(tiny_llama))
+    layer = model.get_base_model().model.layers[0].mlp.up_proj
+    torch.manual_seed(1)
+    x = torch.randn(64, layer.in_features)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(1e-4)  # an adapter a few steps into training: tiny next to the base
+        wanted = (layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            base, rounded = layer.base_layer(x), layer(x)
+            assert (rounded == base).float().mean() > 0.5  # most of the update is lost
+            assert speed.keep_adapter_outputs_fp32(model) > 0
+            assert speed.keep_adapter_outputs_fp32(model) > 0  # idempotent: one hook per layer
+            kept = layer(x)
+    assert kept.dtype == torch.float32
+    torch.testing.assert_close(kept - base.float(), wanted, rtol=0.05, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------------------ plan
 def run_config(tmp_path, method: str = "lora", **train):
     from tunelab.config.schema import RunConfig
@@ -214,22 +235,27 @@ def run_config(tmp_path, method: str = "lora", **train):
                                      "method": {"name": method}, "train": train})
 
 
-@pytest.mark.skip(reason="needs the TrainConfig speed switches, not wired into the recipe yet (issue 7)")
-def test_plan_speed_turns_off_what_cannot_apply(tmp_path):
+def test_plan_speed_turns_off_what_cannot_apply(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cfg = run_config(tmp_path)
     cpu = speed.plan_speed(cfg, "cpu", "bf16", packing=True)
     assert cpu.bf16_frozen_base and cpu.packed_attention and cpu.sparse_logits and cpu.fast_dropout
+    assert cpu.fp32_adapter_output and not speed.plan_speed(cfg, "cpu", None, packing=True).fp32_adapter_output
     assert cpu.threads == speed.usable_cores()
     assert not speed.plan_speed(cfg, "cpu", None, packing=True).bf16_frozen_base  # no bf16 autocast
     assert not speed.plan_speed(cfg, "cpu", "bf16", packing=False).packed_attention  # padded batches
     gpu = speed.plan_speed(cfg, "cuda", "bf16", packing=True)
     assert gpu.threads is None and not gpu.fast_dropout
     prefix = speed.plan_speed(run_config(tmp_path, method="prefix"), "cpu", "bf16", packing=False)
-    assert not (prefix.bf16_frozen_base or prefix.fast_dropout or prefix.packed_attention)
+    assert not (prefix.bf16_frozen_base or prefix.fast_dropout or prefix.packed_attention or
+                prefix.fp32_adapter_output)
     off = run_config(tmp_path, bf16_frozen_base=False, packed_attention=False, sparse_logits=False,
-                     fast_dropout=False, threads=1)
+                     fast_dropout=False, fp32_adapter_output=False, threads=1)
     assert speed.plan_speed(off, "cpu", "bf16", True) == speed.SpeedPlan(threads=1)
     assert "bf16 frozen base" in cpu.describe()
+    assert speed.plan_speed(cfg, "cpu", "bf16", True, processes=2).threads == max(1, speed.usable_cores() // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # torchrun's setting wins over tunelab's default
+    assert speed.plan_speed(cfg, "cpu", "bf16", True).threads is None
 
 
 def test_set_threads():
@@ -249,3 +275,56 @@ def test_apply_speed_reports_what_applied(tiny_models):
     assert not applied.packed_attention  # gemma's sliding-window layers keep the dense mask
     assert applied.fast_dropout and applied.sparse_logits
     json.dumps(applied.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------------- the recipe
+SPEED_OFF = ["train.bf16_frozen_base=false", "train.packed_attention=false", "train.sparse_logits=false",
+             "train.fast_dropout=false"]
+
+
+def test_the_recipe_trains_the_same_with_the_speed_options(tiny_llama, tmp_path):
+    """Same curve with every option on as with every option off (fp32: exactly; bf16 base: within bf16 error), the
+    options that applied recorded in env.json, and final/ loading in a fresh model with a standard attention."""
+    from test_train import losses, make_config
+
+    from tunelab.training.sft import train
+
+    common = ["train.max_steps=4", "train.group_by_length=false"]
+    on = train(make_config(tiny_llama, tmp_path, "train.run_name=fast", "train.mixed_precision=no", *common),
+               echo=False)
+    off = train(make_config(tiny_llama, tmp_path, "train.run_name=plain", "train.mixed_precision=no", *common,
+                            *SPEED_OFF), echo=False)
+    assert losses(on.run_dir) == pytest.approx(losses(off.run_dir), rel=1e-5)
+    applied = json.loads((on.run_dir / "env.json").read_text())["speed"]
+    assert applied["packed_attention"] and applied["sparse_logits"] and not applied["bf16_frozen_base"]
+    assert not any(json.loads((off.run_dir / "env.json").read_text())["speed"][k]
+                   for k in ("packed_attention", "sparse_logits", "bf16_frozen_base", "fast_dropout"))
+
+    bf16 = train(make_config(tiny_llama, tmp_path, "train.run_name=bf16", "train.mixed_precision=bf16", *common),
+                 echo=False)
+    assert json.loads((bf16.run_dir / "env.json").read_text())["speed"]["bf16_frozen_base"]
+    assert losses(bf16.run_dir) == pytest.approx(losses(off.run_dir), rel=3e-2)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), bf16.final_dir)
+    assert reloaded.get_base_model().config._attn_implementation != speed.PACKED_ATTENTION
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())  # the adapter was saved in fp32
+
+
+def test_the_recipe_with_fast_dropout_and_gradient_accumulation(tiny_llama, tmp_path):
+    """LoRA dropout on (the fast mask), accumulation over 2 micro-batches, checkpointing: the run is deterministic
+    and its loss matches the options-off run at the first step (dropout masks differ after the first draw)."""
+    from test_train import losses, make_config
+
+    from tunelab.training.sft import train
+
+    common = ["train.max_steps=3", "method.dropout=0.1", "train.grad_accum=2", "train.gradient_checkpointing=true",
+              "train.mixed_precision=no"]
+    a = train(make_config(tiny_llama, tmp_path, "train.run_name=a", *common), echo=False)
+    b = train(make_config(tiny_llama, tmp_path, "train.run_name=b", *common), echo=False)
+    assert losses(a.run_dir) == losses(b.run_dir)
+    assert json.loads((a.run_dir / "env.json").read_text())["speed"]["fast_dropout"]
+    off = train(make_config(tiny_llama, tmp_path, "train.run_name=plain", *common, *SPEED_OFF), echo=False)
+    assert losses(a.run_dir)[0] == pytest.approx(losses(off.run_dir)[0], rel=0.1)

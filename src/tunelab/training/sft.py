@@ -35,6 +35,7 @@ def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool =
     from tunelab.methods import check_method_available
     from tunelab.models.load import load_tokenizer, pick_device
     from tunelab.models.resolve import resolve_model_path
+    from tunelab.training.speed import plan_speed, set_threads
     from tunelab.training.trackers import check_trackers
 
     device = pick_device(cfg.model.device)
@@ -43,6 +44,9 @@ def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool =
     check_combination(cfg)
     precision = plan_precision(cfg, device)
     state = distributed_state(device)
+    plan = plan_speed(cfg, device, precision.autocast, uses_packing(cfg), state.num_processes)
+    if plan.threads:
+        set_threads(plan.threads)
     run, cfg = open_run(cfg, resume, state)
     say = print if echo and state.is_main_process else (lambda *_a, **_k: None)
     with state.main_process_first():  # rank 0 converts and tokenizes; the others then hit the caches
@@ -53,14 +57,16 @@ def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool =
         data = prepare_data(cfg.data, tokenizer, template)
     check_memory(cfg, model_path, data, device, precision, say)
     model = load_for_training(cfg, model_path, state.device, precision, say)
+    speed = apply_speed_options(model, plan, cfg, say)
     if state.is_main_process:
         run.create()
         run.clean_staging()  # what a killed run left half-written
     state.wait_for_everyone()
     checkpoint = resume_point(run, resume, state, say)
-    trainer = build_trainer(cfg, run, model, tokenizer, data, device, precision, callbacks, echo, checkpoint)
+    trainer = build_trainer(cfg, run, model, tokenizer, data, device, precision, callbacks, echo, checkpoint,
+                            sparse_logits=speed.sparse_logits)
     if state.is_main_process:
-        run.write_start(cfg, env=_env(device, state, precision), data_stats=dict(data.stats),
+        run.write_start(cfg, env=_env(device, state, precision, speed), data_stats=dict(data.stats),
                         fingerprint=data.fingerprint, template=template)
         run.update(status="running", run_name=run.path.name, model=cfg.model.name, model_path=str(model_path),
                    method=cfg.method.name, template=template.name, data_fingerprint=data.fingerprint,
@@ -169,6 +175,15 @@ def load_for_training(cfg, model_path: Path, device, precision: Precision, say):
     return model
 
 
+def apply_speed_options(model, plan, cfg, say):
+    """The speed levers that apply to this model (training/speed.py); returns the plan as applied."""
+    from tunelab.training.speed import apply_speed
+
+    applied = apply_speed(model, plan, longest=cfg.data.cutoff_len)
+    say(applied.describe())
+    return applied
+
+
 def uses_packing(cfg) -> bool:
     from tunelab.methods import get_method
 
@@ -186,6 +201,7 @@ def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bo
     from transformers import TrainingArguments
 
     t = cfg.train
+    grouped = t.group_by_length and not uses_packing(cfg)  # packed batches have no padding to save
     early = bool(t.early_stopping_patience and has_eval)
     eval_strategy = ("steps" if t.eval_steps else "epoch") if has_eval else "no"
     save_strategy, save_steps = ("steps", t.save_steps) if t.save_steps else ("epoch", None)
@@ -204,7 +220,7 @@ def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bo
         save_total_limit=None,  # TunelabTrainer rotates checkpoints itself, atomically
         load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None, greater_is_better=False,
         report_to=external or "none", bf16=precision.autocast == "bf16", fp16=precision.autocast == "fp16",
-        use_cpu=device == "cpu", train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        use_cpu=device == "cpu", train_sampling_strategy="group_by_length" if grouped else "random",
         torch_compile=t.torch_compile, deepspeed=t.deepspeed, fsdp=t.fsdp or None,
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         dataloader_pin_memory=device == "cuda", ddp_find_unused_parameters=False, disable_tqdm=not echo,
@@ -212,7 +228,7 @@ def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bo
 
 
 def build_trainer(cfg, run, model, tokenizer, data, device: str, precision: Precision, callbacks, echo: bool,
-                  checkpoint: Path | None = None):
+                  checkpoint: Path | None = None, sparse_logits: bool = False):
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -229,7 +245,7 @@ def build_trainer(cfg, run, model, tokenizer, data, device: str, precision: Prec
     trainer = TunelabTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
         data_collator=make_collator(cfg, tokenizer), processing_class=tokenizer,
-        keep_checkpoints=cfg.train.save_total_limit,
+        keep_checkpoints=cfg.train.save_total_limit, sparse_logits=sparse_logits,
     )
     for default in (ProgressCallback, PrinterCallback):  # replaced by MonitorCallback (bar + line + JSONL)
         trainer.remove_callback(default)
@@ -249,11 +265,13 @@ def _is_main() -> bool:
     return PartialState().is_main_process
 
 
-def _env(device: str, state, precision: Precision) -> dict:
+def _env(device: str, state, precision: Precision, speed) -> dict:
+    from dataclasses import asdict
+
     from tunelab.training.rundir import env_info
 
     return {**env_info(device), "world_size": state.num_processes, "dtype": str(precision.dtype).replace("torch.", ""),
-            "mixed_precision": precision.autocast or "no"}
+            "mixed_precision": precision.autocast or "no", "speed": asdict(speed)}
 
 
 # ----------------------------------------------------------------------------------------------------- fit
@@ -320,11 +338,13 @@ def _stopped_on_nan(run, error, state) -> TunelabError:
 
 def save_final(trainer, tokenizer, run, state) -> Path:
     """final/: the adapter (or full model) plus the tokenizer carrying the training template, moved in atomically."""
+    from tunelab.training.speed import restore_attention
     from tunelab.training.trainer import publish
 
     staging = run.path / f".final-{int(time.time())}"
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    restore_attention(model)  # a saved config names a standard kernel, never tunelab's
     base.config.use_cache = True  # training turned the KV cache off; generation needs it back
     trainer.save_model(str(staging))  # every rank calls it (DeepSpeed ZeRO-3 gathers shards); rank 0 writes
     if state.is_main_process:

@@ -5,6 +5,10 @@ Each lever is a plain function with a config switch in TrainConfig; none changes
 - `cast_frozen_weights`: keep the frozen base in bf16 while trainable weights (LoRA adapters) stay fp32. Autocast
   alone keeps fp32 copies and re-casts every frozen weight at every op; a bf16 base halves the bytes every
   elementwise op moves, and every matmul runs on the CPU's bf16 units.
+- `keep_adapter_outputs_fp32`: under autocast, an adapted layer's output stays fp32. The frozen layer's bf16 output
+  is exact on the bf16 grid, so adding an adapter update smaller than half a bf16 step gives back the same number:
+  early in training most of the adapter's effect is rounded away and the loss falls more slowly (+1.4% mean loss
+  over 10 steps of SmolLM2, TRL's bf16 included). This is about accuracy, not speed; it costs some speed.
 - `use_packed_attention`: attention per packed example (a causal kernel on each segment) instead of one dense
   block-diagonal mask over the whole packed row, whose cost grows with the square of the row length.
 - `trained_token_loss`: logits only where a label is trained (prompt positions never reach the 49k-column
@@ -34,6 +38,7 @@ class SpeedPlan:
 
     threads: int | None = None  # intra-op CPU threads; None leaves torch's choice
     bf16_frozen_base: bool = False
+    fp32_adapter_output: bool = False
     packed_attention: bool = False
     sparse_logits: bool = False
     fast_dropout: bool = False
@@ -41,20 +46,25 @@ class SpeedPlan:
     def describe(self) -> str:
         on = [f"{self.threads} threads" if self.threads else None,
               "bf16 frozen base" if self.bf16_frozen_base else None,
+              "fp32 adapter outputs" if self.fp32_adapter_output else None,
               "per-example attention" if self.packed_attention else None,
               "logits only on trained tokens" if self.sparse_logits else None,
               "fast LoRA dropout" if self.fast_dropout else None]
         return "speed: " + (", ".join(x for x in on if x) or "no options")
 
 
-def plan_speed(cfg, device: str, autocast: str | None, packing: bool) -> SpeedPlan:
-    """Resolve TrainConfig's speed switches for this run (a RunConfig); options that cannot apply are off."""
+def plan_speed(cfg, device: str, autocast: str | None, packing: bool, processes: int = 1) -> SpeedPlan:
+    """Resolve TrainConfig's speed switches for this run (a RunConfig); options that cannot apply are off.
+
+    `processes`: training processes sharing this machine's cores (each gets its share of threads).
+    """
     t = cfg.train
     adapters = cfg.method.name in ADAPTER_METHODS
     sharded = bool(t.deepspeed or t.fsdp)  # the wrappers own parameter dtypes
     return SpeedPlan(
-        threads=(t.threads or usable_cores()) if device == "cpu" else None,
+        threads=cpu_threads(t.threads, processes) if device == "cpu" else None,
         bf16_frozen_base=t.bf16_frozen_base and autocast == "bf16" and adapters and not sharded,
+        fp32_adapter_output=t.fp32_adapter_output and autocast is not None and adapters,
         packed_attention=t.packed_attention and packing and cfg.model.attn_implementation == "sdpa",
         sparse_logits=t.sparse_logits,
         fast_dropout=t.fast_dropout and device == "cpu" and adapters,
@@ -71,10 +81,11 @@ def apply_speed(model, plan: SpeedPlan, longest: int | None = None) -> SpeedPlan
     if plan.bf16_frozen_base:
         cast_frozen_weights(model, torch.bfloat16)
         keep_lora_inputs_in_compute_dtype(model)
+    fp32_out = plan.fp32_adapter_output and keep_adapter_outputs_fp32(model) > 0
     packed = plan.packed_attention and use_packed_attention(model, longest)
     dropout = plan.fast_dropout and use_fast_dropout(model) > 0
     sparse = plan.sparse_logits and accepts_logits_to_keep(model)
-    return SpeedPlan(plan.threads, plan.bf16_frozen_base, packed, sparse, dropout)
+    return SpeedPlan(plan.threads, plan.bf16_frozen_base, fp32_out, packed, sparse, dropout)
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -89,6 +100,16 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def cpu_threads(wanted: int | None, processes: int = 1) -> int | None:
+    """Threads for one training process: `wanted` when given; None (torch's choice) when OMP_NUM_THREADS is set, as
+    torchrun does; otherwise the usable cores shared out between the processes."""
+    if wanted:
+        return wanted
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, usable_cores() // max(1, processes))
 
 
 def set_threads(threads: int | None) -> int:
@@ -129,6 +150,26 @@ def keep_lora_inputs_in_compute_dtype(model) -> int:
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
+def _fp32_output(_module, _inputs, output):
+    return output.float() if torch.is_tensor(output) and output.dtype in (torch.bfloat16, torch.float16) else output
+
+
+def keep_adapter_outputs_fp32(model) -> int:
+    """Make the frozen layer inside every LoRA/DoRA layer return fp32 (a forward hook), so that peft adds the
+    adapter's output to it in fp32 and the sum stays fp32 (peft casts the sum back to the frozen output's dtype).
+    The next matmul still runs in bf16 under autocast; what changes is that a small adapter update survives into
+    it (see the module docstring). Returns the number of layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        base = layer.get_base_layer()
+        if not getattr(base, "_tunelab_fp32_output", False):
+            base.register_forward_hook(_fp32_output)
+            base._tunelab_fp32_output = True
     return len(layers)
 
 

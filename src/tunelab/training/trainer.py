@@ -1,5 +1,6 @@
 """Stage 4 (training): transformers' Trainer with two guarantees added: checkpoints appear atomically, and a
-NaN/inf loss stops the run before the optimizer step that would spread it into the weights.
+NaN/inf loss stops the run before the optimizer step that would spread it into the weights. With the
+`sparse_logits` speed option it also computes the loss from trained positions only (training/speed.py).
 
 A checkpoint is written under checkpoints/.staging/ and renamed into checkpoints/checkpoint-N only when every file
 (model, optimizer, scheduler, RNG of every rank, trainer state) is there: a kill -9 at any moment leaves either the
@@ -16,13 +17,29 @@ from transformers import Trainer
 
 from tunelab.training.callbacks import NonFiniteLossError
 from tunelab.training.rundir import CHECKPOINT_RE, STAGING
+from tunelab.training.speed import trained_token_loss
 
 
 class TunelabTrainer(Trainer):
-    def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
+    def __init__(self, *args, keep_checkpoints: int | None = None, sparse_logits: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
+        self.sparse_logits = sparse_logits
         self._staging_root: Path | None = None
+
+    # --------------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """With `sparse_logits`, the loss from logits at trained positions only (speed.trained_token_loss), the
+        same value transformers computes from every position; anything else goes to the Trainer's own loss."""
+        plain = (not self.sparse_logits or "labels" not in inputs or self.label_smoother is not None
+                 or self.compute_loss_func is not None or self.compute_metrics is not None)
+        if plain:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, outputs = trained_token_loss(model, inputs, count)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and count is not None:
+            loss = loss * self.accelerator.num_processes  # as the Trainer does: DDP averages the gradients
+        return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------------ NaN guard
     def training_step(self, model, inputs, num_items_in_batch=None):
