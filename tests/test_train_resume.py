@@ -13,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import losses, make_config
 
-from tunelab.config import dump_config
+from tunelab.config import dump_config, load_config
 from tunelab.training.rundir import latest_checkpoint
 from tunelab.training.sft import train
 
@@ -121,3 +121,36 @@ def test_two_cpu_processes_follow_the_one_process_loss_curve(tiny_llama, tmp_pat
         "rng_state_0.pth", "rng_state_1.pth"]
     assert (run / "final" / "adapter_config.json").is_file()
     assert proc.stdout.count("tunelab chat") == 1  # printed once, by rank 0
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tiny_llama, tmp_path, sig):
+    """Ctrl-C (or the web UI's Stop, or a scheduler's SIGTERM) mid-run: the step finishes, a checkpoint is saved,
+    run.json says "stopped", the exit code is 130, and --resume carries on from that step."""
+    import signal
+    import time
+
+    cfg = make_config(tiny_llama, tmp_path, "train.max_steps=100000", "train.save_steps=100000",
+                      "train.mixed_precision=no")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_config(cfg), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli.main", "train", str(config_file)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = tmp_path / "runs" / "run"
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").is_file() or len(losses(run)) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    status = json.loads((run / "run.json").read_text())
+    step = status["stopped_at_step"]
+    assert status["status"] == "stopped" and step >= 2 and "--resume" in out
+    assert latest_checkpoint(run / "checkpoints").name == f"checkpoint-{step}"
+    assert not (run / "final").exists()
+
+    resumed = train(load_config(config_file, [f"train.max_steps={step + 2}"]), resume=True, echo=False)
+    assert resumed.status == "completed" and resumed.metrics["global_step"] == step + 2
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"

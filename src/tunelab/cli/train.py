@@ -44,10 +44,15 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print_next_steps(result, cfg)
-    return 0
+    return 130 if result.status == "stopped" else 0  # 130: the shell's code for "stopped by Ctrl-C"
 
 
 def print_next_steps(result, cfg) -> None:
+    if result.status == "stopped":
+        step = result.metrics.get("global_step")
+        print(f"\nstopped at step {step}; checkpoint saved in {result.run_dir / 'checkpoints'}")
+        print(f"continue with: tunelab train {result.run_dir} --resume")
+        return
     what = "adapter" if (result.final_dir / "adapter_config.json").is_file() else "model"
     metrics = result.metrics
     loss = metrics.get("final_loss")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +123,58 @@ class RunStatusCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.run_dir.update(last_checkpoint=f"checkpoint-{state.global_step}", step=state.global_step)
+
+
+class GracefulStop(TrainerCallback):
+    """Ctrl-C or SIGTERM (the web UI's Stop, a scheduler's preemption) while training: finish the current step,
+    save a checkpoint, stop; `tunelab train CFG --resume` continues from it. A second Ctrl-C aborts at once.
+
+    Every rank must stop at the same step (a checkpoint is a collective operation), so with several processes the
+    request is shared by an all-reduce at each step end.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_rank(self.requested, args.world_size):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
+def _any_rank(flag: bool, world_size: int) -> bool:
+    if world_size <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    value = torch.tensor([int(flag)], device=PartialState().device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -297,10 +297,14 @@ def resume_point(run, resume: bool, state, say) -> Path | None:
 
 
 def fit(trainer, run, tokenizer, checkpoint: Path | None, state, cfg) -> RunResult:
-    """Train (from `checkpoint` when resuming), save final/, record the outcome in run.json."""
-    from tunelab.training.callbacks import NonFiniteLossError
+    """Train (from `checkpoint` when resuming), save final/, record the outcome in run.json. Ctrl-C or SIGTERM
+    stops after the current step with a checkpoint saved (status "stopped"; no final/)."""
+    from tunelab.training.callbacks import GracefulStop, NonFiniteLossError
     from tunelab.training.trackers import finish_trackers
 
+    stop = GracefulStop()
+    trainer.add_callback(stop)
+    stop.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteLossError as e:
@@ -311,8 +315,11 @@ def fit(trainer, run, tokenizer, checkpoint: Path | None, state, cfg) -> RunResu
             run.update(status=status, error=f"{type(e).__name__}: {e}", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
     finally:
+        stop.uninstall()
         if state.is_main_process:
             finish_trackers(cfg.train.report_to)
+    if stop.stopped_at is not None:
+        return _stopped_by_user(trainer, output, run, state, stop.stopped_at)
     final = save_final(trainer, tokenizer, run, state)
     metrics = summarize(trainer, output, run)
     if state.is_main_process:
@@ -320,6 +327,18 @@ def fit(trainer, run, tokenizer, checkpoint: Path | None, state, cfg) -> RunResu
         run.update(status="completed", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), final_dir=str(final),
                    resumed_from=str(checkpoint) if checkpoint else None, metrics=metrics)
     return RunResult(run.path, final, metrics)
+
+
+def _stopped_by_user(trainer, output, run, state, step: int) -> RunResult:
+    from tunelab.training.rundir import latest_checkpoint
+
+    metrics = summarize(trainer, output, run)
+    checkpoint = latest_checkpoint(run.checkpoints)
+    if state.is_main_process:
+        _plot(run)
+        run.update(status="stopped", stopped_at_step=step, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   last_checkpoint=checkpoint.name if checkpoint else None, metrics=metrics)
+    return RunResult(run.path, None, metrics, status="stopped")
 
 
 def _stopped_on_nan(run, error, state) -> TunelabError:
