@@ -14,6 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+# imported here, at collection: a lazy import inside a test can hit CPython 3.11.7's thread-unsafe AST check
+# ("AST constructor recursion depth mismatch") while server threads of earlier tests still run
+from fastapi.testclient import TestClient
 
 from tunelab.cli.main import main
 from tunelab.config.schema import ServeConfig
@@ -110,7 +113,6 @@ def test_engine_errors_reach_the_request(engine):
 
 def test_engine_failure_mid_stream_is_an_error_event(engine):
     """After the 200 status is sent, a failure can only be reported inside the stream."""
-    from fastapi.testclient import TestClient
     from test_serve_support import SlowEngine
 
     from tunelab.serving.app import create_app
@@ -145,7 +147,6 @@ def test_key_checker():
 
 
 def test_cors_only_for_configured_origins(engine):
-    from fastapi.testclient import TestClient
 
     from tunelab.serving.app import create_app
 
@@ -160,7 +161,6 @@ def test_cors_only_for_configured_origins(engine):
 # ------------------------------------------------------------------------------------------------------ templates
 def test_tool_roles_render_through_the_training_template(tiny_models):
     """system/user/assistant(tool_calls)/tool messages reach the qwen2.5 template as Hugging Face expects them."""
-    from fastapi.testclient import TestClient
 
     from tunelab.inference.hf import load_engine
     from tunelab.serving.app import create_app
@@ -190,7 +190,6 @@ def test_tool_roles_render_through_the_training_template(tiny_models):
 
 def test_prompt_is_the_one_tunelab_chat_renders_for_a_run(tiny_models, tmp_path):
     """A run trained with data.system: the server prompts exactly like `tunelab chat` (ChatSession) does."""
-    from fastapi.testclient import TestClient
 
     from tunelab.inference.chat import ChatSession
     from tunelab.inference.hf import load_engine
@@ -219,7 +218,6 @@ def test_prompt_is_the_one_tunelab_chat_renders_for_a_run(tiny_models, tmp_path)
 
 def test_template_refusal_is_a_400(tiny_models):
     """Mistral's template raises on non-alternating roles: the client gets the template's reason."""
-    from fastapi.testclient import TestClient
 
     from tunelab.inference.hf import load_engine
     from tunelab.serving.app import create_app
