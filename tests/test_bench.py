@@ -1,0 +1,32 @@
+"""bench/train.py keeps working: every kind of arm, on a tiny model, one step each (no timing is checked here;
+the numbers come from running the bench itself, see docs/speed.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "train.py"
+
+
+def test_bench_train_runs_every_kind_of_arm(tiny_llama, tmp_path):
+    arms = "plain,trl_fast,tunelab,tunelab:train.sparse_logits=false"
+    command = [sys.executable, str(BENCH), "--model", str(tiny_llama), "--steps", "2", "--batch-size", "2",
+               "--arms", arms, "--gc-arms", "tunelab", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))
+    rows = {(r["arm"], r["gc"]): r for r in result["rows"]}
+    assert set(rows) == {("plain", False), ("trl_fast", False), ("tunelab", False),
+                         ("tunelab:train.sparse_logits=false", False), ("tunelab", True)}
+    assert not [r["error"] for r in rows.values() if "error" in r]
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["peak_rss_gb"] > 0 and len(row["losses"]) == 2
+    # the same examples in the same batches: the first step's loss agrees across the fp32 arms
+    first = [rows[("plain", False)]["losses"][0], rows[("tunelab:train.sparse_logits=false", False)]["losses"][0]]
+    assert abs(first[0] - first[1]) / first[0] < 2e-2
+    report = (tmp_path / "train.md").read_text(encoding="utf-8")
+    assert "x plain" in report and "With gradient checkpointing" in report
+    assert result["spec"]["data_examples"] >= 2000
