@@ -222,3 +222,24 @@ def test_bundled_demo_data(tmp_path):
 
     assert not words("reverse_en_train") & words("reverse_en_test")
     assert not words("reverse_zh_train") & words("reverse_zh_test")
+
+
+def test_long_text_documents_are_chunked_not_truncated(tmp_path, llama_tok):
+    """Plain text longer than cutoff_len: consecutive cutoff_len-token examples that together hold every token
+    of the document (eos last); long_text=truncate keeps only the first cutoff_len tokens."""
+    words = " ".join(f"word{i}" for i in range(400))
+    doc = tmp_path / "doc.txt"
+    doc.write_text(words + "\n短文本。\n", encoding="utf-8")
+    cfg = DataConfig(datasets=[{"path": str(doc), "format": "text"}], cutoff_len=64, packing=False)
+    data = prepare(cfg, llama_tok)
+    whole = prepare(cfg.model_copy(update={"cutoff_len": 4096}), llama_tok).train[0]["input_ids"]  # one piece
+    assert whole[-1] == llama_tok.eos_token_id and len(whole) > 3 * 64
+    chunks = [ex["input_ids"] for ex in data.train][:-1]  # the last example is the short document
+    assert len(chunks) == -(-len(whole) // 64) and all(len(c) == 64 for c in chunks[:-1])
+    assert [t for c in chunks for t in c] == whole
+    assert data.stats["chunked_documents"] == 1 and data.stats["truncated"] == 0
+    assert llama_tok.decode(data.train[-1]["input_ids"], skip_special_tokens=True) == "短文本。"
+
+    cut = prepare(cfg.model_copy(update={"long_text": "truncate"}), llama_tok)
+    assert len(cut.train) == 2 and cut.stats["truncated"] == 1 and cut.stats["chunked_documents"] == 0
+    assert cut.train[0]["input_ids"] == whole[:64]

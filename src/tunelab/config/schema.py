@@ -91,7 +91,12 @@ class DataConfig(Section):
         default_factory=dict, description="Values substituted for {name}-style placeholders in records "
         "(e.g. name, author for self-cognition data).",
     )
-    cutoff_len: int = Field(1024, ge=8, description="Maximum tokens per example; longer ones are truncated.")
+    cutoff_len: int = Field(1024, ge=8, description="Maximum tokens per example; longer ones are truncated "
+                            "(plain-text documents: see long_text).")
+    long_text: Literal["chunk", "truncate"] = Field(
+        "chunk", description="Plain-text documents longer than cutoff_len: split into consecutive cutoff_len-token "
+        "examples (nothing lost), or truncate like conversations."
+    )
     train_on: Literal["all_assistant", "last_assistant", "everything"] = Field(
         "all_assistant", description="Which tokens carry loss: every assistant turn, only the last, or all tokens."
     )

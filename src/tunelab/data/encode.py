@@ -35,12 +35,14 @@ class Rendered:
     append_eos: bool = False  # the final reply has no end-of-turn string in the template: train an eos after it
     prepend_bos: bool = False  # raw text (no template) starts with bos where the tokenizer uses one
     missing_ends: int = 0  # trained replies before the last one with no end-of-turn string found
+    document: bool = False  # plain text (pretraining-style): may be split into cutoff_len chunks
 
 
 @dataclass
 class EncodeStats:
     examples: int = 0
     truncated: int = 0
+    chunked: int = 0  # plain-text documents split into several examples
     dropped_no_trainable: int = 0
     turns_without_end: int = 0
     tokens: int = 0
@@ -49,7 +51,7 @@ class EncodeStats:
     rejects: list[Reject] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"examples": self.examples, "truncated": self.truncated,
+        return {"examples": self.examples, "truncated": self.truncated, "chunked_documents": self.chunked,
                 "dropped_no_trainable": self.dropped_no_trainable, "turns_without_end": self.turns_without_end,
                 "tokens": self.tokens, "trained_tokens": self.trained_tokens}
 
@@ -142,7 +144,7 @@ def _check_tool_calls(reply: str, m: Message, i: int) -> None:
 def render_conversation(conv: Conversation, template: ChatTemplate, train_on: TrainOn = "all_assistant") -> Rendered:
     """Render a conversation and pick the character spans that carry loss."""
     if conv.text is not None:
-        return Rendered(conv.text, [(0, len(conv.text))], append_eos=True, prepend_bos=True)
+        return Rendered(conv.text, [(0, len(conv.text))], append_eos=True, prepend_bos=True, document=True)
     if not template.renders_tool_calls and any(m.tool_calls for m in conv.messages):
         which = "the tokenizer's own template" if template.name == "auto" else f"template {template.name!r}"
         raise EncodeError(f"{which} does not render tool calls; set data.template to one that does (qwen, qwen3)")
@@ -220,16 +222,31 @@ def _labels_by_pieces(tokenizer, rendered: Rendered) -> tuple[list[int], list[in
 
 
 def _finish(ids: list[int], labels: list[int], rendered: Rendered, special: tuple[int | None, int | None],
-            cutoff_len: int, stats: EncodeStats) -> dict | None:
+            cutoff_len: int, stats: EncodeStats, chunk_documents: bool = False) -> dict | None:
     bos_id, eos_id = special
     if rendered.prepend_bos and bos_id is not None and (not ids or ids[0] != bos_id):
         ids, labels = [bos_id] + ids, [IGNORE] + labels
     if rendered.append_eos and eos_id is not None and (not ids or ids[-1] != eos_id):
         ids, labels = ids + [eos_id], labels + [eos_id]
     stats.turns_without_end += rendered.missing_ends
+    if len(ids) > cutoff_len and chunk_documents and rendered.document:
+        return _chunks(ids, labels, cutoff_len, stats)
     if len(ids) > cutoff_len:
         ids, labels = ids[:cutoff_len], labels[:cutoff_len]
         stats.truncated += 1
+    return _count(ids, labels, stats)
+
+
+def _chunks(ids: list[int], labels: list[int], cutoff_len: int, stats: EncodeStats) -> dict | None:
+    """A long plain-text document as consecutive cutoff_len-token examples: {"chunks": [example, ...]}. The last
+    chunk is dropped only when it is a single token (position 0 of an example predicts nothing)."""
+    stats.chunked += 1
+    pieces = [(ids[i:i + cutoff_len], labels[i:i + cutoff_len]) for i in range(0, len(ids), cutoff_len)]
+    examples = [e for a, b in pieces if len(a) > 1 and (e := _count(a, b, stats)) is not None]
+    return {"chunks": examples} if examples else None
+
+
+def _count(ids: list[int], labels: list[int], stats: EncodeStats) -> dict | None:
     trained = len(labels) - labels.count(IGNORE)
     if trained == 0:
         stats.dropped_no_trainable += 1
@@ -257,11 +274,12 @@ def _render_chunk(convs: list[Conversation], template: ChatTemplate, train_on: T
 
 
 def encode_batch(convs: list[Conversation], template: ChatTemplate, tokenizer, cutoff_len: int,
-                 train_on: TrainOn = "all_assistant", progress=None,
-                 threads: int = TOKENIZER_THREADS) -> tuple[list[dict | None], EncodeStats]:
+                 train_on: TrainOn = "all_assistant", progress=None, threads: int = TOKENIZER_THREADS,
+                 chunk_documents: bool = False) -> tuple[list[dict | None], EncodeStats]:
     """Encode many conversations. The main thread renders chunks (Python) while `threads` workers tokenize earlier
     chunks (Rust, which releases the GIL), so several cores work. One entry per conversation (None: rejected or
-    nothing to train), in order, and the stats."""
+    nothing to train), in order, and the stats. With `chunk_documents`, a plain-text document longer than
+    cutoff_len is not truncated: its entry is {"chunks": [example, ...]} (see flatten_examples)."""
     stats = EncodeStats()
     backend = _backend(tokenizer)
     special = _bos_eos(tokenizer)
@@ -277,7 +295,7 @@ def encode_batch(convs: list[Conversation], template: ChatTemplate, tokenizer, c
                 ids, labels = _labels_from_offsets(next(encodings), r.spans)
             else:
                 ids, labels = _labels_by_pieces(tokenizer, r)
-            results.append(_finish(ids, labels, r, special, cutoff_len, stats))
+            results.append(_finish(ids, labels, r, special, cutoff_len, stats, chunk_documents))
         if progress is not None:
             progress(len(rendered))
 
@@ -292,6 +310,15 @@ def encode_batch(convs: list[Conversation], template: ChatTemplate, tokenizer, c
         while pending:
             finish(*pending.popleft())
     return results, stats
+
+
+def flatten_examples(encoded: list[dict | None]) -> list[dict]:
+    """encode_batch's entries as a list of examples: None dropped, a chunked document's chunks in order."""
+    out: list[dict] = []
+    for entry in encoded:
+        if entry is not None:
+            out.extend(entry.get("chunks", [entry]))
+    return out
 
 
 def _encode_texts(backend, texts: list[str]):

@@ -24,7 +24,7 @@ from typing import Any
 
 from tunelab.config.schema import DataConfig
 from tunelab.data.clean import clean_conversations
-from tunelab.data.encode import encode_batch
+from tunelab.data.encode import encode_batch, flatten_examples
 from tunelab.data.progress import Progress
 from tunelab.data.sources import load_conversations, source_files
 from tunelab.data.templates import ChatTemplate
@@ -220,10 +220,11 @@ def prepare_data(cfg: DataConfig, tokenizer, template: ChatTemplate, *, progress
         conversations, rejects, report = load_all(cfg, bar)
         check_rejects(rejects, report["records_read"], cfg, rejects_file)  # fail before the long part
         encoded, enc = encode_batch(conversations, template, tokenizer, cfg.cutoff_len, cfg.train_on,
-                                    progress=bar.counter("encode", len(conversations)), threads=cfg.num_proc)
+                                    progress=bar.counter("encode", len(conversations)), threads=cfg.num_proc,
+                                    chunk_documents=cfg.long_text == "chunk")
     rejects += enc.rejects
     check_rejects(rejects, report["records_read"], cfg, rejects_file)
-    examples = [e for e in encoded if e is not None]
+    examples = flatten_examples(encoded)
     if not examples:
         raise DataError(f"no trainable examples: {len(conversations)} conversations after cleaning, "
                         f"{enc.dropped_no_trainable} with no trainable token left within cutoff_len={cfg.cutoff_len}")

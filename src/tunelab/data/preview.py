@@ -64,6 +64,7 @@ def summary(stats: dict) -> str:
         ("conversations", str(stats["conversations"])),
         ("examples", f"{stats['examples']} ({split})"),
         ("truncated", f"{stats['truncated']} (cutoff_len {stats['cutoff_len']})"),
+        *([("documents split into chunks", str(stats["chunked_documents"]))] if stats.get("chunked_documents") else []),
         ("dropped (nothing to train)", str(stats["dropped_no_trainable"])),
         ("tokens", f"{stats['tokens']} ({stats['trained_tokens']} trained)"),
     ]
