@@ -287,3 +287,111 @@ def test_tunelab_serve_runs_and_shuts_down_gracefully(tiny_models):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------------ tool calls
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_tool_calls_are_parsed_in_each_family_format():
+    from tunelab.serving.tools import parse_reply, safe_prefix
+
+    names = {"get_weather"}
+    hermes = parse_reply('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n'
+                         '</tool_call>\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+                         names)
+    assert hermes.content == "Let me check." and len(hermes.calls) == 2
+    assert json.loads(hermes.calls[0]["function"]["arguments"]) == {"city": "北京"}
+    assert hermes.calls[0]["id"] != hermes.calls[1]["id"]
+    mistral = parse_reply('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}]', names)
+    assert mistral.content is None and mistral.calls[0]["function"]["name"] == "get_weather"
+    llama = parse_reply('{"name": "get_weather", "parameters": {"city": "Rome"}}', names)
+    assert json.loads(llama.calls[0]["function"]["arguments"]) == {"city": "Rome"}
+    # not declared, malformed, or no tools: text stays text
+    assert not parse_reply('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', names).calls
+    assert not parse_reply('<tool_call>{"name": "get_weather", "argum', names).calls
+    assert not parse_reply('{"name": "get_weather"}', set()).calls
+    # streaming: text is held back from where a call may begin
+    assert safe_prefix("Sure. <tool") == len("Sure. ") and safe_prefix("Sure. <tool_call>{") == len("Sure. ")
+    assert safe_prefix("no call here") == len("no call here") and safe_prefix('  {"name"') == 0
+
+
+class ScriptedEngine:
+    """The real engine for templates and token counts; a fixed reply instead of generation (a random tiny model
+    cannot be made to write a tool call)."""
+
+    def __init__(self, engine, reply: str):
+        self.engine, self.reply = engine, reply
+        self.name, self.max_context = engine.name, engine.max_context
+
+    def render(self, messages, tools=None, add_generation_prompt=True):
+        return self.engine.render(messages, tools, add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return self.engine.count_tokens(text)
+
+    def _completion(self, prompt: str):
+        from tunelab.inference.engine import Completion
+
+        return Completion(self.reply, self.count_tokens(prompt), self.count_tokens(self.reply), "stop")
+
+    def generate(self, prompts, params):
+        return [self._completion(prompt) for prompt in prompts]
+
+    def stream(self, prompt, params, cancel=None):
+        from tunelab.inference.engine import StreamEvent
+
+        for i in range(0, len(self.reply), 3):
+            yield StreamEvent(self.reply[i:i + 3])
+        yield StreamEvent("", self._completion(prompt))
+
+
+def test_chat_completions_return_structured_tool_calls(engine):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from tunelab.serving.app import create_app
+
+    reply = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "上海"}}</tool_call>'
+    app = create_app(ScriptedEngine(engine, reply), ServeConfig())
+    body = {"model": engine.name, "messages": [{"role": "user", "content": "上海天气？"}], "tools": WEATHER,
+            "max_tokens": 20}
+    with TestClient(app) as c:
+        plain = ChatCompletion.model_validate(c.post("/v1/chat/completions", json=body).json())
+        streamed = c.post("/v1/chat/completions", json={**body, "stream": True})
+        untouched = c.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).json()
+    choice = plain.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "上海"}
+    chunks = [ChatCompletionChunk.model_validate_json(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert text == "Checking." and [tc.function.name for tc in calls] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert untouched["choices"][0]["message"]["content"] == reply
+    assert untouched["choices"][0]["finish_reason"] == "stop"
+
+
+def test_counting_tokens_while_a_batch_is_tokenized_is_safe(engine):
+    """The server counts prompt tokens on worker threads while the engine pads a batch with the same tokenizer:
+    without the engine's tokenizer lock the count could switch padding off under the batch (seen as a 500)."""
+    import threading
+
+    stop = threading.Event()
+
+    def count():
+        while not stop.is_set():
+            engine.count_tokens("a short prompt")
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        prompts = ["hi", "a much longer prompt than the first one, to need padding"]
+        for _ in range(20):
+            engine.generate(prompts, GenerationParams(max_new_tokens=1, temperature=0))
+    finally:
+        stop.set()
+        counter.join()

@@ -42,6 +42,9 @@ class HFEngine:
         vocab = tokenizer.get_vocab()
         self.text_stops = [s for s in getattr(template, "stop_strings", ()) if s and s not in vocab]
         self._lock = threading.Lock()  # one generate at a time: the model and its caches are not reentrant
+        # a fast tokenizer call first sets padding/truncation on the shared Rust tokenizer: a count_tokens on
+        # another thread (the server counts while it generates) could unset the padding of a batch mid-call
+        self._tokenizer_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ prompts
     def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
@@ -49,7 +52,8 @@ class HFEngine:
         return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # --------------------------------------------------------------------------------------------- generation
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
@@ -105,7 +109,9 @@ class HFEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _run(self, prompts: list[str], params: GenerationParams, cancel=(), on_step=None) -> list[Completion]:
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        with self._tokenizer_lock:
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(self.device)
         prompt_len = enc["input_ids"].shape[1]
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         room = self.max_context - max(lengths)

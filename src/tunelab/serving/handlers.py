@@ -18,6 +18,7 @@ from tunelab.config.schema import ServeConfig
 from tunelab.inference.engine import Completion, Engine, GenerationParams, StreamEvent
 from tunelab.serving import protocol as p
 from tunelab.serving.batcher import Batcher
+from tunelab.serving.tools import parse_reply, safe_prefix, tool_names
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +130,23 @@ async def chat_completion(state: ServeState, req: p.ChatCompletionRequest):
     prompt = await render_chat(state, req)
     prompt_tokens = await asyncio.to_thread(state.engine.count_tokens, prompt)
     params = to_params(req, plan_new_tokens(state, prompt_tokens, req.token_limit, _limit_name(req)))
+    names = tool_names(req.tools) if req.tool_choice != "none" else set()
     if req.stream:
         first, events = await open_stream(state, prompt, params)
-        return guarded(stream_chat(state, _with_first(first, events), req.include_usage))
+        return guarded(stream_chat(state, _with_first(first, events), req.include_usage, names))
     completions = await generate_n(state, prompt, params, req.n)
-    choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish_reason)
-               for i, c in enumerate(completions)]
+    choices = [chat_choice(i, c, names) for i, c in enumerate(completions)]
     return p.ChatCompletion(id=p.new_id("chatcmpl"), created=p.now(), model=state.model_name, choices=choices,
                             usage=_usage(completions))
+
+
+def chat_choice(index: int, completion: Completion, names: set[str]) -> p.ChatChoice:
+    reply = parse_reply(completion.text, names)
+    if not reply.calls:
+        return p.ChatChoice(index=index, message=p.AssistantMessage(content=completion.text),
+                            finish_reason=completion.finish_reason)
+    return p.ChatChoice(index=index, message=p.AssistantMessage(content=reply.content, tool_calls=reply.calls),
+                        finish_reason="tool_calls")
 
 
 async def generate_n(state: ServeState, prompt: str, params: GenerationParams, n: int) -> list[Completion]:
@@ -154,15 +164,29 @@ def _usage(completions: list[Completion]) -> p.Usage:
     return p.usage(completions[0].prompt_tokens, sum(c.completion_tokens for c in completions))
 
 
-async def stream_chat(state: ServeState, events: AsyncIterator[StreamEvent], include_usage: bool):
+async def stream_chat(state: ServeState, events: AsyncIterator[StreamEvent], include_usage: bool,
+                      names: frozenset[str] | set[str] = frozenset()):
+    """Text deltas as they come; with declared tools, text from where a call may begin is held back and sent at
+    the end as tool-call deltas (or as text, if it was not a call)."""
     cid, created, model = p.new_id("chatcmpl"), p.now(), state.model_name
     yield sse(p.chat_chunk(cid, created, model, {"role": "assistant", "content": ""}, None, include_usage))
-    final = None
+    final, text, sent = None, "", 0
     async for event in events:
-        if event.delta:
-            yield sse(p.chat_chunk(cid, created, model, {"content": event.delta}, None, include_usage))
+        text += event.delta
+        ready = safe_prefix(text) if names else len(text)
+        if ready > sent:
+            yield sse(p.chat_chunk(cid, created, model, {"content": text[sent:ready]}, None, include_usage))
+            sent = ready
         final = event.completion or final
-    yield sse(p.chat_chunk(cid, created, model, {}, final.finish_reason if final else "stop", include_usage))
+    reason = final.finish_reason if final else "stop"
+    calls = parse_reply(text, names).calls if names and sent < len(text) else []
+    if calls:
+        deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+        yield sse(p.chat_chunk(cid, created, model, {"tool_calls": deltas}, None, include_usage))
+        reason = "tool_calls"
+    elif sent < len(text):
+        yield sse(p.chat_chunk(cid, created, model, {"content": text[sent:]}, None, include_usage))
+    yield sse(p.chat_chunk(cid, created, model, {}, reason, include_usage))
     if include_usage and final:
         usage = p.usage(final.prompt_tokens, final.completion_tokens).model_dump()
         yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

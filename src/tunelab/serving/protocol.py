@@ -157,7 +157,13 @@ class SamplingRequest(Request):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Tool definitions passed to the chat template.")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Tool definitions passed to the chat template; calls the model writes come back as "
+        "`tool_calls` (Hermes/Qwen, Mistral and Llama 3.1 formats)."
+    )
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None, description="none: leave tool calls as text. Other values are accepted; the model decides."
+    )
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
 
     @property
@@ -206,15 +212,27 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
