@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "train.py"
 
 
 def test_bench_train_runs_every_kind_of_arm(tiny_llama, tmp_path):
-    arms = "plain,trl_fast,tunelab,tunelab:train.sparse_logits=false"
+    arms = "plain,trl_fast,tunelab,tunelab:train.mixed_precision=no"
     command = [sys.executable, str(BENCH), "--model", str(tiny_llama), "--steps", "2", "--batch-size", "2",
                "--arms", arms, "--gc-arms", "tunelab", "--out", str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
@@ -20,12 +20,13 @@ def test_bench_train_runs_every_kind_of_arm(tiny_llama, tmp_path):
     result = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))
     rows = {(r["arm"], r["gc"]): r for r in result["rows"]}
     assert set(rows) == {("plain", False), ("trl_fast", False), ("tunelab", False),
-                         ("tunelab:train.sparse_logits=false", False), ("tunelab", True)}
+                         ("tunelab:train.mixed_precision=no", False), ("tunelab", True)}
     assert not [r["error"] for r in rows.values() if "error" in r]
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["peak_rss_gb"] > 0 and len(row["losses"]) == 2
-    # the same examples in the same batches: the first step's loss agrees across the fp32 arms
-    first = [rows[("plain", False)]["losses"][0], rows[("tunelab:train.sparse_logits=false", False)]["losses"][0]]
+    # the same examples in the same batches: the first step's loss of the two fp32 arms agrees (up to the
+    # different LoRA dropout masks of the two dropout implementations)
+    first = [rows[("plain", False)]["losses"][0], rows[("tunelab:train.mixed_precision=no", False)]["losses"][0]]
     assert abs(first[0] - first[1]) / first[0] < 2e-2
     report = (tmp_path / "train.md").read_text(encoding="utf-8")
     assert "x plain" in report and "With gradient checkpointing" in report

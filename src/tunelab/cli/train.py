@@ -66,6 +66,7 @@ def print_next_steps(result, cfg) -> None:
 def launch(args: argparse.Namespace, cfg) -> int:
     """Re-run this command under torchrun with N processes (accelerate's --cpu would silently run one)."""
     from tunelab.training.rundir import select_run_dir
+    from tunelab.training.speed import usable_cores
 
     name = select_run_dir(cfg, args.resume).path.name  # decided once, so every rank writes the same folder
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
@@ -74,6 +75,6 @@ def launch(args: argparse.Namespace, cfg) -> int:
         command.append("--resume")
     env = dict(os.environ)
     # torchrun pins every process to 1 thread unless told otherwise; share the cores between the processes
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // args.nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return subprocess.call(command, env=env)
