@@ -115,8 +115,9 @@ def locate_turns(text: str, messages: list[Message], template: ChatTemplate) -> 
             cursor = pos + len(key)
             continue
         head, head_end = _first_header(text, cursor, headers)
-        for key in _reply_keys(m):
-            pos = text.find(key, head if head >= 0 else cursor) if key else head_end
+        after = head_end if head >= 0 else cursor  # the header's own text ("assistant", "<|start_header_id|>")
+        for key in _reply_keys(m):                 # may contain the reply: search where the header ends
+            pos = text.find(key, after) if key else after
             if pos >= 0:
                 break
         if pos < 0:

@@ -107,7 +107,8 @@ class ChatTemplate:
         """(generation prompt, assistant header inside a history): the text before an assistant reply.
 
         Worked out once by rendering probe conversations: the generation prompt is what add_generation_prompt
-        appends; the history header is what precedes an earlier assistant turn. They differ for some templates
+        appends; the history header is what precedes an earlier assistant turn (for templates with no assistant
+        header at all, the text between a user message and the reply, e.g. Mistral's ` [/INST]`). They differ for some templates
         (Qwen3 with thinking off adds an empty <think> block only to the prompt).
         """
         user = [{"role": "user", "content": _PROBE_USER}]
@@ -122,7 +123,13 @@ class ChatTemplate:
         generation = prompt[_boundary(prompt, _common_prefix(bare, prompt)):]
         start = _boundary(full, _common_prefix(bare, full))
         pos = full.find(_PROBE_ASSISTANT, start)
-        return generation, (full[start:pos] if pos >= 0 else "")
+        history = full[start:pos] if pos >= 0 else ""
+        if not history.strip() and pos >= 0:
+            # No text of its own before a reply (Mistral: `[INST] q [/INST]reply`): what closes the user turn is the
+            # header, else the reply would be searched for from inside `[/INST]`.
+            user_end = full.find(_PROBE_USER) + len(_PROBE_USER)
+            history = full[user_end:pos] if 0 <= user_end - len(_PROBE_USER) and user_end <= pos else history
+        return generation, history
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "stop_strings": list(self.stop_strings), "enable_thinking": self.enable_thinking}
