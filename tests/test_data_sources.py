@@ -266,7 +266,7 @@ def test_cleaning_rules_report_what_they_removed():
 
     convs = [conv("q", "a"), conv("q", "a"), conv(" <b> </b> ", "a"), conv("q2", "a" * 50), conv("q3", "tiny")]
     kept, report = clean_conversations(convs, CleanConfig(strip_html=True, min_chars=6, max_chars=40))
-    assert report == {"strip_html (changed)": 1, "normalize_whitespace (changed)": 1, "drop_empty": 1, "dedup": 1,
+    assert report == {"strip_html (changed)": 1, "trim (changed)": 1, "drop_empty": 1, "dedup": 1,
                       "min_chars": 1, "max_chars": 1}
     assert [c.messages[0].content for c in kept] == ["q3"]
     kept, report = clean_conversations([conv("q", "a"), conv("q", "a")], CleanConfig(dedup=False))

@@ -65,9 +65,12 @@ class DatasetSpec(Section):
 
 
 class CleanConfig(Section):
+    trim: bool = Field(
+        True, description="Strip whitespace at the start and end of each message (nothing inside it is changed)."
+    )
     normalize_whitespace: bool = Field(
-        True, description="Trim each message, unify line endings, drop trailing spaces, collapse blank-line runs and "
-        "runs of spaces/tabs inside a line (indentation is kept)."
+        False, description="Opt-in: also unify line endings, drop trailing spaces, collapse blank-line runs and runs "
+        "of spaces/tabs inside a line; fenced code blocks and indented lines are never changed."
     )
     strip_html: bool = Field(False, description="Remove HTML tags and entities (not chat markup like <think>).")
     drop_empty: bool = Field(True, description="Drop records whose prompt or response is empty.")

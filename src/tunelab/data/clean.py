@@ -1,7 +1,8 @@
 """Cleaning rules applied to loaded conversations, each optional and each counting what it changed or removed.
 
-Runs after sources.py (records -> conversations) and before encoding. Rules never touch code indentation or
-template markup such as <think> or <tool_call>: only whitespace at line ends, runs inside lines, and known HTML.
+Runs after sources.py (records -> conversations) and before encoding. By default the only rewrite is `trim`
+(whitespace at the start and end of a message), so the targets are what users wrote; `normalize_whitespace` is an
+opt-in that never touches fenced code, indented lines or template markup such as <think> or <tool_call>.
 """
 
 from __future__ import annotations
@@ -27,19 +28,35 @@ _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_RUNS = re.compile(r"\n{3,}")
 
 
-def normalize_whitespace(text: str) -> str:
-    """Trim, unify line endings, drop trailing spaces, collapse runs of blank lines and of spaces inside a line.
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,}).*?(?:^[ \t]*\1[ \t]*$|\Z)", re.MULTILINE | re.DOTALL)
 
-    Leading indentation is kept: it is meaning in code and in poems.
-    """
+
+def trim(text: str) -> str:
+    """Leading and trailing whitespace of a message, nothing inside it."""
+    return text.strip()
+
+
+def normalize_whitespace(text: str) -> str:
+    """Opt-in: trim, unify line endings, drop trailing spaces, collapse runs of blank lines and of spaces inside a
+    line. Fenced code blocks (``` or ~~~) are kept byte for byte, and so are indented lines (code, poems, tables
+    aligned with spaces): only prose is rewritten."""
     if "  " not in text and "\t" not in text and "\r" not in text and " \n" not in text and "\n\n\n" not in text:
-        return text.strip()  # the common case, without running three regexes
+        return text.strip()  # the common case, without running the regexes
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _INNER_RUNS.sub(" ", text)
-    text = _TRAILING.sub("", text)
-    text = _BLANK_RUNS.sub("\n\n", text)
-    return text.strip()
+    text = text.strip()  # first: the message's own first line is not an indented one
+    out, pos = [], 0
+    for fence in _FENCE.finditer(text):
+        out += [_normalize_prose(text[pos:fence.start()]), fence.group(0)]
+        pos = fence.end()
+    out.append(_normalize_prose(text[pos:]))
+    return "".join(out).strip()
+
+
+def _normalize_prose(text: str) -> str:
+    lines = [line if line[:1] in (" ", "\t") else _INNER_RUNS.sub(" ", line) for line in text.split("\n")]
+    text = _TRAILING.sub("", "\n".join(lines))
+    return _BLANK_RUNS.sub("\n\n", text)
 
 
 def strip_html(text: str) -> str:
@@ -49,12 +66,12 @@ def strip_html(text: str) -> str:
     return html.unescape(_HTML.sub("", text))
 
 
-def _rewrite(conversations: Iterable[Conversation], fn) -> int:
-    """Apply fn to every text; return how many conversations changed."""
+def _rewrite(conversations: Iterable[Conversation], fn, documents: bool = True) -> int:
+    """Apply fn to every message (and plain-text document, if `documents`); return how many conversations changed."""
     changed = 0
     for conv in conversations:
         before = conv.text
-        if conv.text is not None:
+        if conv.text is not None and documents:
             conv.text = fn(conv.text)
         hit = before != conv.text
         for m in conv.messages:
@@ -94,6 +111,8 @@ def clean_conversations(conversations: list[Conversation], cfg: CleanConfig,
         report["strip_html (changed)"] = _rewrite(conversations, strip_html)
     if cfg.normalize_whitespace:
         report["normalize_whitespace (changed)"] = _rewrite(conversations, normalize_whitespace)
+    elif cfg.trim:  # normalize_whitespace trims too
+        report["trim (changed)"] = _rewrite(conversations, trim, documents=False)
     kept = conversations
     if cfg.drop_empty:
         kept = [c for c in kept if not _is_empty(c)]

@@ -32,7 +32,7 @@ from tunelab.data.types import Conversation, Message, Reject
 from tunelab.errors import DataError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the processed format or the encoding rules change
+CACHE_VERSION = 2  # bump when the processed format or the encoding rules change
 _NOT_OUTPUT = {"cache_dir", "num_proc", "packing", "strict", "max_reject_ratio"}  # settings that change no token
 
 
