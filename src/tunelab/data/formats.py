@@ -85,21 +85,32 @@ def detect_format(record: dict, options: FormatOptions) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- field readers
-def _string(record: dict, key: str, required: bool = False, empty_ok: bool = True) -> str:
+def _string(record: dict, key: str, required: bool = False, empty_ok: bool = True, optional: bool = False) -> str:
+    """A text field. `optional` fields (input, system) may also be NaN: pandas' missing value, as in an all-empty
+    column; anywhere else NaN is a reject, never the text "nan"."""
     value = record.get(key)
+    if optional and isinstance(value, float) and value != value:
+        value = None
     if value is None:
         if required:
             raise RecordError(key, "missing (expected a string)", "missing_field")
         return ""
     if not isinstance(value, str):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # CSV/parquet numbers ("42") are text to a language model
-        what = "a list (a preference/ranking record? SFT needs one answer)" if isinstance(value, list) else \
-            type(value).__name__
-        raise RecordError(key, f"expected a string, got {what}", "wrong_type")
+        raise RecordError(key, f"expected a string, got {_what(value)}", "wrong_type")
     if not empty_ok and not value.strip():
         raise RecordError(key, "is empty", "empty_output")
     return value
+
+
+def _what(value: Any) -> str:
+    """How a non-string value is named in a reject: never trained as "42" or "nan" behind the user's back."""
+    if isinstance(value, float) and value != value:
+        return "NaN (a missing value, e.g. from pandas; write a string, or leave optional fields out)"
+    if isinstance(value, list):
+        return "a list (a preference/ranking record? SFT needs one answer)"
+    if isinstance(value, (bool, int, float)):
+        return f"a number ({value!r}); quote it if it is the text to learn"
+    return type(value).__name__
 
 
 def parse_tools(value: Any, key: str = "tools") -> list[dict] | None:
@@ -158,13 +169,13 @@ def alpaca_to_conversation(record: dict, options: FormatOptions) -> Conversation
     if record.get(c["prompt"]) is None and record.get(c.get("query", "")) is None:
         raise RecordError(c["prompt"], "missing (expected the instruction text)", "missing_field")
     instruction = _string(record, c["prompt"])
-    extra = _string(record, c["query"]) if "query" in c else ""
+    extra = _string(record, c["query"], optional=True) if "query" in c else ""
     prompt = "\n".join(part for part in (instruction, extra) if part.strip())
     if not prompt.strip():
         raise RecordError(c["prompt"], "is empty (and so is the input)", "empty_prompt")
     output = _string(record, c["response"], required=True, empty_ok=False)
     messages = []
-    system = _string(record, c["system"]) if "system" in c else ""
+    system = _string(record, c["system"], optional=True) if "system" in c else ""
     if system.strip():
         messages.append(Message("system", system))
     history = record.get(c.get("history", "history")) or []
@@ -200,7 +211,7 @@ def chat_to_conversation(record: dict, options: FormatOptions) -> Conversation:
     turns_read = _merge_tool_calls(turns_read)
     _check_turns(turns_read, key, t["content_tag"])
     messages = [m for _, m in turns_read]
-    system = _string(record, c["system"]) if "system" in c and c["system"] in record else ""
+    system = _string(record, c["system"], optional=True) if "system" in c and c["system"] in record else ""
     if system.strip() and not (messages and messages[0].role == "system"):
         messages.insert(0, Message("system", system))
     tools = parse_tools(record.get(c["tools"]), c["tools"]) if "tools" in c else None
@@ -220,8 +231,7 @@ def _turn_to_message(turn: Any, where: str, roles: dict[str, str], tags: dict[st
         raise RecordError(f"{where}.{role_key}", f"unknown role {raw_role!r}; expected one of {known}", "unknown_role")
     content = turn.get(content_key)
     if isinstance(content, list) and role != "function" and all(isinstance(p, dict) and "type" in p for p in content):
-        # OpenAI content parts: keep the text parts
-        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+        content = _text_parts(content, f"{where}.{content_key}")
     train = _train_flag(turn, where)
     if role == "function":
         return Message("assistant", "", tool_calls=parse_tool_calls(content, f"{where}.{content_key}"), train=train)
@@ -231,9 +241,22 @@ def _turn_to_message(turn: Any, where: str, roles: dict[str, str], tags: dict[st
     if content is None and not calls:
         raise RecordError(f"{where}.{content_key}", "missing (expected the message text)", "missing_field")
     if content is not None and not isinstance(content, str):
-        raise RecordError(f"{where}.{content_key}", f"expected a string, got {type(content).__name__}", "wrong_type")
+        raise RecordError(f"{where}.{content_key}", f"expected a string, got {_what(content)}", "wrong_type")
     tool_calls = parse_tool_calls(calls, f"{where}.tool_calls") if calls else None
     return Message(role, content or "", tool_calls=tool_calls, train=train)
+
+
+def _text_parts(parts: list[dict], where: str) -> str:
+    """OpenAI content parts -> their text; an image/audio/file part is a reject, never silently dropped (the reply
+    would be learned without what it describes)."""
+    media = sorted({p["type"] for p in parts if p["type"] != "text"})
+    if media:
+        raise RecordError(where, f"multimodal content not supported (parts of type {', '.join(map(str, media))})",
+                          "multimodal")
+    texts = [p.get("text") for p in parts]
+    if not all(isinstance(t, str) for t in texts):
+        raise RecordError(where, 'expected each text part to have a string "text"', "wrong_type")
+    return "".join(texts)
 
 
 def _merge_tool_calls(turns: list[tuple[str, Message]]) -> list[tuple[str, Message]]:

@@ -11,6 +11,7 @@ import csv
 import glob
 import io
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from tunelab.data.formats import (
 from tunelab.data.types import LoadResult, Reject
 from tunelab.errors import DataError
 
+log = logging.getLogger(__name__)
 REGISTRY_FILE = "dataset_info.json"
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
@@ -167,7 +169,13 @@ def iter_records(path: Path, text_unit: str = "line") -> Iterator[tuple[str, dic
         yield from _read_parquet(path)
         return
     data = path.read_bytes()
-    if kind == "json" and data.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"{":  # JSONL named .json
+    if not data.removeprefix(b"\xef\xbb\xbf").strip():
+        raise DataError(f"{path}: the file is empty" + (" (only whitespace)" if data.strip() else ""))
+    if kind == "json" and data.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"{":
+        single = _single_object(path, data)  # one pretty-printed record, else JSON Lines named .json
+        if single is not None:
+            yield single
+            return
         kind = "jsonl"
     if kind == "jsonl":
         yield from _read_jsonl(path, data)
@@ -206,6 +214,22 @@ def _utf8_lines(path: Path, data: bytes) -> Iterator[tuple[int, str | Reject]]:
         yield number, line
 
 
+def _single_object(path: Path, data: bytes) -> tuple[str, dict | Reject] | None:
+    """A .json file holding exactly one JSON object (pretty-printed over many lines) is one record; None when it
+    is something else (JSON Lines: several objects, one per line)."""
+    try:
+        text = data.decode("utf-8-sig")
+        record = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    except RecursionError:
+        return f"{path}:1", Reject(f"{path}:1", "", _TOO_DEEP, "json")
+    return f"{path}:1", _as_record(f"{path}:1", record, text)
+
+
+_TOO_DEEP = "not usable JSON: nested too deeply (thousands of brackets)"
+
+
 def _read_jsonl(path: Path, data: bytes) -> Iterator[tuple[str, dict | Reject]]:
     for number, line in _utf8_lines(path, data):
         source = f"{path}:{number}"
@@ -219,13 +243,39 @@ def _read_jsonl(path: Path, data: bytes) -> Iterator[tuple[str, dict | Reject]]:
         except json.JSONDecodeError as e:
             yield source, Reject(source, "", f"not valid JSON: {e.msg} (column {e.colno})", "json")
             continue
-        yield source, _as_record(source, record)
+        except RecursionError:
+            yield source, Reject(source, "", _TOO_DEEP, "json")
+            continue
+        yield source, _as_record(source, record, line)
 
 
-def _as_record(source: str, record) -> dict | Reject:
-    if isinstance(record, dict):
-        return record
-    return Reject(source, "", f"expected a JSON object (a record), got {type(record).__name__}", "json")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _as_record(source: str, record, raw: str = "") -> dict | Reject:
+    if not isinstance(record, dict):
+        return Reject(source, "", f"expected a JSON object (a record), got {type(record).__name__}", "json")
+    if _SURROGATE_ESCAPE.search(raw):  # the only way a lone surrogate gets in: a \ud83d escape without its pair
+        found = _lone_surrogate(record)
+        if found is not None:
+            where, char = found
+            return Reject(source, where, f"contains a lone UTF-16 surrogate \\u{ord(char):04x} (half of a character, "
+                          "e.g. an emoji cut in two); fix the escape or remove it", "utf8")
+    return record
+
+
+def _lone_surrogate(value, where: str = "") -> tuple[str, str] | None:
+    """(field path, character) of the first string holding an unpaired surrogate, which no tokenizer can encode."""
+    if isinstance(value, str):
+        bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+        return (where, bad) if bad else None
+    if isinstance(value, dict):
+        children = [(f"{where}.{k}" if where else k, x) for k, v in value.items() for x in (k, v)]
+    elif isinstance(value, list):
+        children = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    return next((found for path, child in children if (found := _lone_surrogate(child, path))), None)
 
 
 def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, dict | Reject]]:
@@ -235,23 +285,43 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, dict | Reject
     if text[pos:pos + 1] != "[":
         raise DataError(f"{path}: expected a JSON array of records (or JSON Lines), got {text[pos:pos + 20]!r}")
     pos, line, counted = pos + 1, 1, 0
+    if text[_SKIP.match(text, pos).end():].strip() == "]":
+        raise DataError(f"{path}: an empty JSON array (no records)")
     while True:
         pos = _SKIP.match(text, pos).end()
         if text[pos:pos + 1] == "]":
             return
+        line += text.count("\n", counted, pos)
+        counted = pos
+        source = f"{path}:{line}"
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
-        line += text.count("\n", counted, pos)
-        counted = pos
-        source = f"{path}:{line}"
-        yield source, _as_record(source, record)
+        except RecursionError:
+            end = _value_end(path, text, pos)
+            yield source, Reject(source, "", _TOO_DEEP, "json")
+        else:
+            yield source, _as_record(source, record, text[pos:end])
         pos = end
+
+
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _value_end(path: Path, text: str, pos: int) -> int:
+    """End of the JSON value starting at pos, found by counting brackets (for values too deep to decode)."""
+    depth = 0
+    for m in _TOKEN.finditer(text, pos):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(m.group(0), 0)
+        if depth == 0:
+            return m.end()
+    raise DataError(f"{path}: not valid JSON: a value nested too deeply is never closed")
 
 
 def _read_csv(path: Path, text: str) -> Iterator[tuple[str, dict | Reject]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    _warn_data_like_header(path, reader.fieldnames or [])
     start = 2  # line 1 is the header
     for row in reader:
         source = f"{path}:{start}"
@@ -261,6 +331,25 @@ def _read_csv(path: Path, text: str) -> Iterator[tuple[str, dict | Reject]]:
                                  f"{len(reader.fieldnames)}", "csv")
             continue
         yield source, {k: v for k, v in row.items() if v is not None}
+
+
+_KNOWN_COLUMNS = {"instruction", "input", "output", "system", "history", "text", "prompt", "response", "query",
+                  "conversations", "messages", "tools", "question", "answer", "context"}
+_NUMBER = re.compile(r"[-+]?\d[\d,.]*%?")
+
+
+def _warn_data_like_header(path: Path, header: list[str]) -> None:
+    """csv.DictReader takes the first row as column names: a file without a header row loses its first record and
+    names its columns after it. Say which header was assumed when it looks like data."""
+    cells = [c.strip() for c in header]
+    if not cells or any(c.lower() in _KNOWN_COLUMNS for c in cells):
+        return
+    data_like = [c for c in cells if not c or _NUMBER.fullmatch(c) or len(c) > 40 or len(c.split()) > 4
+                 or c[-1:] in "?.!:" or len(set(cells)) < len(cells)]
+    if data_like:
+        log.warning("%s: took the first row as the header (columns %s), but it looks like data (%r); a CSV needs a "
+                    "header row naming its columns, e.g. instruction,input,output", path,
+                    ", ".join(repr(c) for c in header), data_like[0])
 
 
 def _read_text(path: Path, data: bytes, text_unit: str) -> Iterator[tuple[str, dict | Reject]]:
