@@ -58,11 +58,45 @@ def test_dataset_paths_are_relative_to_config(tmp_path):
 
 
 def test_validate_command(tmp_path, capsys):
-    assert main(["validate", str(write(tmp_path, "train:\n  epochs: 2\n")), "train.seed=7"]) == 0
+    (tmp_path / "d.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    data = "data:\n  datasets:\n    - path: d.jsonl\n"
+    assert main(["validate", str(write(tmp_path, data + "train:\n  epochs: 2\n")), "train.seed=7"]) == 0
     out = capsys.readouterr().out
     assert "epochs: 2.0" in out and "seed: 7" in out
     assert main(["validate", str(write(tmp_path, "train:\n  epochz: 2\n"))]) == 2
     assert "train.epochz: unknown key" in capsys.readouterr().err
+    assert main(["validate", "--no-data", str(write(tmp_path, "serve:\n  port: 9000\n"))]) == 0
+
+
+def test_validate_reports_every_data_problem_before_anything_starts(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text('{"known": {"file_name": "k.json"}}')
+    (tmp_path / "data" / "k.json").write_text("[]")
+    (tmp_path / "empty.jsonl").write_text("  \n")
+    cfg = write(tmp_path, "data:\n  dataset_dir: data\n  template: chatmlx\n  datasets:\n"
+                "    - path: missing.jsonl\n    - path: none/*.jsonl\n    - name: unknown\n    - name: known\n"
+                "    - path: empty.jsonl\n")
+    assert main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid config {cfg}" in err
+    assert "data.datasets[0] (missing.jsonl): dataset file not found" in err
+    assert "data.datasets[1] (" in err and "no files match" in err
+    assert "data.datasets[2] (unknown): " in err and "'unknown' is not registered; known: known" in err
+    assert "data.datasets[3]" not in err  # registered and present (its content is checked when it is read)
+    assert f"data.datasets[4] ({tmp_path / 'empty.jsonl'}): {tmp_path / 'empty.jsonl'}: the file is empty" in err
+    assert "data.template: unknown chat template 'chatmlx'" in err
+    assert main(["validate", str(write(tmp_path, "train:\n  epochs: 2\n"))]) == 2
+    assert "data.datasets: empty; add at least one dataset" in capsys.readouterr().err
+
+
+def test_data_check_is_a_library_call_for_the_web_ui(tmp_path):
+    from tunelab.config.load import config_from_dict
+    from tunelab.data.check import check_data, data_problems
+
+    cfg = config_from_dict({"data": {"datasets": [{"path": str(tmp_path / "gone.json")}]}}, "from the form")
+    with pytest.raises(ConfigError, match=r"(?s)invalid config from the form:.*data\.datasets\[0\].*not found"):
+        check_data(cfg, "from the form")
+    assert data_problems(config_from_dict({"data": {"datasets": [{"path": str(REPO / "examples")}]}})) == []
 
 
 def test_shipped_configs_validate():
@@ -70,7 +104,12 @@ def test_shipped_configs_validate():
     files = [p for d in ("configs", "examples") for p in (REPO / d).rglob("*.yaml")
              if "accelerate" not in p.parts and "deepspeed" not in p.parts]
     for path in files:
-        load_config(path)
+        cfg = load_config(path)
+        # the data of configs that ship it exists too (configs/data/ shows layouts for the user's own files)
+        if cfg.data.datasets and path.parent != REPO / "configs" / "data":
+            from tunelab.data.check import data_problems
+
+            assert data_problems(cfg) == [], path
 
 
 def test_cli_import_is_light():
