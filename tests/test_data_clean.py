@@ -26,7 +26,7 @@ def test_default_trims_only_the_outer_whitespace():
 
 def test_trim_off_changes_nothing_and_documents_are_untouched():
     doc = Conversation([], text="  a document  \n")
-    kept, report = clean_conversations([conv("  x  "), doc], CleanConfig(trim=False, dedup=False))
+    kept, _ = clean_conversations([conv("  x  "), doc], CleanConfig(trim=False, dedup=False))
     assert kept[0].messages[1].content == "  x  " and kept[1].text == "  a document  \n"
     kept, _ = clean_conversations([doc], CleanConfig(dedup=False))
     assert kept[0].text == "  a document  \n"

@@ -5,8 +5,8 @@ when the reply is a letter of the header, a role name, special-token text or the
 from __future__ import annotations
 
 import pytest
-
 from tiny import FAMILIES
+
 from tunelab.data.encode import IGNORE, encode_conversation, render_conversation
 from tunelab.data.templates import ChatTemplate, get_template, resolve_template, template_names
 from tunelab.data.types import Conversation, Message
@@ -123,9 +123,8 @@ def test_every_family_template_trains_no_header_token(family, family_tokenizers)
 
 def test_smollm2_reply_assistant_trains_only_itself():
     """The issue's case: SmolLM2's own template, reply "assistant"."""
-    from transformers import AutoTokenizer
-
     from tiny import base_tokenizer_path
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_path())
     template = resolve_template("auto", tokenizer)

@@ -97,7 +97,7 @@ def test_never_a_silently_empty_dataset(tmp_path, llama_tok):
     with pytest.raises(DataError, match="data.datasets is empty"):
         prepare(DataConfig(), llama_tok)
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "word " * 100, "output": "late"}])
-    with pytest.raises(DataError, match="no trainable examples.*1 with no trainable token.*cutoff_len=16"):
+    with pytest.raises(DataError, match=f"no trainable examples in {path}: .*1 with no trainable token.*cutoff_len=16"):
         prepare(DataConfig(datasets=[{"path": str(path)}], cutoff_len=16), llama_tok)
 
 

@@ -17,9 +17,9 @@ _PEEK = 1 << 16  # bytes read to tell an empty file from a whitespace-only one
 def data_problems(cfg: RunConfig) -> list[str]:
     """Every problem with `data` (and `eval.datasets`), each with its dotted path; [] when the data can be read."""
     data = cfg.data
-    problems = [] if data.datasets else [
-        "data.datasets: empty; add at least one dataset (a path, a folder, a glob, or a name registered in "
-        "data.dataset_dir)"]
+    empty = ("data.datasets: empty; add at least one dataset (a path, a folder, a glob, or a name registered in "
+             "data.dataset_dir)")
+    problems = [] if data.datasets else [empty]
     problems += _spec_problems("data.datasets", data.datasets, data.dataset_dir)
     problems += _spec_problems("eval.datasets", cfg.eval.datasets, data.dataset_dir)
     problems += _template_problems(data.template, data.enable_thinking)

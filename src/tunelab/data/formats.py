@@ -7,6 +7,7 @@ record raises RecordError naming the field and what was expected; sources.py add
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ def _string(record: dict, key: str, required: bool = False, empty_ok: bool = Tru
     """A text field. `optional` fields (input, system) may also be NaN: pandas' missing value, as in an all-empty
     column; anywhere else NaN is a reject, never the text "nan"."""
     value = record.get(key)
-    if optional and isinstance(value, float) and value != value:
+    if optional and isinstance(value, float) and math.isnan(value):
         value = None
     if value is None:
         if required:
@@ -104,7 +105,7 @@ def _string(record: dict, key: str, required: bool = False, empty_ok: bool = Tru
 
 def _what(value: Any) -> str:
     """How a non-string value is named in a reject: never trained as "42" or "nan" behind the user's back."""
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and math.isnan(value):
         return "NaN (a missing value, e.g. from pandas; write a string, or leave optional fields out)"
     if isinstance(value, list):
         return "a list (a preference/ranking record? SFT needs one answer)"

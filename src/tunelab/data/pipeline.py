@@ -226,7 +226,8 @@ def prepare_data(cfg: DataConfig, tokenizer, template: ChatTemplate, *, progress
     check_rejects(rejects, report["records_read"], cfg, rejects_file)
     examples = flatten_examples(encoded)
     if not examples:
-        raise DataError(f"no trainable examples: {len(conversations)} conversations after cleaning, "
+        names = ", ".join(d["name"] for d in report["datasets"])
+        raise DataError(f"no trainable examples in {names}: {len(conversations)} conversations after cleaning, "
                         f"{enc.dropped_no_trainable} with no trainable token left within cutoff_len={cfg.cutoff_len}")
     train, validation = split_examples(examples, cfg.val_size, cfg.seed)
     stats = {
