@@ -89,6 +89,14 @@ def test_validate_reports_every_data_problem_before_anything_starts(tmp_path, ca
     assert "data.datasets: empty; add at least one dataset" in capsys.readouterr().err
 
 
+def test_data_prepare_lists_every_data_problem_first(tmp_path, capsys):
+    (tmp_path / "empty.json").write_text("\n")
+    cfg = write(tmp_path, "data:\n  datasets:\n    - path: gone.jsonl\n    - path: empty.json\n")
+    assert main(["data", "prepare", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "data.datasets[0] (gone.jsonl): dataset file not found" in err and "empty.json: the file is empty" in err
+
+
 def test_data_check_is_a_library_call_for_the_web_ui(tmp_path):
     from tunelab.config.load import config_from_dict
     from tunelab.data.check import check_data, data_problems

@@ -26,10 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prepare_from_config(cfg, progress: bool = False, force: bool = False):
     """Tokenizer and template from the run config, then prepare_data: (prepared, tokenizer, template)."""
+    from tunelab.data.check import check_data
     from tunelab.data.pipeline import prepare_data
     from tunelab.data.templates import resolve_template
     from tunelab.models.load import load_tokenizer
 
+    check_data(cfg, include_eval=False)  # every data problem at once, before the tokenizer is loaded
     tokenizer = load_tokenizer(cfg.model)
     template = resolve_template(cfg.data.template, tokenizer, enable_thinking=cfg.data.enable_thinking)
     prepared = prepare_data(cfg.data, tokenizer, template, progress=progress, force=force)

@@ -14,22 +14,23 @@ from tunelab.errors import TunelabError
 _PEEK = 1 << 16  # bytes read to tell an empty file from a whitespace-only one
 
 
-def data_problems(cfg: RunConfig) -> list[str]:
+def data_problems(cfg: RunConfig, include_eval: bool = True) -> list[str]:
     """Every problem with `data` (and `eval.datasets`), each with its dotted path; [] when the data can be read."""
     data = cfg.data
     empty = ("data.datasets: empty; add at least one dataset (a path, a folder, a glob, or a name registered in "
              "data.dataset_dir)")
     problems = [] if data.datasets else [empty]
     problems += _spec_problems("data.datasets", data.datasets, data.dataset_dir)
-    problems += _spec_problems("eval.datasets", cfg.eval.datasets, data.dataset_dir)
+    if include_eval:
+        problems += _spec_problems("eval.datasets", cfg.eval.datasets, data.dataset_dir)
     problems += _template_problems(data.template, data.enable_thinking)
     return problems
 
 
-def check_data(cfg: RunConfig, source: str | None = None) -> None:
+def check_data(cfg: RunConfig, source: str | None = None, include_eval: bool = True) -> None:
     """Raise ConfigError listing every data problem (see data_problems); the message names each setting and
     `source` (the config file, or "from the form")."""
-    problems = data_problems(cfg)
+    problems = data_problems(cfg, include_eval)
     if problems:
         raise ConfigError(problems, source)
 
