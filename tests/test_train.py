@@ -301,3 +301,57 @@ def test_cli_train_prints_where_the_result_is_and_what_next(tiny_llama, tmp_path
     assert f"tunelab chat {run}" in out and f"tunelab eval {run}" in out
     assert main(["train", str(path), "train.report_to=[nosuch]"]) == 2
     assert "unknown tracker 'nosuch'" in capsys.readouterr().err
+
+
+class BreakWeights(TrainerCallback):
+    """Every trainable weight becomes NaN at the end of `step`, before that step's checkpoint is saved: what a
+    too-large update does (train.lr=1e30 on SmolLM2)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+
+
+def checkpoint_loss(base: Path, checkpoint: Path, batch: dict) -> float:
+    """Loss of the adapter saved in `checkpoint` (reloaded from disk onto the base model) on `batch`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), checkpoint)
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch, use_cache=False).loss)
+
+
+def test_nan_guard_names_the_checkpoint_whose_weights_give_a_finite_loss(tiny_llama, tmp_path):
+    """The update of step 3 breaks the weights (as train.lr=1e30 does on SmolLM2) and checkpoint-3 saves them; the
+    loss of step 4 is NaN. The guard must keep and name checkpoint-2, whose reloaded weights still give a finite
+    loss, even with save_total_limit=1, and set checkpoint-3 aside so that --resume does not pick it."""
+    from transformers import AutoTokenizer
+
+    from tunelab.training.rundir import latest_checkpoint
+
+    cfg = make_config(tiny_llama, tmp_path, "train.save_steps=1", "train.save_total_limit=1", "train.max_steps=8")
+    with pytest.raises(TunelabError) as e:
+        train(cfg, callbacks=[BreakWeights(step=3)], echo=False)
+    run = tmp_path / "runs" / "run"
+    status = json.loads((run / "run.json").read_text())
+    assert "loss became nan at step 4" in str(e.value)
+    good = run / "checkpoints" / "checkpoint-2"
+    assert status["last_good_checkpoint"] == str(good) and str(good) in str(e.value)
+    assert status["last_checkpoint"] == "checkpoint-2"
+    assert latest_checkpoint(run / "checkpoints") == good  # --resume continues from the good weights
+    bad = run / "checkpoints" / "nonfinite-checkpoint-3"
+    assert bad.is_dir() and "nonfinite-checkpoint-3" in str(e.value)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tokenizer("Reverse the order of these words: apple river", return_tensors="pt").input_ids
+    batch = {"input_ids": ids, "labels": ids}
+    assert math.isfinite(checkpoint_loss(tiny_llama, good, batch))
+    assert not math.isfinite(checkpoint_loss(tiny_llama, bad, batch))

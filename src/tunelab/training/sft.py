@@ -342,16 +342,20 @@ def _stopped_by_user(trainer, output, run, state, step: int) -> RunResult:
 
 
 def _stopped_on_nan(run, error, state) -> TunelabError:
-    from tunelab.training.rundir import latest_checkpoint
+    from tunelab.training.trainer import last_good_checkpoint, set_aside_nonfinite
 
-    good = latest_checkpoint(run.checkpoints)
-    kept = f"the last good checkpoint is {good}" if good else "no checkpoint had been saved yet"
+    good = last_good_checkpoint(run.checkpoints, error.step)
+    bad = set_aside_nonfinite(run.checkpoints, error.step) if state.is_main_process else []
+    kept = (f"the last good checkpoint (weights that gave a finite loss) is {good}" if good
+            else "no checkpoint with weights that gave a finite loss had been saved yet")
+    if bad:
+        kept += f"; {', '.join(p.name for p in bad)} (saved after the update that broke the weights) set aside"
     message = (f"training stopped: the loss became {error.value} at step {error.step}; {kept}. "
                "Lower train.lr, set train.max_grad_norm, use mixed_precision bf16 instead of fp16, or check the "
                "data for empty or extreme examples.")
     if state.is_main_process:
         run.update(status="failed", error=message, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   last_good_checkpoint=str(good) if good else None)
+                   last_good_checkpoint=str(good) if good else None, last_checkpoint=good.name if good else None)
     return TunelabError(message)
 
 
