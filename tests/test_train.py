@@ -92,6 +92,7 @@ def test_lora_run_writes_the_documented_run_folder(tiny_llama, tmp_path, capsys)
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "completed" and status["method"] == "lora" and status["metrics"]["global_step"] == 6
     assert status["max_steps"] == 6 and status["last_checkpoint"] == "checkpoint-6" and status["final_dir"]
+    assert "model_source" in status and status["model_source"] is None  # a plain folder; the default GGUF says Q4_1
     assert status["metrics"]["tokens_per_s"] > 0 and status["metrics"]["final_loss"] == losses(run)[-1]
     assert status["data_fingerprint"] == json.loads((run / "data.json").read_text())["fingerprint"]
     env = json.loads((run / "env.json").read_text())

@@ -69,6 +69,7 @@ def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool =
         run.write_start(cfg, env=_env(device, state, precision, speed), data_stats=dict(data.stats),
                         fingerprint=data.fingerprint, template=template)
         run.update(status="running", run_name=run.path.name, model=cfg.model.name, model_path=str(model_path),
+                   model_source=_provenance(model_path),
                    method=cfg.method.name, template=template.name, data_fingerprint=data.fingerprint,
                    started_at=time.strftime("%Y-%m-%dT%H:%M:%S"), world_size=state.num_processes)
     return fit(trainer, run, tokenizer, checkpoint, state, cfg)
@@ -257,6 +258,12 @@ def build_trainer(cfg, run, model, tokenizer, data, device: str, precision: Prec
     for callback in extra + list(callbacks or []):
         trainer.add_callback(callback)
     return trainer
+
+
+def _provenance(model_path: Path) -> dict | None:
+    from tunelab.models.resolve import model_provenance
+
+    return model_provenance(model_path)
 
 
 def _is_main() -> bool:
