@@ -35,7 +35,7 @@ class _Data:
 def test_demo_sizes_itself_for_a_slow_fp32_cpu(monkeypatch, capsys):
     """On a CPU without fast bf16 (fp32 matmul ~32 GFLOP/s, the issue's AMD EPYC with AVX2) the 60-step schedule
     would take ~34 min (the issue measured 35-43): the demo switches to the small profile that fits the training budget, and says so."""
-    import tunelab.demo as demo
+    from tunelab import demo
     from tunelab.config import load_config
 
     cfg = load_config(REPO / "examples" / "demo" / "config.yaml", ["train.mixed_precision=no"])
@@ -53,7 +53,7 @@ def test_demo_sizes_itself_for_a_slow_fp32_cpu(monkeypatch, capsys):
 
 
 def test_demo_keeps_the_full_schedule_on_a_fast_cpu(monkeypatch):
-    import tunelab.demo as demo
+    from tunelab import demo
     from tunelab.config import load_config
 
     cfg = load_config(REPO / "examples" / "demo" / "config.yaml", ["train.mixed_precision=no"])

@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-
 from test_runs import make_run
 
 from tunelab.evaluation.metrics import aggregate, score_predictions

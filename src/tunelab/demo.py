@@ -43,11 +43,11 @@ class DemoPlan:
         return self.steps * self.tokens_per_step / max(self.tokens_per_s, 1e-9)
 
     def describe(self) -> str:
-        minutes, seconds = divmod(int(round(self.estimate_s)), 60)
-        lines = [f"hardware: {self.precision} matmul {self.gflops:.0f} GFLOP/s measured "
-                 f"-> ~{self.tokens_per_s:.0f} training tokens/s expected",
-                 f"estimated training time: {minutes} min {seconds:02d} s "
-                 f"({self.steps} steps x ~{self.tokens_per_step:.0f} tokens)"]
+        minutes, seconds = divmod(round(self.estimate_s), 60)
+        lines = [(f"hardware: {self.precision} matmul {self.gflops:.0f} GFLOP/s measured "
+                 f"-> ~{self.tokens_per_s:.0f} training tokens/s expected"),
+                 (f"estimated training time: {minutes} min {seconds:02d} s "
+                 f"({self.steps} steps x ~{self.tokens_per_step:.0f} tokens)")]
         if self.note:
             lines.append(self.note)
         return "\n".join(lines)

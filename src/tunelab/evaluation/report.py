@@ -220,8 +220,8 @@ def comparison_markdown(comparison: ComparisonResult, diffs: list[dict]) -> str:
             cells += _change_cells(comparison, row)
         lines.append(f"| {row['metric']} | {' | '.join(cells)} |")
     lines += ["", f"Change = model minus base ({comparison.base_model}); lower is better for loss and perplexity.",
-              "", f"## Per-example differences ({diffs[0]['score'] if diffs else 'none'}, "
-              f"{models[comparison.tuned]} minus base)", ""]
+              "", (f"## Per-example differences ({diffs[0]['score'] if diffs else 'none'}, "
+              f"{models[comparison.tuned]} minus base)"), ""]
     for d in diffs:
         lines += [f"**#{d['index']}** `{d['source']}` change {_delta_text(d['score'] or '', d['delta'])}", "",
                   "Prompt:", _fence(d["question"]), "Reference:", _fence(d["reference"])]
@@ -241,8 +241,8 @@ def comparison_html(comparison: ComparisonResult, diffs: list[dict]) -> str:
         changes = "".join(f'<td class="num">{_esc(c)}</td>' for c in _change_cells(comparison, row)) \
             if len(models) > 1 else ""
         body.append(f"<tr><td>{_esc(row['metric'])}</td>{cells}{changes}</tr>")
-    body += ["</table>", f"<p>Change = model minus base ({_esc(comparison.base_model)}); lower is better for loss "
-             "and perplexity.</p>", "<h2>Per-example differences</h2>"]
+    body += ["</table>", (f"<p>Change = model minus base ({_esc(comparison.base_model)}); lower is better for loss "
+             "and perplexity.</p>"), "<h2>Per-example differences</h2>"]
     for d in diffs:
         preds = "".join(f"<b>{_esc(m)}</b> ({format_value(d['score'] or '', s)})<pre>{_esc(p)}</pre>"
                         for m, p, s in zip(models, d["predictions"], d["scores"]))
