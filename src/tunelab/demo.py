@@ -242,6 +242,9 @@ def _print_summary(result: DemoResult) -> None:
     print("\n\033[1m== summary\033[0m")
     for stage, seconds in result.timings.items():
         print(f"  {stage:<14} {seconds:7.1f} s")
+    if result.plan is not None and "train" in result.timings:
+        print(f"  training took {result.timings['train']:.0f} s, estimated {result.plan.estimate_s:.0f} s "
+              f"({result.plan.steps} steps, {result.plan.precision})")
     verdict = "yes" if result.learned_identity else "NO"
     print(f"  learned identity ({result.name} / {result.author}): {verdict}")
     print(f"  run: {result.run_dir}\n  export: {result.export_dir}")
