@@ -356,3 +356,44 @@ def test_nan_guard_names_the_checkpoint_whose_weights_give_a_finite_loss(tiny_ll
     batch = {"input_ids": ids, "labels": ids}
     assert math.isfinite(checkpoint_loss(tiny_llama, good, batch))
     assert not math.isfinite(checkpoint_loss(tiny_llama, bad, batch))
+
+
+CHILD = """
+import json, signal, sys, time
+from pathlib import Path
+run = Path(sys.argv[1])
+def stop(signum, frame):
+    (run / "run.json").write_text(json.dumps({"status": "stopped"}))
+    sys.exit(1)  # torchrun reports its workers' failure as a non-zero code
+signal.signal(signal.SIGTERM, stop)
+(run / "ready").write_text("1")
+time.sleep(60)
+"""
+DRIVER = """
+import os, sys
+from pathlib import Path
+from tunelab.cli.train import run_workers
+sys.exit(run_workers([sys.executable, sys.argv[1], sys.argv[2]], dict(os.environ), Path(sys.argv[2])))
+"""
+
+
+def test_nproc_launcher_passes_sigterm_on_and_exits_130(tmp_path):
+    """`tunelab train --nproc N` waits on torchrun: a SIGTERM to tunelab reaches the workers (which save and stop)
+    and tunelab exits 130, not 143 with the workers left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "child.py").write_text(CHILD)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "child.py"), str(tmp_path)],
+                            env={**os.environ})
+    deadline = time.time() + 60
+    while not (tmp_path / "ready").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "stopped"
