@@ -18,6 +18,7 @@ def test_demo_pipeline_on_tiny_model(tiny_llama, tmp_path, capsys):
     ])
     out = capsys.readouterr().out
     assert "1/6 data" in out and "6/6 export" in out and "summary" in out
+    assert out.index("estimated training time") < out.index("3/6 train")  # the estimate comes before training
     assert (result.run_dir / "final").is_dir() and (result.run_dir / "eval-compare" / "comparison.json").is_file()
     assert (result.export_dir / "config.json").is_file()
     assert len(result.base_answers) == len(result.tuned_answers) == 3
