@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest -q -x --timeout=900
 
 test-fast: setup
-	$(PY) -m pytest -q -x -m "not slow"
+	$(PY) -m pytest -q -x -m "not slow" --durations=10
 
 bench: setup
 	$(PY) bench/data_prepare.py

@@ -40,3 +40,33 @@ def tiny_llama(tiny_models) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     """Processed-data caches go to a per-test folder; converted models stay in the shared cache (slow to make)."""
     monkeypatch.setenv("TUNELAB_DATA_CACHE", str(tmp_path / "data-cache"))
+
+
+# `make test-fast` (-m "not slow") skips these; `make test` (what CI runs) keeps them. Marked here by module and
+# test name, so the test files themselves need no marks.
+SLOW_MODULES = {
+    "test_webui.py": "real browser (chromium) driving the web UI",
+    "test_demo.py": "the whole demo pipeline, export included",
+    "test_train_resume.py": "kill -9 / signals / resume and 2-process torchrun runs, in subprocesses",
+    "test_bench.py": "runs the training benchmark script",
+}
+SLOW_TESTS = {
+    "test_embedded_smollm2_template": "loads the real embedded SmolLM2",
+}
+SLOW_NAME_PARTS = ("smollm2_real", "two_cpu_processes", "multi_process", "torchrun")
+
+
+def slow_reason(module: str, name: str) -> str | None:
+    """Why a test is slow (and skipped by `make test-fast`), or None."""
+    base = name.split("[", 1)[0]
+    if module in SLOW_MODULES:
+        return SLOW_MODULES[module]
+    if base in SLOW_TESTS:
+        return SLOW_TESTS[base]
+    return next((f"name contains {part!r}" for part in SLOW_NAME_PARTS if part in base), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if slow_reason(item.path.name, item.name):
+            item.add_marker(pytest.mark.slow)

@@ -119,7 +119,9 @@ def test_compare_base_and_adapter(tiny_models, tmp_path):
     assert a.metrics["loss"] != b.metrics["loss"]
     assert [p.reference for p in a.predictions] == [p.reference for p in b.predictions]
     table = str(comparison)
-    assert table.splitlines()[0].split() == ["metric", "llama", "tuned", "change"] and "perplexity" in table
+    assert comparison.base == 0 and comparison.base_model == "llama"  # the adapter records llama as its base
+    assert table.splitlines()[0].startswith("metric") and "llama (base)" in table and "perplexity" in table
+    assert "change (tuned - base)" in table
     assert len(comparison.differences()) == 3
     for name in ("comparison.json", "comparison.md", "comparison.html", "1-llama/report.html", "2-tuned/metrics.json"):
         assert (tmp_path / "cmp" / name).is_file(), name
@@ -242,3 +244,21 @@ def test_lm_eval_bridge_with_local_task(engine, tmp_path):
     assert 0.0 <= results["tiny_qa"]["acc,none"] <= 1.0
     with pytest.raises(TunelabError, match="unknown lm-eval task.*tiny_qaa"):
         run_lm_eval(engine, ["tiny_qaa"], include=tmp_path / "tasks")
+
+
+def test_cli_compare_in_readme_order_reports_tuned_minus_base(tiny_models, tmp_path, capsys):
+    """`tunelab eval TUNED --compare BASE`: the base is found (the adapter records it) and labelled, and every
+    change is tuned minus base, with the per-example better/worse counts."""
+    base = tiny_models["llama"]
+    adapter = make_adapter(base, tmp_path / "tuned")
+    data = write_jsonl(tmp_path / "eval.jsonl", RECORDS[:3])
+    assert main(["eval", str(adapter), "--compare", str(base), "--data", str(data), "--max-new-tokens", "4",
+                 "--metrics", "loss,exact_match", "--output", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text(encoding="utf-8"))
+    loss = next(r for r in saved["metrics"] if r["metric"] == "loss")
+    tuned_loss, base_loss = loss["values"]
+    assert saved["models"] == ["tuned", "llama"] and loss["base"] == "llama"
+    assert loss["delta"] == pytest.approx(tuned_loss - base_loss)
+    assert "llama (base)" in out and "change (tuned - base)" in out and "vs the base llama" in out
+    assert sum(loss["counts"].values()) == 3

@@ -144,3 +144,75 @@ def test_bleu_agrees_with_sacrebleu_exp_smoothing():
                            ("今天天气不错，我们一起去公园散步。", "今天天气很好，我们去公园散步吧。", "zh")]:
         theirs = sacrebleu.sentence_bleu(pred, [ref], tokenize=tok, smooth_method="exp").score
         assert M.bleu4(pred, ref) == pytest.approx(theirs)
+
+
+# ------------------------------------------------------------------- BLEU against sacrebleu (independent reference)
+# (prediction, reference): English with numbers and punctuation at the ends, Chinese with full-width punctuation,
+# mixed text, and empty strings
+SACREBLEU_PAIRS = [
+    ("The answer is 42.", "The answer is 42."),
+    ("I think the answer is 42.", "The answer is 42."),
+    ("It costs $3.50, not 4.", "It costs 3.50 dollars, not 4!"),
+    ("Version 2.0 (beta) ships in 2024-05.", "Version 2.0 ships in May 2024."),
+    ("\"Hello,\" she said: 'world'.", "\"Hello\", she said, 'world'!"),
+    ("The capital of France is Paris.", "Paris is the capital of France."),
+    ("今天天气不错，我们一起去公园散步。", "今天天气很好，我们去公园散步吧。"),
+    ("答案是42。", "答案是 42。"),
+    ("我用GPT-4写了3.5页（草稿）！", "我用 GPT-4 写了 3.5 页草稿。"),
+    ("北京，上海；广州？", "北京、上海；广州。"),
+    ("The answer is 42.", "答案是42。"),
+    ("", "The answer is 42."),
+    ("The answer is 42.", ""),
+    ("", ""),
+]
+
+
+def _sacrebleu_tokenize(reference: str) -> str:
+    return "zh" if M.has_chinese(reference) else "13a"
+
+
+def test_bleu_tokens_are_sacrebleu_13a_for_english():
+    assert M.bleu_tokens("The answer is 42.") == ["The", "answer", "is", "42", "."]  # zh would keep "42." whole
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+    from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
+
+    for pred, ref in SACREBLEU_PAIRS:
+        for text in (pred, ref):
+            expected = (TokenizerZh() if M.has_chinese(text) else Tokenizer13a())(text).split()
+            assert M.bleu_tokens(text) == expected, text
+
+
+@pytest.mark.parametrize("pred,ref", SACREBLEU_PAIRS)
+def test_bleu_equals_sacrebleu_sentence_bleu(pred, ref):
+    import sacrebleu
+
+    chinese = M.has_chinese(ref)
+    hyp_tokens, ref_tokens = M.bleu_tokens(pred, chinese), M.bleu_tokens(ref, chinese)
+    unigram_match = bool(set(hyp_tokens) & set(ref_tokens))
+    expected = sacrebleu.sentence_bleu(pred, [ref], tokenize=_sacrebleu_tokenize(ref), smooth_method="exp").score
+    if len(hyp_tokens) >= 4 and unigram_match:  # where nltk's method 3 and sacrebleu's exp smoothing coincide
+        assert M.bleu4(pred, ref) == pytest.approx(expected, abs=1e-9)
+    elif not unigram_match:  # no shared token: 0 for us (nltk); sacrebleu smooths it to a small number
+        assert M.bleu4(pred, ref) == 0.0 and expected < 5
+
+
+def test_bleu_tokens_reproduce_sacrebleu_corpus_bleu():
+    """Corpus BLEU over our tokens (tokenize="none") equals sacrebleu's corpus BLEU with its own tokenizer."""
+    import sacrebleu
+
+    for chinese in (False, True):
+        pairs = [(p, r) for p, r in SACREBLEU_PAIRS if M.has_chinese(r) == chinese]
+        preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+        ours = sacrebleu.corpus_bleu([" ".join(M.bleu_tokens(p, chinese)) for p in preds],
+                                     [[" ".join(M.bleu_tokens(r, chinese)) for r in refs]], tokenize="none")
+        theirs = sacrebleu.corpus_bleu(preds, [refs], tokenize="zh" if chinese else "13a")
+        assert ours.score == pytest.approx(theirs.score, abs=1e-9)
+        assert (ours.sys_len, ours.ref_len, ours.counts) == (theirs.sys_len, theirs.ref_len, theirs.counts)
+
+
+def test_bleu_reply_ending_with_number_scores_as_sacrebleu():
+    # the issue's case: a reply ending with a number scored 21.20 (zh tokens) where sacrebleu gives 29.50-like
+    import sacrebleu
+
+    pred, ref = "So the final answer is 42.", "The final answer is 42."
+    assert M.bleu4(pred, ref) == pytest.approx(sacrebleu.sentence_bleu(pred, [ref]).score)

@@ -98,3 +98,22 @@ def test_runs_cli_list_and_compare(tmp_path, capsys):
     assert main(["runs", "--json", str(tmp_path)]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in listed] == ["a", "b"] and listed[1]["config"]["train"]["lr"] == 1e-3
+
+
+def test_model_provenance_names_the_gguf_quantization(tmp_path):
+    """The default model is a dequantized Q4_1 GGUF: run.json and `tunelab env` must say so."""
+    from tunelab.cli.env import environment
+    from tunelab.models.resolve import gguf_quantization, model_provenance
+
+    assert gguf_quantization(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "Q4_1"
+    assert gguf_quantization(Path("model-q8_0.gguf")) == "Q8_0"
+    assert gguf_quantization(Path("x.Q4_K_M.gguf")) == "Q4_K_M"
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    assert model_provenance(converted) is None  # an ordinary folder: nothing to say
+    (converted / "tunelab_source.json").write_text(json.dumps({"gguf": "/pkgs/SmolLM2-135M-Instruct.Q4_1.gguf"}))
+    source = model_provenance(converted)
+    assert source["quantization"] == "Q4_1" and source["dequantized_to"] == "float32"
+    assert "not the full-precision" in source["note"]
+    note = environment()["default_model"]
+    assert "Q4_1" in note or "not installed" in note

@@ -92,6 +92,7 @@ def test_lora_run_writes_the_documented_run_folder(tiny_llama, tmp_path, capsys)
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "completed" and status["method"] == "lora" and status["metrics"]["global_step"] == 6
     assert status["max_steps"] == 6 and status["last_checkpoint"] == "checkpoint-6" and status["final_dir"]
+    assert "model_source" in status and status["model_source"] is None  # a plain folder; the default GGUF says Q4_1
     assert status["metrics"]["tokens_per_s"] > 0 and status["metrics"]["final_loss"] == losses(run)[-1]
     assert status["data_fingerprint"] == json.loads((run / "data.json").read_text())["fingerprint"]
     env = json.loads((run / "env.json").read_text())
@@ -301,3 +302,98 @@ def test_cli_train_prints_where_the_result_is_and_what_next(tiny_llama, tmp_path
     assert f"tunelab chat {run}" in out and f"tunelab eval {run}" in out
     assert main(["train", str(path), "train.report_to=[nosuch]"]) == 2
     assert "unknown tracker 'nosuch'" in capsys.readouterr().err
+
+
+class BreakWeights(TrainerCallback):
+    """Every trainable weight becomes NaN at the end of `step`, before that step's checkpoint is saved: what a
+    too-large update does (train.lr=1e30 on SmolLM2)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+
+
+def checkpoint_loss(base: Path, checkpoint: Path, batch: dict) -> float:
+    """Loss of the adapter saved in `checkpoint` (reloaded from disk onto the base model) on `batch`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), checkpoint)
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch, use_cache=False).loss)
+
+
+def test_nan_guard_names_the_checkpoint_whose_weights_give_a_finite_loss(tiny_llama, tmp_path):
+    """The update of step 3 breaks the weights (as train.lr=1e30 does on SmolLM2) and checkpoint-3 saves them; the
+    loss of step 4 is NaN. The guard must keep and name checkpoint-2, whose reloaded weights still give a finite
+    loss, even with save_total_limit=1, and set checkpoint-3 aside so that --resume does not pick it."""
+    from transformers import AutoTokenizer
+
+    from tunelab.training.rundir import latest_checkpoint
+
+    cfg = make_config(tiny_llama, tmp_path, "train.save_steps=1", "train.save_total_limit=1", "train.max_steps=8")
+    with pytest.raises(TunelabError) as e:
+        train(cfg, callbacks=[BreakWeights(step=3)], echo=False)
+    run = tmp_path / "runs" / "run"
+    status = json.loads((run / "run.json").read_text())
+    assert "loss became nan at step 4" in str(e.value)
+    good = run / "checkpoints" / "checkpoint-2"
+    assert status["last_good_checkpoint"] == str(good) and str(good) in str(e.value)
+    assert status["last_checkpoint"] == "checkpoint-2"
+    assert latest_checkpoint(run / "checkpoints") == good  # --resume continues from the good weights
+    bad = run / "checkpoints" / "nonfinite-checkpoint-3"
+    assert bad.is_dir() and "nonfinite-checkpoint-3" in str(e.value)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tokenizer("Reverse the order of these words: apple river", return_tensors="pt").input_ids
+    batch = {"input_ids": ids, "labels": ids}
+    assert math.isfinite(checkpoint_loss(tiny_llama, good, batch))
+    assert not math.isfinite(checkpoint_loss(tiny_llama, bad, batch))
+
+
+CHILD = """
+import json, signal, sys, time
+from pathlib import Path
+run = Path(sys.argv[1])
+def stop(signum, frame):
+    (run / "run.json").write_text(json.dumps({"status": "stopped"}))
+    sys.exit(1)  # torchrun reports its workers' failure as a non-zero code
+signal.signal(signal.SIGTERM, stop)
+(run / "ready").write_text("1")
+time.sleep(60)
+"""
+DRIVER = """
+import os, sys
+from pathlib import Path
+from tunelab.cli.train import run_workers
+sys.exit(run_workers([sys.executable, sys.argv[1], sys.argv[2]], dict(os.environ), Path(sys.argv[2])))
+"""
+
+
+def test_nproc_launcher_passes_sigterm_on_and_exits_130(tmp_path):
+    """`tunelab train --nproc N` waits on torchrun: a SIGTERM to tunelab reaches the workers (which save and stop)
+    and tunelab exits 130, not 143 with the workers left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "child.py").write_text(CHILD)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "child.py"), str(tmp_path)],
+                            env={**os.environ})
+    deadline = time.time() + 60
+    while not (tmp_path / "ready").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "stopped"

@@ -154,3 +154,24 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tin
     resumed = train(load_config(config_file, [f"train.max_steps={step + 2}"]), resume=True, echo=False)
     assert resumed.status == "completed" and resumed.metrics["global_step"] == step + 2
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+def test_sigterm_while_the_model_loads_exits_130_as_documented(tiny_llama, tmp_path):
+    """SIGTERM before the training loop starts (data prepared, model loading) exits 130 like Ctrl-C, not 143."""
+    import signal
+
+    cfg = make_config(tiny_llama, tmp_path, "train.max_steps=100000", "train.mixed_precision=no")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_config(cfg), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli.main", "train", str(config_file)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # the memory estimate is printed after data preparation, before the model loads
+        seen.append(line)
+        if line.startswith("memory estimate"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out

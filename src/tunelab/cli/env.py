@@ -22,8 +22,11 @@ def environment() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
+    from tunelab.models.resolve import default_model_note
+
     info = {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "cpu_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+            "cpu_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "default_model": default_model_note()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

@@ -93,11 +93,11 @@ def _run_compare(args: argparse.Namespace, models: list[str], data, cfg) -> int:
     comparison = compare_models(models, data, cfg, template=args.template, device=args.device, dtype=args.dtype,
                                 output_dir=out)
     print(comparison.table())
-    diffs = [d for d in comparison.differences() if d["delta"]]
-    better = sum(1 for d in diffs if d["delta"] > 0)
-    if diffs:
-        print(f"\nPer example ({diffs[0]['score']}): {better} better, {len(diffs) - better} worse, "
-              f"{len(comparison.results[0].predictions) - len(diffs)} unchanged (last model vs first)")
+    key = comparison.differences()[0]["score"] if comparison.results[0].predictions else None
+    counts = comparison.example_counts(key) if key else None
+    if counts:
+        print(f"\nPer example ({key}): {counts['better']} better, {counts['worse']} worse, {counts['same']} unchanged "
+              f"({comparison.models[comparison.tuned]} vs the base {comparison.base_model})")
     print(f"\nReports: {out} (comparison.html, comparison.md, comparison.json, one folder per model)")
     return 0
 

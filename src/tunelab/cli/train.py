@@ -39,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
         raise TunelabError("--nproc must be at least 1")
     if args.nproc > 1:
         return launch(args, cfg)
+    from tunelab.training.callbacks import StopBeforeTraining
     from tunelab.training.sft import train
 
-    result = train(cfg, resume=args.resume)
+    with StopBeforeTraining():  # SIGTERM outside the training loop exits 130 too, like Ctrl-C
+        result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print_next_steps(result, cfg)
     return 130 if result.status == "stopped" else 0  # 130: the shell's code for "stopped by Ctrl-C"
@@ -77,4 +79,34 @@ def launch(args: argparse.Namespace, cfg) -> int:
     # torchrun pins every process to 1 thread unless told otherwise; share the cores between the processes
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // args.nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return subprocess.call(command, env=env)
+    return run_workers(command, env, Path(cfg.train.output_dir).expanduser() / name)
+
+
+def run_workers(command: list[str], env: dict, run_dir: Path) -> int:
+    """Run torchrun and wait for it. Ctrl-C reaches every process of the terminal's group by itself; a SIGTERM
+    sent to this process only is passed on to torchrun, which passes it to the workers (each finishes its step and
+    saves). Exit code as for one process: 130 when the run stopped with a checkpoint."""
+    import json
+    import signal
+
+    proc = subprocess.Popen(command, env=env)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if signum == signal.SIGTERM and proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        status = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError):
+        status = None
+    if status == "stopped" or (received and code != 0):
+        return 130  # stopped by Ctrl-C or SIGTERM (with a checkpoint when status is "stopped")
+    return code

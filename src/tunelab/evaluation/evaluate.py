@@ -202,8 +202,10 @@ def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, *, adapter:
 
 def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | None = None, *,
                    template: str | None = None, device: str = "auto", dtype: str = "auto",
-                   output_dir: str | Path | None = None) -> ComparisonResult:
-    """Evaluate every model on the same examples and line the results up (first model = the baseline).
+                   output_dir: str | Path | None = None, base: int | None = None) -> ComparisonResult:
+    """Evaluate every model on the same examples and line the results up against the base model (`base`: its
+    index; by default `reference_index(models)`: the base model of a run or adapter among them, else the only
+    model that is neither, else the first). Changes are always other minus base, whatever the order.
 
     Without `data` and eval.datasets, the examples are the validation split of the first run among `models`
     (so `compare_models([base, run])` scores the base on the run's held-out data). Models are loaded one at a
@@ -231,7 +233,10 @@ def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | No
     ordered = [results[i] for i in range(len(models))]
     for k, result in enumerate(ordered):
         result.model = _unique_name(result.model, [r.model for r in ordered[:k]])
-    comparison = ComparisonResult(ordered)
+    base = reference_index(models) if base is None else base
+    if not 0 <= base < len(models):
+        raise TunelabError(f"compare: base index {base} is not one of the {len(models)} models")
+    comparison = ComparisonResult(ordered, base=base)
     if output_dir is not None:
         from tunelab.evaluation.report import write_comparison, write_reports
 
@@ -239,6 +244,49 @@ def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | No
             write_reports(result, Path(output_dir) / f"{k + 1}-{slug(result.model)}")
         write_comparison(comparison, output_dir)
     return comparison
+
+
+def reference_index(models: Sequence[Any]) -> int:
+    """Which of `models` is the reference the others are measured against: a model that another one (a run or an
+    adapter folder) was trained from; else the only model that is not a run or adapter; else the first."""
+    from tunelab.evaluation.runs import is_run_dir
+
+    names = [str(m) if isinstance(m, (str, Path)) else None for m in models]
+    tuned_from = [_trained_from(Path(n)) if n else set() for n in names]
+    for j, name in enumerate(names):
+        if name and any(i != j and _same_model(name, bases) for i, bases in enumerate(tuned_from)):
+            return j
+    plain = [j for j, name in enumerate(names)
+             if name and not is_run_dir(Path(name)) and not (Path(name) / "adapter_config.json").is_file()]
+    return plain[0] if len(plain) == 1 and len(models) > 1 else 0
+
+
+def _trained_from(path: Path) -> set[str]:
+    """The base model names/paths a run folder or adapter folder records."""
+    import json
+
+    found: set[str] = set()
+    for file, keys in ((path / "run.json", ("model", "model_path")),
+                       (path / "adapter_config.json", ("base_model_name_or_path",)),
+                       (path / "final" / "adapter_config.json", ("base_model_name_or_path",))):
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        found.update(str(data[k]) for k in keys if data.get(k))
+    return found
+
+
+def _same_model(name: str, candidates: set[str]) -> bool:
+    for other in candidates:
+        if name == other or name.rstrip("/") == other.rstrip("/"):
+            return True
+        try:
+            if Path(name).exists() and Path(other).exists() and Path(name).resolve() == Path(other).resolve():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _examples_source(models: Sequence[Any]) -> int:

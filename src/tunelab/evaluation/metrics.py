@@ -34,22 +34,34 @@ def _install_hint(package: str) -> TunelabError:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers
-@lru_cache(maxsize=1)
-def _bleu_tokenizer():
+@lru_cache(maxsize=2)
+def _bleu_tokenizer(chinese: bool):
     try:
+        from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
         from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
     except ImportError as e:
         raise _install_hint("sacrebleu") from e
-    return TokenizerZh()
+    return TokenizerZh() if chinese else Tokenizer13a()
 
 
-def bleu_tokens(text: str) -> list[str]:
-    """BLEU tokens: sacrebleu's `zh` tokenizer, i.e. every Chinese character (and full-width punctuation) is a
-    token and the rest goes through mteval-v13a (words and punctuation split, case kept).
+def has_chinese(text: str) -> bool:
+    """True when `text` holds a character sacrebleu's `zh` tokenizer splits off (Han, CJK/full-width punctuation)."""
+    from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
 
-    On pure English this equals sacrebleu's default 13a tokenization; on Chinese it is character-level BLEU.
+    return any(TokenizerZh._is_chinese_char(ch) for ch in text)
+
+
+def bleu_tokens(text: str, chinese: bool | None = None) -> list[str]:
+    """BLEU tokens, exactly sacrebleu's: `13a` (mteval-v13a: words and punctuation split, case kept) for English
+    and other text without Chinese characters, `zh` (every Chinese character and full-width punctuation mark is a
+    token, the rest goes through the same regexes) when `chinese` is true. `chinese=None` decides from `text`.
+
+    The two differ on more than Chinese characters: `zh` does not pad the line with spaces as 13a does, so
+    a final `42.` stays one token there. English text must therefore never go through `zh`.
     """
-    return _bleu_tokenizer()(text).split()
+    if chinese is None:
+        chinese = has_chinese(text)
+    return _bleu_tokenizer(bool(chinese))(text).split()
 
 
 @lru_cache(maxsize=1)
@@ -90,12 +102,14 @@ def normalize_answer(text: str) -> str:
 def bleu4(prediction: str, reference: str) -> float:
     """Sentence BLEU-4 (uniform weights, brevity penalty) with Chen & Cherry smoothing method 3, 0-100.
 
-    Method 3 (NIST geometric smoothing) replaces the k-th zero n-gram precision by 1 / (2^k * hyp_ngrams), as
+    Both texts are tokenized as sacrebleu would with `tokenize="zh"` when the reference holds Chinese characters,
+    else with its default `13a`. Method 3 (NIST geometric smoothing) replaces the k-th zero n-gram precision by 1 / (2^k * hyp_ngrams), as
     nltk's `SmoothingFunction().method3` and LLaMA-Factory do. No unigram match at all gives 0.
     """
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-    hyp, ref = bleu_tokens(prediction), bleu_tokens(reference)
+    chinese = has_chinese(reference)  # the reference's language picks the tokenizer, as sacrebleu's user does
+    hyp, ref = bleu_tokens(prediction, chinese), bleu_tokens(reference, chinese)
     if not hyp or not ref:
         return 0.0
     return 100.0 * sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method3)

@@ -198,17 +198,30 @@ def notable_differences(diffs: list[dict], n: int) -> list[dict]:
 
 
 def _delta_text(metric: str, delta: float | None) -> str:
-    return "-" if delta is None else ("+" if delta >= 0 else "") + format_value(metric, delta)
+    from tunelab.evaluation.results import format_change
+
+    return format_change(metric, delta)
+
+
+def _change_cells(comparison: ComparisonResult, row: dict) -> list[str]:
+    cells = [_delta_text(row["metric"], row["changes"][comparison.models[i]]) for i in comparison.others]
+    counts = row["counts"]
+    return cells + [f"{counts['better']}/{counts['worse']}" if counts else "-"]
 
 
 def comparison_markdown(comparison: ComparisonResult, diffs: list[dict]) -> str:
     models = comparison.models
-    lines = [f"# Comparison: {' vs '.join(models)}", "", f"| metric | {' | '.join(map(_md_cell, models))} | change |",
-             "|---|" + "---:|" * (len(models) + 1)]
+    head = comparison.headers()
+    lines = [f"# Comparison: {' vs '.join(models)} (base: {comparison.base_model})", "",
+             "| " + " | ".join(map(_md_cell, head)) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for row in comparison.rows():
         cells = [format_value(row["metric"], v) for v in row["values"]]
-        lines.append(f"| {row['metric']} | {' | '.join(cells)} | {_delta_text(row['metric'], row['delta'])} |")
-    lines += ["", f"## Per-example differences ({diffs[0]['score'] if diffs else 'none'}, first model -> last)", ""]
+        if len(models) > 1:
+            cells += _change_cells(comparison, row)
+        lines.append(f"| {row['metric']} | {' | '.join(cells)} |")
+    lines += ["", f"Change = model minus base ({comparison.base_model}); lower is better for loss and perplexity.",
+              "", (f"## Per-example differences ({diffs[0]['score'] if diffs else 'none'}, "
+              f"{models[comparison.tuned]} minus base)"), ""]
     for d in diffs:
         lines += [f"**#{d['index']}** `{d['source']}` change {_delta_text(d['score'] or '', d['delta'])}", "",
                   "Prompt:", _fence(d["question"]), "Reference:", _fence(d["reference"])]
@@ -220,14 +233,16 @@ def comparison_markdown(comparison: ComparisonResult, diffs: list[dict]) -> str:
 
 def comparison_html(comparison: ComparisonResult, diffs: list[dict]) -> str:
     models = comparison.models
-    body = [f"<h1>Comparison: {_esc(' vs '.join(models))}</h1>", "<table><tr><th>metric</th>"
-            + "".join(f"<th>{_esc(m)}</th>" for m in models) + "<th>change</th></tr>"]
+    body = [f"<h1>Comparison: {_esc(' vs '.join(models))}</h1>", "<table><tr>"
+            + "".join(f"<th>{_esc(h)}</th>" for h in comparison.headers()) + "</tr>"]
     for row in comparison.rows():
         cells = "".join(f'<td class="num{" best" if row["best"] == m else ""}">{format_value(row["metric"], v)}</td>'
                         for m, v in zip(models, row["values"]))
-        body.append(f"<tr><td>{_esc(row['metric'])}</td>{cells}"
-                    f'<td class="num">{_delta_text(row["metric"], row["delta"])}</td></tr>')
-    body += ["</table>", "<h2>Per-example differences</h2>"]
+        changes = "".join(f'<td class="num">{_esc(c)}</td>' for c in _change_cells(comparison, row)) \
+            if len(models) > 1 else ""
+        body.append(f"<tr><td>{_esc(row['metric'])}</td>{cells}{changes}</tr>")
+    body += ["</table>", (f"<p>Change = model minus base ({_esc(comparison.base_model)}); lower is better for loss "
+             "and perplexity.</p>"), "<h2>Per-example differences</h2>"]
     for d in diffs:
         preds = "".join(f"<b>{_esc(m)}</b> ({format_value(d['score'] or '', s)})<pre>{_esc(p)}</pre>"
                         for m, p, s in zip(models, d["predictions"], d["scores"]))

@@ -100,61 +100,127 @@ class EvalResult:
 
 @dataclass
 class ComparisonResult:
-    """Several models on the same examples: metrics side by side and per-example differences."""
+    """Several models on the same examples, against one reference model (`base`, the index of the base model):
+    every change is OTHER minus BASE, whatever order the models were given in, and "better" follows each metric's
+    direction (lower loss and perplexity are better)."""
 
     results: list[EvalResult]
     output_dir: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    base: int = 0
 
     @property
     def models(self) -> list[str]:
         return [r.model for r in self.results]
 
+    @property
+    def base_model(self) -> str:
+        return self.results[self.base].model
+
+    @property
+    def others(self) -> list[int]:
+        """Indices of the models compared with the base, in the given order."""
+        return [i for i in range(len(self.results)) if i != self.base]
+
+    @property
+    def tuned(self) -> int:
+        """The model whose changes the single "change" column shows: the last one that is not the base."""
+        return self.others[-1] if self.others else self.base
+
     def metric_names(self) -> list[str]:
         return ordered_metrics(name for r in self.results for name in r.metrics)
 
+    def example_counts(self, name: str, other: int | None = None) -> dict[str, int] | None:
+        """How many examples `other` (default: `tuned`) scores better / worse / the same as the base on `name`;
+        None when the metric has no per-example score (perplexity, eval_tokens)."""
+        other = self.tuned if other is None else other
+        if name in INFO_METRICS or other == self.base:
+            return None
+        pairs = [(b.scores.get(name), o.scores.get(name))
+                 for b, o in zip(self.results[self.base].predictions, self.results[other].predictions)]
+        pairs = [(b, o) for b, o in pairs if b is not None and o is not None]
+        if not pairs:
+            return None
+        sign = -1 if name in LOWER_IS_BETTER else 1
+        better = sum(1 for b, o in pairs if sign * (o - b) > 0)
+        worse = sum(1 for b, o in pairs if sign * (o - b) < 0)
+        return {"better": better, "worse": worse, "same": len(pairs) - better - worse}
+
     def rows(self) -> list[dict[str, Any]]:
-        """One row per metric: values per model, the change from the first model to the last, the best model."""
+        """One row per metric: values per model, `changes` (model -> value minus the base's value), `delta` (the
+        change of `tuned`), `counts` (per-example better/worse/same of `tuned` vs the base), the best model."""
         out = []
+        base = self.base
         for name in self.metric_names():
             values = [r.metrics.get(name) for r in self.results]
             known = [v for v in values if v is not None]
-            delta = values[-1] - values[0] if len(values) > 1 and None not in (values[0], values[-1]) else None
+            changes = {self.models[i]: (values[i] - values[base] if None not in (values[i], values[base]) else None)
+                       for i in self.others}
             best = None
             if name not in INFO_METRICS and len(known) > 1 and len(set(known)) > 1:
                 pick = min if name in LOWER_IS_BETTER else max
                 best = self.models[values.index(pick(known))]
-            out.append({"metric": name, "values": values, "delta": delta, "best": best})
+            out.append({"metric": name, "values": values, "base": self.base_model, "changes": changes,
+                        "delta": changes.get(self.models[self.tuned]), "counts": self.example_counts(name),
+                        "lower_is_better": name in LOWER_IS_BETTER, "best": best})
         return out
 
     def differences(self, key: str | None = None) -> list[dict[str, Any]]:
-        """Per example: each model's prediction and score, and the score change from the first model to the last,
-        sorted by that change (largest improvement first)."""
-        first = self.results[0].predictions
-        key = key or primary_score(first[0].scores if first else {})
+        """Per example: each model's prediction and score, and `delta` = score of `tuned` minus score of the base,
+        sorted by improvement (largest first; for a lower-is-better key, the largest drop first)."""
+        reference = self.results[self.base].predictions
+        key = key or primary_score(reference[0].scores if reference else {})
+        sign = -1 if key in LOWER_IS_BETTER else 1
         diffs = []
-        for i, base in enumerate(first):
+        for i, base in enumerate(reference):
             preds = [r.predictions[i] for r in self.results]
             scores = [p.scores.get(key) if key else None for p in preds]
-            delta = scores[-1] - scores[0] if None not in scores and len(scores) > 1 else None
+            b, t = scores[self.base], scores[self.tuned]
+            delta = t - b if None not in (b, t) and self.tuned != self.base else None
             diffs.append({"index": base.index, "source": base.source, "question": base.question,
                           "reference": base.reference, "predictions": [p.prediction for p in preds],
                           "score": key, "scores": scores, "delta": delta})
-        return sorted(diffs, key=lambda d: -(d["delta"] or 0.0))
+        return sorted(diffs, key=lambda d: -sign * (d["delta"] or 0.0))
+
+    def headers(self) -> list[str]:
+        """Column names: the base is labelled, the change says which way it is taken."""
+        names = [f"{m} (base)" if i == self.base else m for i, m in enumerate(self.models)]
+        if len(self.results) < 2:
+            return ["metric", *names]
+        if len(self.others) == 1:
+            return ["metric", *names, "change (tuned - base)", "examples better/worse"]
+        return ["metric", *names, *(f"change {self.models[i]} - base" for i in self.others),
+                f"examples better/worse ({self.models[self.tuned]})"]
 
     def table(self) -> str:
-        head = ["metric", *self.models] + (["change"] if len(self.results) > 1 else [])
         rows = []
         for row in self.rows():
-            cells = [format_value(row["metric"], v) for v in row["values"]]
+            name = row["metric"]
+            cells = [format_value(name, v) for v in row["values"]]
             if len(self.results) > 1:
-                d = row["delta"]
-                cells.append("-" if d is None else ("+" if d >= 0 else "") + format_value(row["metric"], d))
-            rows.append((row["metric"], *cells))
-        return render_text_table(head, rows)
+                cells += [format_change(name, row["changes"][self.models[i]]) for i in self.others]
+                counts = row["counts"]
+                cells.append(f"{counts['better']}/{counts['worse']}" if counts else "-")
+            rows.append((name, *cells))
+        table = render_text_table(self.headers(), rows)
+        if len(self.results) > 1:
+            table += (f"\nchange = model minus base ({self.base_model}); lower is better for loss and perplexity, "
+                      "higher for the rest; better/worse counts the examples whose own score moved that way")
+        return table
 
     def __str__(self) -> str:
         return self.table()
+
+
+def format_change(name: str, delta: float | None) -> str:
+    """A signed difference with its meaning: `-0.39 better` for a loss, `+0.500 better` for exact match."""
+    if delta is None:
+        return "-"
+    text = ("+" if delta >= 0 else "") + format_value(name, delta)
+    if delta and name not in INFO_METRICS:
+        better = delta < 0 if name in LOWER_IS_BETTER else delta > 0
+        text += " better" if better else " worse"
+    return text
 
 
 def render_text_table(head: list[str], rows: list[tuple]) -> str:

