@@ -112,6 +112,7 @@ def stream_answers(engines: list, histories: list[list[dict]], user: str, system
 
 def load_models(ui, lang, model, adapter, base, side):
     """Load (or find loaded) the tuned model, and the base model too in side-by-side mode."""
+    ui.apply_threads()
     t0 = time.perf_counter()
     names = [ui.engines.get(model, adapter).name]
     if side:
@@ -131,6 +132,7 @@ def send_message(ui, lang, user, tuned_hist, base_hist, model, adapter, base, si
     if not (user or "").strip():
         yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
+    ui.apply_threads()  # the page's threads setting (torch's count is per process; see app.apply_threads)
     engines, histories = [ui.engines.get(model, adapter)], [list(tuned_hist or [])]
     if side:
         engines.append(ui.engines.get(base_of(model, adapter, base)))

@@ -4,13 +4,14 @@ examples with the trained tokens highlighted."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from tunelab.webui.i18n import text
-from tunelab.webui.render import esc, guard, message, open_image, table_html
+from tunelab.webui.render import esc, guard, message, open_image, table_html, whole_number
 
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
@@ -32,7 +33,7 @@ def data_config(path: str, dataset_dir: str, name: str, fmt: str, template: str,
         raise TunelabError("choose a data file (or upload one), or a registered dataset from data.dataset_dir")
     spec = DatasetSpec(path=path, format=fmt or "auto") if path else DatasetSpec(name=name, format=fmt or "auto")
     return DataConfig(datasets=[spec], dataset_dir=(dataset_dir or "").strip() or None, template=template or "auto",
-                      cutoff_len=int(cutoff or 1024), train_on=train_on or "all_assistant", packing=False)
+                      cutoff_len=whole_number(cutoff, "cutoff_len"), train_on=train_on or "all_assistant", packing=False)
 
 
 def prepare(model: str, cfg):
@@ -116,6 +117,16 @@ def prepare_event(lang, model, path, dataset_dir, name, fmt, template, cutoff, t
             stats_html(stats), open_image(stats.get("histogram")), examples_html(prepared.train, tokenizer, int(n)))
 
 
+def upload_event(ui, lang, uploaded):
+    """Keep the upload out of gradio's temporary folder (webui.uploads) and put the kept path in the form."""
+    from tunelab.webui.uploads import keep_upload
+
+    if not uploaded:
+        return gr.skip(), gr.skip()
+    kept = keep_upload(uploaded, ui.runs_dir)
+    return message(esc(text("data.kept", lang, path=kept)), "ok"), str(kept)
+
+
 def refresh_event(lang, dataset_dir):
     names = registered_names(dataset_dir)
     return "", gr.update(choices=names, value=names[0] if names else None)
@@ -152,7 +163,7 @@ def build(ui) -> dict[str, Any]:
     L.add(gr.Markdown(L.t("data.legend")), lambda lang: {"value": text("data.legend", lang)})
     examples = gr.HTML(elem_id="data-examples")
 
-    upload.upload(lambda f: f or gr.skip(), upload, path)
+    upload.upload(guard(functools.partial(upload_event, ui), 2, 0), [ui.lang, upload], [status, path])
     refresh.click(guard(refresh_event, 2, 0), [ui.lang, dataset_dir], [status, name])
     prepare_btn.click(guard(prepare_event, 4, 0),
                       [ui.lang, model, path, dataset_dir, name, fmt, template, cutoff, train_on, count],

@@ -9,9 +9,10 @@ from typing import Any
 import gradio as gr
 
 from tunelab.webui.i18n import text
-from tunelab.webui.render import esc, guard, message, open_image, table_html
+from tunelab.webui.render import esc, guard, message, open_image, table_html, whole_number
 
 EXAMPLES_SHOWN = 10
+RUNS_POLL_S = 3.0  # how often the run pickers look for new or finished runs
 
 
 def run_choices(runs_dir: Path) -> list[str]:
@@ -34,10 +35,8 @@ def eval_config(model: str, metrics: list[str], max_samples, max_new_tokens):
     update: dict[str, Any] = {"output_dir": None}
     if metrics:
         update["metrics"] = list(metrics)
-    if max_samples:
-        update["max_samples"] = int(max_samples)
-    if max_new_tokens:
-        update["max_new_tokens"] = int(max_new_tokens)
+    update["max_samples"] = whole_number(max_samples, "max_samples")
+    update["max_new_tokens"] = whole_number(max_new_tokens, "max_new_tokens")
     return EvalConfig.model_validate({**cfg.model_dump(), **update})
 
 
@@ -143,22 +142,46 @@ def build(ui) -> dict[str, Any]:
     compare_plot = L.make(gr.Image, "train.loss", type="pil", elem_id="eval-compare-plot", height=320,
                           interactive=False)
 
-    run_btn.click(guard(evaluate_event, 3, 0), [ui.lang, model, data, metrics, max_samples, max_new],
+    def threaded(fn):
+        """Generation in this process runs with the page's threads setting (see app.apply_threads)."""
+        def run(lang, *args):
+            ui.apply_threads()
+            return fn(lang, *args)
+        return run
+
+    run_btn.click(guard(threaded(evaluate_event), 3, 0), [ui.lang, model, data, metrics, max_samples, max_new],
                   [status, table, examples])
     compare_btn.click(guard(compare_runs_event, 2, 0), [ui.lang, runs_dir, compare_sel], [compare_out, compare_plot])
-    compare_models_btn.click(guard(compare_models_event, 2, 0),
+    compare_models_btn.click(guard(threaded(compare_models_event), 2, 0),
                              [ui.lang, compare_sel, data, metrics, max_samples, max_new], [compare_out, compare_plot])
     return {"refresh": refresh, "runs_dir": runs_dir, "model": model, "compare": compare_sel, "status": status}
 
 
+def runs_changed(folder: str, known: list[str] | None) -> list[str] | None:
+    """The run list of `folder` when it differs from `known` (what the page shows), else None."""
+    choices = run_choices(Path(folder)) if folder else []
+    return None if choices == (known or []) else choices
+
+
 def connect_run_lists(ui, demo, evaluate: dict[str, Any], pickers: list) -> None:
-    """Fill every run picker (here and in other tabs) with the runs found, on page load and on Refresh."""
+    """Fill every run picker (here and in other tabs) with the runs found: on page load, on Refresh, and whenever a
+    run appears or finishes (a timer checks the runs folder every RUNS_POLL_S and updates the pickers only when
+    the list changed, so a choice being made is not disturbed)."""
+    known = gr.State([])
 
     def refresh(lang, folder):
         choices = run_choices(Path(folder))
-        return ("", *[gr.update(choices=choices) for _ in pickers])
+        return ("", choices, *[gr.update(choices=choices) for _ in pickers])
 
-    handler = guard(refresh, 1 + len(pickers), 0)
-    inputs, outputs = [ui.lang, evaluate["runs_dir"]], [evaluate["status"], *pickers]
+    def poll(lang, folder, shown):
+        choices = runs_changed(folder, shown)
+        if choices is None:
+            return (gr.skip(),) * (2 + len(pickers))
+        return (gr.skip(), choices, *[gr.update(choices=choices) for _ in pickers])
+
+    inputs, outputs = [ui.lang, evaluate["runs_dir"]], [evaluate["status"], known, *pickers]
+    handler = guard(refresh, len(outputs), 0)
     evaluate["refresh"].click(handler, inputs, outputs)
     demo.load(handler, inputs, outputs)
+    timer = gr.Timer(RUNS_POLL_S)
+    timer.tick(guard(poll, len(outputs), 0), [*inputs, known], outputs, show_progress="hidden")

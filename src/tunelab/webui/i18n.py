@@ -42,6 +42,8 @@ TEXTS: dict[str, tuple[str, str]] = {
     "data.histogram": ("Tokens per example", "每个样例的 token 数"),
     "data.legend": ("Highlighted text is trained (carries loss); grey text is context only.",
                     "高亮部分参与训练（计算损失）；灰色部分仅作上下文。"),
+    "data.kept": ("Uploaded file kept as {path} (the folder name is its SHA-256; runs record this path)",
+                  "上传的文件已保存为 {path}（目录名即其 SHA-256；运行记录的是这个路径）"),
     "data.used": ("The Train form now uses this data.", "训练表单已使用该数据。"),
     # train tab
     "train.section.model": ("Model", "模型"),
@@ -125,6 +127,10 @@ TEXTS: dict[str, tuple[str, str]] = {
     "export.files": ("Written files", "输出文件"),
     "export.size": ("Size", "大小"),
     # shared
+    "threads": ("CPU threads", "CPU 线程数"),
+    "threads.info": ("for chat and evaluation in this page's process (default: as training)",
+                     "本页面进程中对话与评估使用（默认与训练相同）"),
+    "threads.set": ("Chat and evaluation now use {n} CPU threads.", "对话与评估现在使用 {n} 个 CPU 线程。"),
     "error": ("Error", "错误"),
     "unexpected": ("Unexpected error (details in the server log)", "意外错误（详情见服务器日志）"),
     "done": ("Done in {seconds:.1f} s", "完成，用时 {seconds:.1f} 秒"),

@@ -164,10 +164,16 @@ def build(ui) -> dict[str, Any]:
 
 
 def _form_config(specs, values, extra_state):
-    """The validated RunConfig of the form, with dataset paths made absolute (the YAML is written elsewhere)."""
+    """The validated RunConfig of the form, with dataset paths made absolute (the YAML is written elsewhere) and
+    files still in gradio's upload folder replaced by their kept copies (see webui.uploads)."""
     from tunelab.config.load import config_from_dict
+    from tunelab.config.schema import TrainConfig
+    from tunelab.webui.uploads import keep_uploaded_datasets
 
-    return config_from_dict(_abs_paths(form_to_dict(specs, list(values), extra_state)), "from the form")
+    data = _abs_paths(form_to_dict(specs, list(values), extra_state))
+    config_from_dict(data, "from the form")  # every form error is listed before any file is copied
+    keep_uploaded_datasets(data, (data.get("train") or {}).get("output_dir") or TrainConfig().output_dir)
+    return config_from_dict(data, "from the form")
 
 
 def _yaml_of(specs, values, extra_state) -> str:
