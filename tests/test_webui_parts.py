@@ -181,3 +181,83 @@ def test_the_threads_input_is_checked_and_applied(monkeypatch):
             set_page_threads(ui, "en", None)
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------- data summary, histogram
+@pytest.fixture
+def prepared_demo(tiny_llama):
+    """The bundled Chinese demo set through the data stage with a tiny tokenizer (real stats, real lengths)."""
+    from tunelab.webui.app import bundled_dataset_dir
+    from tunelab.webui.data_tab import data_config, prepare
+
+    cfg = data_config("", bundled_dataset_dir(), "reverse_zh_train", "auto", "auto", 1024, "all_assistant")
+    prepared, _, _ = prepare(str(tiny_llama), cfg)
+    return prepared
+
+
+def _latin_words(s: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"[A-Za-z][A-Za-z-]+", s))
+
+
+def test_the_data_summary_is_a_table_and_every_label_is_translated(prepared_demo):
+    from tunelab.webui.data_tab import stats_html, summary_rows
+
+    en, zh = summary_rows(prepared_demo.stats, "en"), summary_rows(prepared_demo.stats, "zh")
+    assert len(en) == len(zh) and en[0][0] == "template"
+    english = {"read", "rejected", "kept", "train", "validation", "trained", "reused", "written", "ends", "turns",
+               "with", "records", "examples", "conversations", "tokens", "truncated", "dropped", "cache", "template",
+               "dataset", "length", "file", "rejects", "max"}
+    names = ["reverse_zh_train", prepared_demo.stats["template"]["name"], prepared_demo.stats["rejects_file"]]
+    for (en_label, _), (zh_label, zh_value) in zip(en, zh):
+        shown = zh_label + " " + zh_value
+        for name in names:
+            shown = shown.replace(name, "")
+        assert zh_label != en_label and not _latin_words(shown) & english, shown
+    html = stats_html(prepared_demo.stats, "zh")
+    assert html.startswith('<table class="tl-table tl-summary-table"><tr><th>项目</th><th>数值</th></tr>')
+    assert html.count("<tr>") == len(zh) + 1 and "读取记录数" in html
+
+
+def test_the_histogram_spans_the_data_and_marks_cutoff_len(prepared_demo):
+    from tunelab.webui.charts import histogram_bins, histogram_svg
+    from tunelab.webui.data_tab import example_lengths
+
+    lengths = example_lengths(prepared_demo)
+    assert len(lengths) == prepared_demo.stats["examples"] and max(lengths) == prepared_demo.stats["length"]["max"]
+    counts, edges = histogram_bins(lengths)
+    assert sum(counts) == len(lengths) and (edges[0], edges[-1]) == (min(lengths), max(lengths))
+    far = histogram_svg(lengths, 1024, "zh")  # cutoff far beyond the data: a note, not an axis stretched to 1024
+    assert "超过所有样例" in far and "每个样例的 token 数" in far and "样例数" in far and "<line x1" in far
+    assert f">{max(lengths)}<" in far and ">1024<" not in far
+    inside = histogram_svg(lengths, int(prepared_demo.stats["length"]["p50"]), "en")
+    assert 'stroke-dasharray' in inside and "tokens per example" in inside
+    assert histogram_svg([], 1024) == "" and histogram_bins([5, 5, 5])[0] == [3]
+
+
+def test_loss_legend_and_eval_headers_follow_the_language():
+    from tunelab.webui.eval_tab import metrics_frame
+    from tunelab.webui.train_tab import loss_frame
+
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}]
+    assert set(loss_frame(history, "zh")["series"]) == {"训练集", "验证集"}
+    assert set(loss_frame(history, "en")["series"]) == {"train", "validation"}
+    frame = metrics_frame(SimpleNamespace(metrics={"loss": 1.25, "bleu": 10.0}), "zh")
+    assert list(frame.columns) == ["指标", "数值"] and list(frame["指标"]) == ["loss", "bleu"]
+
+
+# ------------------------------------------------------------------------------------------------ start checks
+def test_start_refuses_missing_data_before_spawning_a_run(tmp_path):
+    """The train tab runs `tunelab validate`'s data checks (tunelab.data.check) before it starts a process."""
+    pytest.importorskip("tunelab.data.check", reason="tunelab.data.check (the data checks of issue 12) not merged yet")
+    from tunelab.webui.jobs import JobRunner
+    from tunelab.webui.train_tab import _start_job
+
+    missing = tmp_path / "nowhere.jsonl"
+    cfg = load_config(None, [f"data.datasets=[{{path: {missing}}}]", f"train.output_dir={tmp_path / 'runs'}"])
+    specs, values = _form(cfg)
+    ui = SimpleNamespace(runner=JobRunner())
+    with pytest.raises(ConfigError, match="nowhere.jsonl"):
+        _start_job(ui, specs, values, {}, resume=False)
+    assert ui.runner.job is None and not (tmp_path / "runs" / "_webui").exists()

@@ -40,40 +40,46 @@ def eval_config(model: str, metrics: list[str], max_samples, max_new_tokens):
     return EvalConfig.model_validate({**cfg.model_dump(), **update})
 
 
-def metrics_rows(result) -> list[list[str]]:
+def metrics_frame(result, lang: str = "en"):
+    """The metrics table with headers in the page language."""
+    import pandas as pd
+
     from tunelab.evaluation.results import format_value, ordered_metrics
 
-    return [[name, format_value(name, result.metrics[name])] for name in ordered_metrics(result.metrics)]
+    rows = [[name, format_value(name, result.metrics[name])] for name in ordered_metrics(result.metrics)]
+    return pd.DataFrame(rows, columns=[text("eval.col.metric", lang), text("eval.col.value", lang)])
 
 
-def examples_html(predictions, n: int = EXAMPLES_SHOWN) -> str:
+def examples_html(predictions, n: int = EXAMPLES_SHOWN, lang: str = "en") -> str:
     """Question, reference and prediction of the first n examples, with their scores."""
+    q, ref, pred = (esc(text(f"eval.{k}", lang)) for k in ("q", "ref", "pred"))
     blocks = []
     for p in predictions[:n]:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in p.scores.items())
         blocks.append(
             f'<div class="tl-example"><div class="tl-src">#{p.index} <code>{esc(p.source)}</code> · {esc(scores)}'
-            f'</div><div><b>Q</b> {esc(p.question)}</div><div><b>ref</b> {esc(p.reference)}</div>'
-            f'<div><b>pred</b> {esc(p.prediction)}</div></div>'
+            f'</div><div><b>{q}</b> {esc(p.question)}</div><div><b>{ref}</b> {esc(p.reference)}</div>'
+            f'<div><b>{pred}</b> {esc(p.prediction)}</div></div>'
         )
     return "".join(blocks)
 
 
-def comparison_html(comparison) -> str:
+def comparison_html(comparison, lang: str = "en") -> str:
     """ComparisonResult of compare_models: metrics side by side and the examples that changed most."""
     from tunelab.evaluation.results import format_value
 
+    q, ref = (esc(text(f"eval.{k}", lang)) for k in ("q", "ref"))
     rows = [[r["metric"], *(format_value(r["metric"], v) for v in r["values"]), r["best"] or "-"]
             for r in comparison.rows()]
-    out = [table_html(["metric", *comparison.models, "best"], rows)]
+    out = [table_html([text("eval.col.metric", lang), *comparison.models, text("eval.col.best", lang)], rows)]
     for d in comparison.differences()[:EXAMPLES_SHOWN]:
         preds = "".join(f"<div><b>{esc(m)}</b> {esc(p)}</div>" for m, p in zip(comparison.models, d["predictions"]))
-        out.append(f'<div class="tl-example"><div><b>Q</b> {esc(d["question"])}</div>'
-                   f'<div><b>ref</b> {esc(d["reference"])}</div>{preds}</div>')
+        out.append(f'<div class="tl-example"><div><b>{q}</b> {esc(d["question"])}</div>'
+                   f'<div><b>{ref}</b> {esc(d["reference"])}</div>{preds}</div>')
     return "".join(out)
 
 
-def runs_comparison(run_dirs: list[str], runs_dir: Path) -> tuple[str, str | None]:
+def runs_comparison(run_dirs: list[str], runs_dir: Path, lang: str = "en") -> tuple[str, str | None]:
     """compare_runs: config differences + metrics as HTML, and the overlaid loss curves PNG."""
     from tunelab.evaluation.results import format_value, ordered_metrics
     from tunelab.evaluation.runs import compare_runs
@@ -84,7 +90,8 @@ def runs_comparison(run_dirs: list[str], runs_dir: Path) -> tuple[str, str | Non
     diff = [[k, *("-" if v is None else str(v)[:60] for v in values)] for k, values in comparison.diff.items()]
     metrics = [[m, *(format_value(m, r.metrics.get(m)) for r in comparison.runs)]
                for m in ordered_metrics(k for r in comparison.runs for k in r.metrics)]
-    body = table_html(["setting", *names], diff) + table_html(["metric", *names], metrics)
+    body = (table_html([text("eval.col.setting", lang), *names], diff)
+            + table_html([text("eval.col.metric", lang), *names], metrics))
     return body, open_image(comparison.plot)
 
 
@@ -97,12 +104,12 @@ def evaluate_event(lang, model, data, metrics, samples, new_tokens):
         raise TunelabError(f"{text('eval.model', lang)}: required")
     result = evaluate(model, (data or "").strip() or None, eval_config(model, metrics, samples, new_tokens))
     where = result.files.get("html")
-    done = f"{result.model}: {len(result.predictions)} examples" + (f" · {where}" if where else "")
-    return message(esc(done), "ok"), metrics_rows(result), examples_html(result.ranked())
+    done = text("eval.done", lang, model=result.model, n=len(result.predictions)) + (f" · {where}" if where else "")
+    return message(esc(done), "ok"), metrics_frame(result, lang), examples_html(result.ranked(), lang=lang)
 
 
 def compare_runs_event(lang, folder, selected):
-    return runs_comparison(list(selected or []), Path(folder))
+    return runs_comparison(list(selected or []), Path(folder), lang)
 
 
 def compare_models_event(lang, selected, data, metrics, samples, new_tokens):
@@ -111,7 +118,7 @@ def compare_models_event(lang, selected, data, metrics, samples, new_tokens):
 
     chosen = list(selected or [])
     cfg = eval_config(chosen[0] if chosen else "", metrics, samples, new_tokens)
-    return comparison_html(compare_models(chosen, (data or "").strip() or None, cfg)), None
+    return comparison_html(compare_models(chosen, (data or "").strip() or None, cfg), lang), None
 
 
 def build(ui) -> dict[str, Any]:
@@ -131,7 +138,8 @@ def build(ui) -> dict[str, Any]:
                      value=["loss", "perplexity", "bleu", "rouge", "exact_match"], elem_id="eval-metrics")
     run_btn = L.make(gr.Button, "eval.run", prop="value", variant="primary", elem_id="eval-run")
     status = gr.HTML(elem_id="eval-status")
-    table = L.make(gr.Dataframe, "eval.table", headers=["metric", "value"], interactive=False, elem_id="eval-table")
+    table = L.make(gr.Dataframe, "eval.table", headers=[L.t("eval.col.metric"), L.t("eval.col.value")],
+                   interactive=False, elem_id="eval-table")
     examples = gr.HTML(elem_id="eval-examples")
     compare_sel = L.make(gr.Dropdown, "eval.compare_runs", choices=[], multiselect=True, allow_custom_value=True,
                          elem_id="eval-compare-runs")
