@@ -146,7 +146,6 @@ def test_page_loads_and_switches_language(page, shots):
     page.get_by_role("tab", name="训练").wait_for()
     assert page.get_by_role("tab", name="数据").is_visible()
     assert page.get_by_role("button", name="处理并预览").is_visible()
-    shot(page, shots, "data-zh")
     page.locator("#tl-lang").get_by_text("English").click()
     page.get_by_role("tab", name="Train").wait_for()
 
@@ -169,13 +168,43 @@ def test_data_tab_previews_the_bundled_data(page, server, shots):
     page.wait_for_selector("#data-examples .tl-trained")  # trained spans highlighted
     assert "把这些词倒过来排列" in page.locator("#data-examples .tl-context").first.inner_text()
     assert any("\u4e00" <= ch <= "\u9fff" for ch in page.locator("#data-examples .tl-trained").first.inner_text())
-    page.wait_for_selector("#data-histogram img")
+    page.wait_for_selector("#data-histogram svg .tl-hist-bar")  # drawn in the page, so its captions translate
+    assert "tokens per example" in page.locator("#data-histogram").inner_text()
     shot(page, shots, "data")
     no_traceback(page)
     page.get_by_role("button", name="Use in the Train form").click()
     wait_text(page, "#data-status", "now uses this data")
     tab(page, "Train")
     assert "name: reverse_zh_train" in field(page, "cfg-data-datasets").input_value()
+
+
+def test_chinese_mode_translates_the_data_summary_and_histogram(page, server, shots):
+    tab(page, "Data")
+    page.locator("#tl-lang").get_by_text("中文").click()
+    page.get_by_role("tab", name="训练").wait_for()
+    choose(page, "data-name", "reverse_zh_train")
+    page.get_by_role("button", name="处理并预览").click()
+    summary = wait_text(page, "#data-summary", "读取记录数")
+    assert "records read" not in summary and "项目" in summary  # a two-column table with translated headers
+    assert "训练" in page.locator("#data-status").inner_text()
+    histogram = page.locator("#data-histogram").inner_text()
+    assert "每个样例的 token 数" in histogram and "cutoff_len" in histogram
+    shot(page, shots, "data-zh")
+    no_traceback(page)
+    page.locator("#tl-lang").get_by_text("English").click()
+    page.get_by_role("tab", name="Train").wait_for()
+
+
+def test_an_upload_is_kept_under_the_runs_folder(page, server):
+    upload = server["root"] / "uploaded.jsonl"
+    upload.write_text('{"instruction": "Say hi", "output": "hi"}\n' * 4, encoding="utf-8")
+    tab(page, "Data")
+    page.locator("#data-upload input[type=file]").set_input_files(str(upload))
+    wait_text(page, "#data-status", "SHA-256")
+    kept = Path(field(page, "data-path").input_value())
+    assert kept.name == "uploaded.jsonl" and kept.parent.parent == (server["root"] / "runs" / "_data").resolve()
+    assert kept.read_bytes() == upload.read_bytes()
+    fill(page, "data-path", "")
 
 
 def test_bad_data_shows_a_readable_error(page, server):
@@ -205,6 +234,17 @@ def test_train_form_saves_and_loads_yaml(page, server):
     page.get_by_role("button", name="Load YAML").click()
     wait_text(page, "#train-status", "Loaded")
     page.wait_for_function("() => document.querySelector('#cfg-train-lr input').value === '0.0005'")
+
+
+def test_letters_in_a_number_field_are_an_error_not_the_default(page, server):
+    tab(page, "Train")
+    box = field(page, "cfg-train-lr")
+    box.fill("")
+    box.press_sequentially("1e")  # what the browser cannot read as a number reaches the server as nothing
+    box.dispatch_event("blur")
+    page.get_by_role("button", name="Save as YAML").click()
+    assert "train.lr: expected a number" in wait_text(page, "#train-status .tl-error", "train.lr")
+    fill(page, "cfg-train-lr", "0.001")
 
 
 def test_bad_config_is_refused_before_starting(page):
@@ -323,6 +363,10 @@ def converter_cached() -> bool:
 
 def test_export_merges_and_lists_sizes(page, trained_run, shots):
     tab(page, "Export")
+    # the run appeared after the page loaded: its run list follows the runs folder without a reload or Refresh
+    page.locator("#export-model input").click()
+    page.get_by_role("option", name=str(trained_run), exact=True).wait_for(timeout=15_000)
+    page.keyboard.press("Escape")
     fill(page, "export-model", trained_run)
     gguf = converter_cached()
     if gguf:

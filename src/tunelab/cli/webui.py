@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-dir", default="runs", help="where runs are listed and started (default: runs)")
     parser.add_argument("--lang", choices=["en", "zh"], default="en", help="language at start (switchable in the page)")
     parser.add_argument("--model", default=None, help="model pre-filled in the forms (default: the embedded SmolLM2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of the page's chat and evaluation (default: as training, one per usable "
+                             "core unless OMP_NUM_THREADS is set); training runs use their config's train.threads")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     password = args.password or os.environ.get("TUNELAB_WEBUI_PASSWORD") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not password:
         print(f"warning: serving on {args.host} without --password: anyone who can reach it can train and run models")
-    demo = create_ui(runs_dir=args.runs_dir, lang=args.lang, default_model=args.model)
+    demo = create_ui(runs_dir=args.runs_dir, lang=args.lang, default_model=args.model, threads=args.threads)
     print(f"tunelab web UI on http://{args.host}:{args.port} (Ctrl+C to stop)")
     launch_ui(demo, host=args.host, port=args.port, password=password, block=True, quiet=True)
     return 0

@@ -10,6 +10,7 @@ engine, export); the UI adds layout, a language switch and readable errors, neve
 from __future__ import annotations
 
 import atexit
+import functools
 import hmac
 import logging
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ import gradio as gr
 
 from tunelab.config.schema import DEFAULT_MODEL
 from tunelab.webui.chat_tab import EngineCache
-from tunelab.webui.i18n import LANGUAGES, Localizer
+from tunelab.webui.i18n import LANGUAGES, Localizer, text
 from tunelab.webui.jobs import JobRunner
+from tunelab.webui.render import guard
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ class UIContext:
     dataset_dir: str  # a folder with dataset_info.json whose datasets the forms start with ("" for none)
     runner: JobRunner = field(default_factory=JobRunner)
     engines: EngineCache = field(default_factory=EngineCache)
+    threads: int | None = None  # torch threads of this process's generation (chat, evaluate); None: as training
+
+    def apply_threads(self) -> int:
+        return apply_threads(self.threads)
 
     def registered(self) -> list[str]:
         """Dataset names registered in dataset_dir (empty when there is none or it cannot be read)."""
@@ -71,6 +77,18 @@ class UIContext:
         return [n for n in names if "train" in n] or names[:1]
 
 
+def apply_threads(threads: int | None) -> int:
+    """Set torch's threads for the in-process generation (chat, evaluate) by training's own rule
+    (training.speed.cpu_threads: the given count, else one per usable core unless OMP_NUM_THREADS is set);
+    returns the count in force. Training runs in its own process and uses its config's train.threads."""
+    import torch
+
+    from tunelab.training.speed import cpu_threads, set_threads
+
+    wanted = cpu_threads(threads)
+    return set_threads(wanted) if wanted else torch.get_num_threads()
+
+
 def bundled_dataset_dir() -> str:
     """The bundled demo data (examples/demo/data) when running from a checkout, else nothing."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[3]):
@@ -81,9 +99,10 @@ def bundled_dataset_dir() -> str:
 
 
 def create_ui(runs_dir: str | Path = "runs", lang: str = "en", default_model: str | None = None,
-              dataset_dir: str | Path | None = None) -> gr.Blocks:
+              dataset_dir: str | Path | None = None, threads: int | None = None) -> gr.Blocks:
     """Build the page. `runs_dir`: where runs are listed and started; `lang`: en or zh at start; `dataset_dir`:
-    a dataset_info.json folder the forms start with (default: the bundled demo data, when present)."""
+    a dataset_info.json folder the forms start with (default: the bundled demo data, when present); `threads`:
+    CPU threads of the page's own generation (chat, evaluate; default: what training uses)."""
     from tunelab.webui import chat_tab, data_tab, eval_tab, export_tab, train_tab
 
     L = Localizer(lang)
@@ -93,8 +112,10 @@ def create_ui(runs_dir: str | Path = "runs", lang: str = "en", default_model: st
             L.add(title, lambda lg: {"value": f"## {Localizer(lg).t('title')}"})
             lang_radio = L.make(gr.Radio, "lang", choices=[(v, k) for k, v in LANGUAGES.items()], value=L.lang,
                                 elem_id="tl-lang", scale=0, min_width=200)
+            threads_box = L.make(gr.Number, "threads", info="threads.info", precision=0, minimum=1, scale=0,
+                                 value=apply_threads(threads), min_width=220, elem_id="tl-threads")
         ui = UIContext(L, lang_radio, Path(runs_dir), default_model or DEFAULT_MODEL,
-                       str(dataset_dir) if dataset_dir is not None else bundled_dataset_dir())
+                       str(dataset_dir) if dataset_dir is not None else bundled_dataset_dir(), threads=threads)
         with L.make(gr.Tab, "tab.data", id="data", elem_id="tab-data"):
             data = data_tab.build(ui)
         with L.make(gr.Tab, "tab.train", id="train", elem_id="tab-train"):
@@ -108,8 +129,19 @@ def create_ui(runs_dir: str | Path = "runs", lang: str = "en", default_model: st
         data_tab.connect(ui, data, train)
         eval_tab.connect_run_lists(ui, demo, evaluate, [evaluate["model"], evaluate["compare"], export["model"]])
         lang_radio.change(L.updates, lang_radio, L.components)
+        threads_status = gr.HTML(elem_id="tl-threads-status")
+        threads_box.change(guard(functools.partial(set_page_threads, ui), 1, 0), [lang_radio, threads_box],
+                           [threads_status], show_progress="hidden")
     demo.tunelab = ui  # tests and launch_ui reach the job runner through the app
     return demo
+
+
+def set_page_threads(ui: UIContext, lang: str, value) -> str:
+    """The threads input changed: torch's threads are per process, so this applies to every open page."""
+    from tunelab.webui.render import esc, message, whole_number
+
+    ui.threads = whole_number(value, "threads")
+    return message(esc(text("threads.set", lang, n=ui.apply_threads())), "ok")
 
 
 def launch_ui(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, password: str | None = None,

@@ -112,6 +112,7 @@ def stream_answers(engines: list, histories: list[list[dict]], user: str, system
 
 def load_models(ui, lang, model, adapter, base, side):
     """Load (or find loaded) the tuned model, and the base model too in side-by-side mode."""
+    ui.apply_threads()
     t0 = time.perf_counter()
     names = [ui.engines.get(model, adapter).name]
     if side:
@@ -131,6 +132,7 @@ def send_message(ui, lang, user, tuned_hist, base_hist, model, adapter, base, si
     if not (user or "").strip():
         yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
+    ui.apply_threads()  # the page's threads setting (torch's count is per process; see app.apply_threads)
     engines, histories = [ui.engines.get(model, adapter)], [list(tuned_hist or [])]
     if side:
         engines.append(ui.engines.get(base_of(model, adapter, base)))
@@ -146,7 +148,10 @@ def send_message(ui, lang, user, tuned_hist, base_hist, model, adapter, base, si
 
 def _settings(L) -> list:
     """System prompt and sampling controls: [system, temperature, top_p, max_new_tokens, repetition_penalty]."""
-    with gr.Accordion("System / sampling", open=True, elem_id="chat-settings") as acc:
+    def label(lang: str) -> dict:
+        return {"label": f"{text('chat.system', lang)} / {text('chat.temperature', lang)}"}
+
+    with gr.Accordion(open=True, elem_id="chat-settings", **label(L.lang)) as acc:
         system = L.make(gr.Textbox, "chat.system", lines=2, elem_id="chat-system")
         with gr.Row():
             controls = [
@@ -156,7 +161,7 @@ def _settings(L) -> list:
                        elem_id="chat-max-new"),
                 L.make(gr.Slider, "chat.repetition_penalty", minimum=1.0, maximum=2.0, step=0.05, value=1.0),
             ]
-    L.add(acc, lambda lang: {"label": f"{text('chat.system', lang)} / {text('chat.temperature', lang)}"})
+    L.add(acc, label)
     return [system, *controls]
 
 

@@ -4,13 +4,15 @@ examples with the trained tokens highlighted."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from tunelab.webui.charts import histogram_svg
 from tunelab.webui.i18n import text
-from tunelab.webui.render import esc, guard, message, open_image, table_html
+from tunelab.webui.render import esc, guard, message, table_html, whole_number
 
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
@@ -32,7 +34,7 @@ def data_config(path: str, dataset_dir: str, name: str, fmt: str, template: str,
         raise TunelabError("choose a data file (or upload one), or a registered dataset from data.dataset_dir")
     spec = DatasetSpec(path=path, format=fmt or "auto") if path else DatasetSpec(name=name, format=fmt or "auto")
     return DataConfig(datasets=[spec], dataset_dir=(dataset_dir or "").strip() or None, template=template or "auto",
-                      cutoff_len=int(cutoff or 1024), train_on=train_on or "all_assistant", packing=False)
+                      cutoff_len=whole_number(cutoff, "cutoff_len"), train_on=train_on or "all_assistant", packing=False)
 
 
 def prepare(model: str, cfg):
@@ -67,17 +69,52 @@ def read_rejects(path: str | None, limit: int = 50) -> list[dict]:
     return rows
 
 
-def stats_html(stats: dict) -> str:
-    """The same summary `tunelab data prepare` prints, then the rejects with their reasons."""
-    from tunelab.data.preview import summary
+def summary_rows(stats: dict, lang: str = "en") -> list[list[str]]:
+    """The summary `tunelab data prepare` prints (data.preview.summary), as (what, value) rows in the page language."""
+    def t(key: str, **values) -> str:
+        return text(f"sum.{key}", lang, **values)
 
-    parts = [f'<pre class="tl-summary">{esc(summary(stats))}</pre>']
+    stops = ", ".join(stats["template"]["stop_strings"]) or "eos"
+    rows = [[t("template"), t("template.v", name=stats["template"]["name"], stops=stops)]]
+    for d in stats.get("datasets", []):
+        rows.append([t("dataset", name=d["name"]), t("dataset.v", read=d["records_read"], rejected=d["rejected"],
+                                                       kept=d["kept"])])
+    rows.append([t("records_read"), str(stats["records_read"])])
+    rejected = stats["rejected"]
+    by_reason = ", ".join(f"{k}: {v}" for k, v in rejected["by_reason"].items())
+    rows.append([t("rejected"), f"{rejected['total']}" + (f" ({by_reason})" if by_reason else "")])
+    rows += [[t("cleaning", rule=rule), str(n)] for rule, n in stats.get("cleaning", {}).items()]
+    rows += [
+        [t("conversations"), str(stats["conversations"])],
+        [t("examples"), t("examples.v", n=stats["examples"], train=stats["train_examples"],
+                          validation=stats["validation_examples"])],
+        [t("truncated"), t("truncated.v", n=stats["truncated"], cutoff=stats["cutoff_len"])],
+    ]
+    if stats.get("chunked_documents"):
+        rows.append([t("chunked"), str(stats["chunked_documents"])])
+    rows += [[t("dropped"), str(stats["dropped_no_trainable"])],
+             [t("tokens"), t("tokens.v", n=stats["tokens"], trained=stats["trained_tokens"])]]
+    if stats.get("turns_without_end"):
+        rows.append([t("no_end"), str(stats["turns_without_end"])])
+    length = stats.get("length") or {}
+    if length:
+        rows.append([t("length"), f"{length['p50']:.0f} / {length['p90']:.0f} / {length['p99']:.0f} / {length['max']}"])
+    cache = t("cache.reused" if stats.get("cache_hit") else "cache.written")
+    rows += [[t("rejects_file"), str(stats.get("rejects_file", ""))], [t("cache"), f"{cache}: {stats['fingerprint']}"]]
+    return rows
+
+
+def stats_html(stats: dict, lang: str = "en") -> str:
+    """The summary as a two-column table, then the rejects with their file, line, field and reason."""
+    parts = [table_html([text("sum.what", lang), text("sum.value", lang)], summary_rows(stats, lang),
+                        cls="tl-table tl-summary-table")]
     rejects = read_rejects(stats.get("rejects_file"))
     if rejects:
         total = (stats.get("rejected") or {}).get("total", len(rejects))
         rows = [[r.get("source", ""), r.get("field", ""), r.get("rule", ""), r.get("reason", "")] for r in rejects]
-        parts.append(f'<div class="tl-rejects"><b>rejects: {esc(total)}</b>'
-                     + table_html(["record", "field", "rule", "reason"], rows) + "</div>")
+        head = [text(f"rejects.{k}", lang) for k in ("record", "field", "rule", "reason")]
+        parts.append(f'<div class="tl-rejects"><b>{esc(text("rejects.title", lang, n=total))}</b>'
+                     + table_html(head, rows) + "</div>")
     return "".join(parts)
 
 
@@ -94,26 +131,44 @@ def _span(piece: str, trained: bool) -> str:
     return f'<span class="{"tl-trained" if trained else "tl-context"}">{esc(piece)}</span>'
 
 
-def examples_html(dataset, tokenizer, n: int) -> str:
+def examples_html(dataset, tokenizer, n: int, lang: str = "en") -> str:
     blocks = []
     for i in range(min(n, len(dataset))):
         row = dataset[i]
         tokens = len(row["input_ids"])
         trained = sum(1 for x in row["labels"] if x != -100)
-        blocks.append(f'<div class="tl-example"><div class="tl-src">#{i} · {tokens} tokens · {trained} trained</div>'
+        head = text("data.example_head", lang, i=i, tokens=tokens, trained=trained)
+        blocks.append(f'<div class="tl-example"><div class="tl-src">{esc(head)}</div>'
                       f'{spans_html(tokenizer, row["input_ids"], row["labels"])}</div>')
     return "".join(blocks)
 
 
+def example_lengths(prepared) -> list[int]:
+    """Tokens per encoded example, train and validation (what the model sees, after truncation or chunking)."""
+    splits = [prepared.train] + ([prepared.validation] if prepared.validation is not None else [])
+    return [len(ids) for split in splits for ids in split["input_ids"]]
+
+
 def prepare_event(lang, model, path, dataset_dir, name, fmt, template, cutoff, train_on, n):
     """Status line, summary, length histogram and highlighted examples of the chosen data."""
-    prepared, tokenizer, tmpl = prepare(model, data_config(path, dataset_dir, name, fmt, template, cutoff, train_on))
-    head = f"{len(prepared.train)} train"
-    if prepared.validation is not None:
-        head += f", {len(prepared.validation)} validation"
-    stats = dict(prepared.stats)
-    return (message(esc(f"{head} · template {tmpl.name} · {prepared.fingerprint[:12]}"), "ok"),
-            stats_html(stats), open_image(stats.get("histogram")), examples_html(prepared.train, tokenizer, int(n)))
+    cfg = data_config(path, dataset_dir, name, fmt, template, cutoff, train_on)
+    prepared, tokenizer, tmpl = prepare(model, cfg)
+    validation = len(prepared.validation) if prepared.validation is not None else 0
+    head = text("data.prepared", lang, train=len(prepared.train), validation=validation, template=tmpl.name,
+                fingerprint=prepared.fingerprint[:12])
+    return (message(esc(head), "ok"), stats_html(dict(prepared.stats), lang),
+            histogram_svg(example_lengths(prepared), cfg.cutoff_len, lang),
+            examples_html(prepared.train, tokenizer, int(n), lang))
+
+
+def upload_event(ui, lang, uploaded):
+    """Keep the upload out of gradio's temporary folder (webui.uploads) and put the kept path in the form."""
+    from tunelab.webui.uploads import keep_upload
+
+    if not uploaded:
+        return gr.skip(), gr.skip()
+    kept = keep_upload(uploaded, ui.runs_dir)
+    return message(esc(text("data.kept", lang, path=kept)), "ok"), str(kept)
 
 
 def refresh_event(lang, dataset_dir):
@@ -147,12 +202,11 @@ def build(ui) -> dict[str, Any]:
     status = gr.HTML(elem_id="data-status")
     with gr.Row():
         summary = gr.HTML(elem_id="data-summary")
-        histogram = L.make(gr.Image, "data.histogram", type="pil", height=300, elem_id="data-histogram",
-                           interactive=False)
+        histogram = gr.HTML(elem_id="data-histogram")
     L.add(gr.Markdown(L.t("data.legend")), lambda lang: {"value": text("data.legend", lang)})
     examples = gr.HTML(elem_id="data-examples")
 
-    upload.upload(lambda f: f or gr.skip(), upload, path)
+    upload.upload(guard(functools.partial(upload_event, ui), 2, 0), [ui.lang, upload], [status, path])
     refresh.click(guard(refresh_event, 2, 0), [ui.lang, dataset_dir], [status, name])
     prepare_btn.click(guard(prepare_event, 4, 0),
                       [ui.lang, model, path, dataset_dir, name, fmt, template, cutoff, train_on, count],

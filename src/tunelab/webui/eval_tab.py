@@ -9,9 +9,10 @@ from typing import Any
 import gradio as gr
 
 from tunelab.webui.i18n import text
-from tunelab.webui.render import esc, guard, message, open_image, table_html
+from tunelab.webui.render import esc, guard, message, open_image, table_html, whole_number
 
 EXAMPLES_SHOWN = 10
+RUNS_POLL_S = 3.0  # how often the run pickers look for new or finished runs
 
 
 def run_choices(runs_dir: Path) -> list[str]:
@@ -34,47 +35,51 @@ def eval_config(model: str, metrics: list[str], max_samples, max_new_tokens):
     update: dict[str, Any] = {"output_dir": None}
     if metrics:
         update["metrics"] = list(metrics)
-    if max_samples:
-        update["max_samples"] = int(max_samples)
-    if max_new_tokens:
-        update["max_new_tokens"] = int(max_new_tokens)
+    update["max_samples"] = whole_number(max_samples, "max_samples")
+    update["max_new_tokens"] = whole_number(max_new_tokens, "max_new_tokens")
     return EvalConfig.model_validate({**cfg.model_dump(), **update})
 
 
-def metrics_rows(result) -> list[list[str]]:
+def metrics_frame(result, lang: str = "en"):
+    """The metrics table with headers in the page language."""
+    import pandas as pd
+
     from tunelab.evaluation.results import format_value, ordered_metrics
 
-    return [[name, format_value(name, result.metrics[name])] for name in ordered_metrics(result.metrics)]
+    rows = [[name, format_value(name, result.metrics[name])] for name in ordered_metrics(result.metrics)]
+    return pd.DataFrame(rows, columns=[text("eval.col.metric", lang), text("eval.col.value", lang)])
 
 
-def examples_html(predictions, n: int = EXAMPLES_SHOWN) -> str:
+def examples_html(predictions, n: int = EXAMPLES_SHOWN, lang: str = "en") -> str:
     """Question, reference and prediction of the first n examples, with their scores."""
+    q, ref, pred = (esc(text(f"eval.{k}", lang)) for k in ("q", "ref", "pred"))
     blocks = []
     for p in predictions[:n]:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in p.scores.items())
         blocks.append(
             f'<div class="tl-example"><div class="tl-src">#{p.index} <code>{esc(p.source)}</code> · {esc(scores)}'
-            f'</div><div><b>Q</b> {esc(p.question)}</div><div><b>ref</b> {esc(p.reference)}</div>'
-            f'<div><b>pred</b> {esc(p.prediction)}</div></div>'
+            f'</div><div><b>{q}</b> {esc(p.question)}</div><div><b>{ref}</b> {esc(p.reference)}</div>'
+            f'<div><b>{pred}</b> {esc(p.prediction)}</div></div>'
         )
     return "".join(blocks)
 
 
-def comparison_html(comparison) -> str:
+def comparison_html(comparison, lang: str = "en") -> str:
     """ComparisonResult of compare_models: metrics side by side and the examples that changed most."""
     from tunelab.evaluation.results import format_value
 
+    q, ref = (esc(text(f"eval.{k}", lang)) for k in ("q", "ref"))
     rows = [[r["metric"], *(format_value(r["metric"], v) for v in r["values"]), r["best"] or "-"]
             for r in comparison.rows()]
-    out = [table_html(["metric", *comparison.models, "best"], rows)]
+    out = [table_html([text("eval.col.metric", lang), *comparison.models, text("eval.col.best", lang)], rows)]
     for d in comparison.differences()[:EXAMPLES_SHOWN]:
         preds = "".join(f"<div><b>{esc(m)}</b> {esc(p)}</div>" for m, p in zip(comparison.models, d["predictions"]))
-        out.append(f'<div class="tl-example"><div><b>Q</b> {esc(d["question"])}</div>'
-                   f'<div><b>ref</b> {esc(d["reference"])}</div>{preds}</div>')
+        out.append(f'<div class="tl-example"><div><b>{q}</b> {esc(d["question"])}</div>'
+                   f'<div><b>{ref}</b> {esc(d["reference"])}</div>{preds}</div>')
     return "".join(out)
 
 
-def runs_comparison(run_dirs: list[str], runs_dir: Path) -> tuple[str, str | None]:
+def runs_comparison(run_dirs: list[str], runs_dir: Path, lang: str = "en") -> tuple[str, str | None]:
     """compare_runs: config differences + metrics as HTML, and the overlaid loss curves PNG."""
     from tunelab.evaluation.results import format_value, ordered_metrics
     from tunelab.evaluation.runs import compare_runs
@@ -85,7 +90,8 @@ def runs_comparison(run_dirs: list[str], runs_dir: Path) -> tuple[str, str | Non
     diff = [[k, *("-" if v is None else str(v)[:60] for v in values)] for k, values in comparison.diff.items()]
     metrics = [[m, *(format_value(m, r.metrics.get(m)) for r in comparison.runs)]
                for m in ordered_metrics(k for r in comparison.runs for k in r.metrics)]
-    body = table_html(["setting", *names], diff) + table_html(["metric", *names], metrics)
+    body = (table_html([text("eval.col.setting", lang), *names], diff)
+            + table_html([text("eval.col.metric", lang), *names], metrics))
     return body, open_image(comparison.plot)
 
 
@@ -98,12 +104,12 @@ def evaluate_event(lang, model, data, metrics, samples, new_tokens):
         raise TunelabError(f"{text('eval.model', lang)}: required")
     result = evaluate(model, (data or "").strip() or None, eval_config(model, metrics, samples, new_tokens))
     where = result.files.get("html")
-    done = f"{result.model}: {len(result.predictions)} examples" + (f" · {where}" if where else "")
-    return message(esc(done), "ok"), metrics_rows(result), examples_html(result.ranked())
+    done = text("eval.done", lang, model=result.model, n=len(result.predictions)) + (f" · {where}" if where else "")
+    return message(esc(done), "ok"), metrics_frame(result, lang), examples_html(result.ranked(), lang=lang)
 
 
 def compare_runs_event(lang, folder, selected):
-    return runs_comparison(list(selected or []), Path(folder))
+    return runs_comparison(list(selected or []), Path(folder), lang)
 
 
 def compare_models_event(lang, selected, data, metrics, samples, new_tokens):
@@ -112,7 +118,7 @@ def compare_models_event(lang, selected, data, metrics, samples, new_tokens):
 
     chosen = list(selected or [])
     cfg = eval_config(chosen[0] if chosen else "", metrics, samples, new_tokens)
-    return comparison_html(compare_models(chosen, (data or "").strip() or None, cfg)), None
+    return comparison_html(compare_models(chosen, (data or "").strip() or None, cfg), lang), None
 
 
 def build(ui) -> dict[str, Any]:
@@ -132,7 +138,8 @@ def build(ui) -> dict[str, Any]:
                      value=["loss", "perplexity", "bleu", "rouge", "exact_match"], elem_id="eval-metrics")
     run_btn = L.make(gr.Button, "eval.run", prop="value", variant="primary", elem_id="eval-run")
     status = gr.HTML(elem_id="eval-status")
-    table = L.make(gr.Dataframe, "eval.table", headers=["metric", "value"], interactive=False, elem_id="eval-table")
+    table = L.make(gr.Dataframe, "eval.table", headers=[L.t("eval.col.metric"), L.t("eval.col.value")],
+                   interactive=False, elem_id="eval-table")
     examples = gr.HTML(elem_id="eval-examples")
     compare_sel = L.make(gr.Dropdown, "eval.compare_runs", choices=[], multiselect=True, allow_custom_value=True,
                          elem_id="eval-compare-runs")
@@ -143,22 +150,46 @@ def build(ui) -> dict[str, Any]:
     compare_plot = L.make(gr.Image, "train.loss", type="pil", elem_id="eval-compare-plot", height=320,
                           interactive=False)
 
-    run_btn.click(guard(evaluate_event, 3, 0), [ui.lang, model, data, metrics, max_samples, max_new],
+    def threaded(fn):
+        """Generation in this process runs with the page's threads setting (see app.apply_threads)."""
+        def run(lang, *args):
+            ui.apply_threads()
+            return fn(lang, *args)
+        return run
+
+    run_btn.click(guard(threaded(evaluate_event), 3, 0), [ui.lang, model, data, metrics, max_samples, max_new],
                   [status, table, examples])
     compare_btn.click(guard(compare_runs_event, 2, 0), [ui.lang, runs_dir, compare_sel], [compare_out, compare_plot])
-    compare_models_btn.click(guard(compare_models_event, 2, 0),
+    compare_models_btn.click(guard(threaded(compare_models_event), 2, 0),
                              [ui.lang, compare_sel, data, metrics, max_samples, max_new], [compare_out, compare_plot])
     return {"refresh": refresh, "runs_dir": runs_dir, "model": model, "compare": compare_sel, "status": status}
 
 
+def runs_changed(folder: str, known: list[str] | None) -> list[str] | None:
+    """The run list of `folder` when it differs from `known` (what the page shows), else None."""
+    choices = run_choices(Path(folder)) if folder else []
+    return None if choices == (known or []) else choices
+
+
 def connect_run_lists(ui, demo, evaluate: dict[str, Any], pickers: list) -> None:
-    """Fill every run picker (here and in other tabs) with the runs found, on page load and on Refresh."""
+    """Fill every run picker (here and in other tabs) with the runs found: on page load, on Refresh, and whenever a
+    run appears or finishes (a timer checks the runs folder every RUNS_POLL_S and updates the pickers only when
+    the list changed, so a choice being made is not disturbed)."""
+    known = gr.State([])
 
     def refresh(lang, folder):
         choices = run_choices(Path(folder))
-        return ("", *[gr.update(choices=choices) for _ in pickers])
+        return ("", choices, *[gr.update(choices=choices) for _ in pickers])
 
-    handler = guard(refresh, 1 + len(pickers), 0)
-    inputs, outputs = [ui.lang, evaluate["runs_dir"]], [evaluate["status"], *pickers]
+    def poll(lang, folder, shown):
+        choices = runs_changed(folder, shown)
+        if choices is None:
+            return (gr.skip(),) * (2 + len(pickers))
+        return (gr.skip(), choices, *[gr.update(choices=choices) for _ in pickers])
+
+    inputs, outputs = [ui.lang, evaluate["runs_dir"]], [evaluate["status"], known, *pickers]
+    handler = guard(refresh, len(outputs), 0)
     evaluate["refresh"].click(handler, inputs, outputs)
     demo.load(handler, inputs, outputs)
+    timer = gr.Timer(RUNS_POLL_S)
+    timer.tick(guard(poll, len(outputs), 0), [*inputs, known], outputs, show_progress="hidden")

@@ -152,6 +152,11 @@ def _compact(value: Any) -> Any:
 def from_input(spec: FieldSpec, value: Any) -> Any:
     """What the input holds -> the config value; UNSET/None means "leave it out"."""
     if value is None or (isinstance(value, str) and not value.strip()):
+        if spec.kind in ("int", "float") and not spec.optional:
+            # A number input sends nothing (None) both when emptied and when it holds text the browser cannot
+            # read as a number ("abc", "1e"): never fall back to the default silently.
+            return _BadInput(spec.key, f"expected {'an integer' if spec.kind == 'int' else 'a number'}, "
+                                       "got an empty or non-numeric entry")
         if spec.kind == "list":
             return []
         return None if spec.optional else UNSET  # an emptied optional field means null, as in YAML
@@ -169,7 +174,9 @@ def from_input(spec: FieldSpec, value: Any) -> Any:
             number = float(value.strip())
         except ValueError:
             return _BadInput(spec.key, f"expected a number, got {value.strip()!r}")
-        return int(number) if spec.kind == "int" and number.is_integer() else number
+        if spec.kind == "int" and not number.is_integer():
+            return _BadInput(spec.key, f"expected an integer, got {value.strip()!r}")
+        return int(number) if spec.kind == "int" else number
     if spec.kind == "choice" and isinstance(value, str) and value in ("true", "false"):
         return value == "true"
     if spec.kind == "int" and isinstance(value, float) and value.is_integer():

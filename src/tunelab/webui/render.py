@@ -80,6 +80,22 @@ def guard(fn: Callable, n_outputs: int, status_at: int) -> Callable:
     return wrapper
 
 
+def whole_number(value: Any, what: str, minimum: int = 1) -> int:
+    """A page number input -> int. Such an input sends None both when emptied and when it holds text that is not a
+    number, so None is an error naming the input, never a silent default."""
+    from tunelab.errors import TunelabError
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise TunelabError(f"{what}: expected a whole number, got an empty or non-numeric entry")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TunelabError(f"{what}: expected a whole number, got {value!r}") from None
+    if not number.is_integer() or number < minimum:
+        raise TunelabError(f"{what}: expected a whole number >= {minimum}, got {value!r}")
+    return int(number)
+
+
 def human_size(n: float) -> str:
     """Decimal units, as `tunelab export` prints them, so the page and the terminal show the same numbers."""
     for unit in ("B", "KB", "MB", "GB", "TB"):

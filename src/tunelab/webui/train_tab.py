@@ -3,6 +3,7 @@ started, watched (log, loss curve, progress, ETA) and stopped from the page."""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -26,17 +27,25 @@ def _input(spec: FieldSpec, lang: str, start: Any):
     if spec.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if spec.kind in ("int", "float") and spec.optional:  # a Number input cannot be left empty (it shows 0)
-        return gr.Textbox(value=value, placeholder="(none)", **common)
+        return gr.Textbox(value=value, placeholder=text("form.none", lang), **common)
     if spec.kind in ("int", "float"):
         return gr.Number(value=value, precision=0 if spec.kind == "int" else None, **common)
     if spec.kind == "choice":
         choices = [(str(c).lower() if isinstance(c, bool) else str(c), to_input(spec, c)) for c in spec.choices]
         if spec.optional:
-            choices.insert(0, ("(default)", ""))
+            choices.insert(0, (text("form.default", lang), ""))
         return gr.Dropdown(choices=choices, value=value if value is not None else "", **common)
     if spec.kind == "yaml":
         return gr.Textbox(value=value, lines=3, max_lines=12, **common)
     return gr.Textbox(value=value, **common)
+
+
+def _relabel(spec: FieldSpec, lang: str) -> dict:
+    """What a language switch changes on a config input: its hint, and the placeholder of an optional number."""
+    out = {"info": field_info(spec.key, spec.description, lang)}
+    if spec.kind in ("int", "float") and spec.optional:
+        out["placeholder"] = text("form.none", lang)
+    return out
 
 
 def start_values(ui) -> dict[str, Any]:
@@ -61,7 +70,7 @@ def build_form(ui) -> tuple[list[FieldSpec], list[Any], dict[str, Any]]:
             for i, spec in enumerate(section_specs):
                 with columns[i % 3]:
                     component = _input(spec, ui.L.lang, starts.get(spec.key, spec.default))
-                ui.L.add(component, lambda lang, s=spec: {"info": field_info(s.key, s.description, lang)})
+                ui.L.add(component, functools.partial(_relabel, spec))
                 inputs.append(component)
                 by_key[spec.key] = component
     return specs, inputs, by_key
@@ -145,7 +154,10 @@ def build(ui) -> dict[str, Any]:
     progress = gr.HTML(elem_id="train-progress")
     with gr.Row(equal_height=True):
         plot = L.make(gr.LinePlot, "train.loss", x="step", y="loss", color="series", elem_id="train-loss",
-                      height=280)
+                      height=280, x_title=L.t("train.axis.step"), y_title=L.t("train.axis.loss"),
+                      color_title=L.t("train.axis.series"))
+        L.add(plot, lambda lg: {k: text(f"train.axis.{v}", lg) for k, v in
+                                (("x_title", "step"), ("y_title", "loss"), ("color_title", "series"))})
         log_box = L.make(gr.Textbox, "train.log", lines=13, max_lines=13, autoscroll=True, elem_id="train-log",
                          interactive=False)
     specs, inputs, by_key = build_form(ui)  # below the controls: a run is watched without scrolling
@@ -164,16 +176,35 @@ def build(ui) -> dict[str, Any]:
 
 
 def _form_config(specs, values, extra_state):
-    """The validated RunConfig of the form, with dataset paths made absolute (the YAML is written elsewhere)."""
+    """The validated RunConfig of the form, with dataset paths made absolute (the YAML is written elsewhere) and
+    files still in gradio's upload folder replaced by their kept copies (see webui.uploads)."""
     from tunelab.config.load import config_from_dict
+    from tunelab.config.schema import TrainConfig
+    from tunelab.webui.uploads import keep_uploaded_datasets
 
-    return config_from_dict(_abs_paths(form_to_dict(specs, list(values), extra_state)), "from the form")
+    data = _abs_paths(form_to_dict(specs, list(values), extra_state))
+    config_from_dict(data, "from the form")  # every form error is listed before any file is copied
+    keep_uploaded_datasets(data, (data.get("train") or {}).get("output_dir") or TrainConfig().output_dir)
+    return config_from_dict(data, "from the form")
 
 
 def _yaml_of(specs, values, extra_state) -> str:
     from tunelab.config.load import dump_config
 
     return dump_config(_form_config(specs, values, extra_state))
+
+
+def _check_data(cfg) -> None:
+    """`tunelab validate`'s data checks (tunelab.data.check: empty data.datasets, missing files, globs matching
+    nothing, unregistered names), raising ConfigError with every problem. That module comes from the data work of
+    the same issue; until it is merged in, the data stage reports these problems when the run starts."""
+    try:
+        from tunelab.data.check import check_data
+    except ModuleNotFoundError as e:
+        if e.name != "tunelab.data.check":
+            raise
+        return
+    check_data(cfg, "from the form")
 
 
 def _start_job(ui, specs, values, extra_state, resume: bool) -> TrainingJob:
@@ -184,6 +215,7 @@ def _start_job(ui, specs, values, extra_state, resume: bool) -> TrainingJob:
     from tunelab.training.rundir import select_run_dir
 
     cfg = _form_config(specs, values, extra_state)
+    _check_data(cfg)  # a missing file or an unknown dataset name is listed now, not after a process has started
     check_method_available(cfg.method, pick_device(cfg.model.device))  # the same check training makes, shown now
     # The folder training will use (a new name, or the run to resume), chosen by training's own rule: the UI must
     # know it to watch the run, and a refused choice (checkpoints already there) shows before anything starts.
@@ -205,15 +237,17 @@ def _poll(ui, lang: str) -> tuple:
     if job is None:
         return message(esc(text("train.idle", lang))), gr.skip(), gr.skip()
     snap = job.snapshot()
-    return progress_html(snap, job.run_dir, lang), loss_frame(snap["history"]), job.log_tail()
+    return progress_html(snap, job.run_dir, lang), loss_frame(snap["history"], lang), job.log_tail()
 
 
-def loss_frame(history: list[dict]):
-    """metrics.jsonl events -> a long-format frame (step, loss, series) for the line plot."""
+def loss_frame(history: list[dict], lang: str = "en"):
+    """metrics.jsonl events -> a long-format frame (step, loss, series) for the line plot; the series names are the
+    plot's legend, so they are in the page language."""
     import pandas as pd
 
-    rows = [{"step": r["step"], "loss": r["loss"], "series": "train"} for r in history if "loss" in r and "step" in r]
-    rows += [{"step": r["step"], "loss": r["eval_loss"], "series": "validation"} for r in history
+    train, validation = text("train.series.train", lang), text("train.series.validation", lang)
+    rows = [{"step": r["step"], "loss": r["loss"], "series": train} for r in history if "loss" in r and "step" in r]
+    rows += [{"step": r["step"], "loss": r["eval_loss"], "series": validation} for r in history
              if "eval_loss" in r and "step" in r]
     if not rows:  # an empty (object-typed) frame would make the plot treat step and loss as categories for good
         return gr.skip()
