@@ -131,10 +131,22 @@ def test_generation_thread_uses_the_thread_setting(tiny_models):
     assert seen == [1, 2]
 
 
-def test_default_threads_follow_training(monkeypatch, tiny_models):
-    from tunelab.inference.hf import inference_threads
-    from tunelab.training.speed import cpu_threads
+def test_default_threads_follow_training(monkeypatch, tiny_models, tmp_path):
+    from test_inference_support import make_run_dir
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert inference_threads(None) == cpu_threads(None) >= 1
-    assert inference_threads(3) == 3
+    from tunelab.inference.hf import inference_threads
+    from tunelab.training.speed import usable_cores
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert inference_threads(None) == usable_cores()  # training's default: one per usable core
+        assert inference_threads(1) == 1
+        run = make_run_dir(tiny_models["llama"], tmp_path, "lora")
+        (run / "config.yaml").write_text((run / "config.yaml").read_text() + "train:\n  threads: 2\n")
+        assert inference_threads(None, str(run)) == 2  # a run's train.threads
+        eng = load_engine(str(tiny_models["llama"]))
+        assert eng.threads == 2  # the engine's thread takes the count in force where it was made
+        eng.close()
+    finally:
+        torch.set_num_threads(before)

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tunelab.errors import TunelabError
 from tunelab.inference.artifacts import Artifact, resolve_artifact
 from tunelab.inference.engine import Completion, GenerationParams, StreamEvent
@@ -28,7 +30,7 @@ class HFEngine:
     """A causal LM (optionally with a PEFT adapter) and its tokenizer; safe to call from several threads.
 
     Every call goes to one Scheduler thread that batches whatever is in flight (`max_batch_size` rows, 1 turns
-    batching off) with `threads` intra-op torch threads (None: torch's count for a new thread).
+    batching off) with `threads` intra-op torch threads (None: the count in force in the creating thread).
     """
 
     def __init__(self, model, tokenizer, template, name: str, artifact: Artifact | None = None, *,
@@ -48,8 +50,8 @@ class HFEngine:
         # a fast tokenizer call first sets padding/truncation on the shared Rust tokenizer: a count_tokens on
         # another thread (the server counts while it generates) could unset the padding of a batch mid-call
         self._tokenizer_lock = threading.Lock()
-        self.threads = threads
         self.scheduler = Scheduler(self.model, tokenizer, self.stop_ids, max_batch_size, threads)
+        self.threads = self.scheduler.threads
 
     # ------------------------------------------------------------------------------------------------ prompts
     def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
@@ -151,8 +153,9 @@ def load_engine(model: str, adapter: str | None = None, *, device: str = "auto",
     """Load `model` (run dir, adapter, exported/HF folder, hub id or .gguf) for inference.
 
     `template` overrides the recorded chat template (a registered name or a .jinja path); `merge` folds a
-    LoRA adapter into the weights after loading (faster generation, same outputs). `threads` None means what
-    training uses (tunelab.training.speed.cpu_threads: one per usable core unless OMP_NUM_THREADS is set).
+    LoRA adapter into the weights after loading (faster generation, same outputs). `max_batch_size`: rows
+    generated together (1: no batching); `threads`: the generation thread's torch threads (None: the count in
+    force in the calling thread, see inference_threads).
     """
     art = resolve_artifact(model, adapter, device=device, dtype=dtype)
     tokenizer = load_tokenizer(art.model_cfg, path=art.tokenizer_path)
@@ -162,15 +165,31 @@ def load_engine(model: str, adapter: str | None = None, *, device: str = "auto",
     enable_thinking = art.run_config.data.enable_thinking if art.run_config is not None else None
     chat_template = load_template(tokenizer, template, art.template_file, enable_thinking)
     log.info("loaded %s on %s (%s)", art.name, pick_device(art.model_cfg.device), next(net.parameters()).dtype)
-    return HFEngine(net, tokenizer, chat_template, art.name, art, max_batch_size=max_batch_size,
-                    threads=inference_threads(threads))
+    return HFEngine(net, tokenizer, chat_template, art.name, art, max_batch_size=max_batch_size, threads=threads)
 
 
-def inference_threads(threads: int | None) -> int | None:
-    """The thread count chat, eval, serve and the web UI use: the same default as training (docs/serving.md)."""
+def inference_threads(threads: int | None = None, model: str | None = None) -> int:
+    """Set torch's threads for this process as training does and return the count in force.
+
+    `threads` None: the `train.threads` of `model` when it is a run directory, else training's default (one per
+    usable core, or torch's choice when OMP_NUM_THREADS is set). Chat, eval, serve and the web UI call this before
+    loading; the engine's generation thread then runs with the same count (docs/serving.md has the measurements).
+    """
     from tunelab.training.speed import cpu_threads
 
-    return cpu_threads(threads)
+    if threads is None and model is not None:
+        threads = _run_threads(model)
+    n = cpu_threads(threads)
+    if n and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def _run_threads(model: str) -> int | None:
+    from tunelab.inference.artifacts import is_run_dir, read_run_config
+
+    path = Path(model).expanduser()
+    return read_run_config(path).train.threads if is_run_dir(path) else None
 
 
 def apply_adapter(model, adapter_path: Path, tokenizer=None, merge: bool = False):

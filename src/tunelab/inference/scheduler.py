@@ -66,7 +66,8 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.max_batch_size = max(1, max_batch_size)
-        self.threads = threads
+        # torch's thread count is per OS thread: without a setting, the loop thread takes its creator's count
+        self.threads = threads or torch.get_num_threads()
         self.prefix_model = model if _is_prefix_model(model) else None
         self.model = model.get_base_model() if self.prefix_model is not None else model
         self.device = next(model.parameters()).device
@@ -90,8 +91,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)  # per OS thread: a long-lived thread keeps the count it was given
+        torch.set_num_threads(self.threads)  # a long-lived thread keeps the count it was given
         while True:
             joiners = self._take_pending(block=not self._rows)
             if joiners is None:
@@ -103,7 +103,7 @@ class Scheduler:
                         self._prefill(joiners)
                     if self._rows:
                         self._decode()
-            except BaseException as e:  # noqa: BLE001 (every request in flight must hear of it)
+            except BaseException as e:
                 log.exception("generation step failed")
                 self._fail_all(e)
 

@@ -34,7 +34,7 @@ class ShuttingDownError(RuntimeError):
     """The server is stopping and takes no new work."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs live in sets and are removed from queues
 class _Job:
     prompts: list[str]
     params: GenerationParams
@@ -76,6 +76,9 @@ class Batcher:
         self._streams_waiting = 0
         self._streams_running = 0
         self._stream_cancels: set[threading.Event] = set()
+        self._open_streams: dict[threading.Event, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._running_jobs: set[_Job] = set()
+        self._draining = False  # SIGTERM: no new work; what runs may finish until the shutdown timeout
         self._stream_slots: asyncio.Semaphore | None = None
         self._slots_loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0  # engine.generate calls made, and the most prompts one of them carried
@@ -96,7 +99,7 @@ class Batcher:
         return self._running_prompts + self._streams_running
 
     def _admit(self, count: int) -> None:
-        if self._closed:
+        if self._closed or self._draining:
             raise ShuttingDownError("the server is shutting down")
         if self.queued + count > self.max_queue:
             raise QueueFullError(f"{self.queued} requests are already waiting (serve.max_queue={self.max_queue})")
@@ -144,6 +147,7 @@ class Batcher:
                 start += len(job.prompts)
         finally:
             with self._cond:
+                self._running_jobs.difference_update(batch)
                 self._running_prompts -= len(prompts)
                 self._cond.notify_all()
 
@@ -177,6 +181,7 @@ class Batcher:
                 size += len(job.prompts)
             for job in batch:
                 self._jobs.remove(job)
+            self._running_jobs.update(batch)
             self._running_prompts += size
             return batch
 
@@ -203,6 +208,7 @@ class Batcher:
         events: asyncio.Queue = asyncio.Queue()
         self._streams_running += 1
         self._stream_cancels.add(cancel)
+        self._open_streams[cancel] = (events, loop)
         try:
             self._stream_pool.submit(self._run_stream, prompt, params, cancel, events, loop)
             while True:
@@ -215,6 +221,7 @@ class Batcher:
         finally:
             cancel.set()  # the engine checks it between tokens
             self._stream_cancels.discard(cancel)
+            self._open_streams.pop(cancel, None)
             self._streams_running -= 1
             self._stream_slots.release()
 
@@ -233,6 +240,28 @@ class Batcher:
         _call_soon(loop, put, None)
 
     # ------------------------------------------------------------------------------------------------ shutdown
+    def drain(self) -> None:
+        """Shutdown has begun: refuse new requests (503 shutting_down) and let those in flight go on."""
+        with self._cond:
+            self._draining = True
+
+    def abort_running(self, reason: str = "the server is shutting down") -> int:
+        """The shutdown timeout has passed: end every open stream with an error event and answer every running or
+        queued request with a 503, so clients can tell a stop from a network failure. Thread-safe; returns the
+        number of requests ended."""
+        error = ShuttingDownError(reason)
+        with self._cond:
+            self._draining = True
+            jobs = [*self._running_jobs, *self._jobs]
+            self._jobs = deque()
+            streams = list(self._open_streams.items())
+        for job in jobs:
+            _resolve(job, error=error)
+        for cancel, (events, loop) in streams:
+            cancel.set()  # the engine drops the row at the next token
+            _call_soon(loop, events.put_nowait, error)
+        return len(jobs) + len(streams)
+
     def close(self) -> None:
         """Refuse new work, stop running streams, fail queued requests, and let the engine thread end."""
         with self._cond:
