@@ -107,3 +107,36 @@ def test_thread_flags_of_serve_chat_and_eval(tmp_path):
     assert thread_setting(parser.parse_args(["serve", "m"])) is None
     assert parser.parse_args(["chat", "m", "--threads", "2"]).threads == 2
     assert parser.parse_args(["eval", "m", "--threads", "2"]).threads == 2
+
+
+# ------------------------------------------------------------------------------------------------------------ vLLM
+def test_vllm_request_mapping_without_vllm():
+    from types import SimpleNamespace
+
+    from tunelab.inference.engine import GenerationParams
+    from tunelab.inference.vllm import sampling_params, to_completion
+
+    made = sampling_params(GenerationParams(max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=0, stop=["\n\n"],
+                                            seed=3, repetition_penalty=1.1), {2, 5}, factory=dict)
+    assert made == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": -1, "repetition_penalty": 1.1,
+                    "stop": ["\n\n"], "stop_token_ids": [2, 5], "seed": 3, "skip_special_tokens": True}
+    assert sampling_params(GenerationParams(top_k=40), set(), factory=dict)["top_k"] == 40
+    assert sampling_params(GenerationParams(), set(), factory=dict)["stop"] is None
+    out = SimpleNamespace(prompt_token_ids=[1, 2, 3],
+                          outputs=[SimpleNamespace(text="Paris.", token_ids=[9, 8, 7, 6], finish_reason="stop")])
+    done = to_completion(out)
+    assert (done.text, done.prompt_tokens, done.completion_tokens, done.finish_reason) == ("Paris.", 3, 4, "stop")
+    out.outputs[0].finish_reason = "length"
+    assert to_completion(out).finish_reason == "length"
+
+
+def test_vllm_engine_is_refused_clearly_where_it_cannot_run(tiny_models, capsys, monkeypatch):
+    import importlib.util
+
+    from tunelab.cli.main import main
+
+    if importlib.util.find_spec("vllm") is not None and __import__("torch").cuda.is_available():
+        pytest.skip("vLLM and CUDA are present")
+    assert main(["serve", str(tiny_models["llama"]), "--engine", "vllm", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine vllm needs" in err and "--engine hf" in err

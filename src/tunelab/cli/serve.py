@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int,
                         help="CPU threads for generation (default: --config's train.threads, a run's train.threads, "
                         "else one per usable core, as training)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="hf: transformers with continuous batching (default); vllm: vLLM on a CUDA GPU")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds requests in flight get to finish on Ctrl+C/SIGTERM (default 30)")
 
@@ -62,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         raise TunelabError(f"invalid serve option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from e
     serve(args.model, adapter=args.adapter, cfg=cfg, allow_no_auth=args.allow_no_auth,
-          shutdown_timeout_s=args.shutdown_timeout, threads=thread_setting(args))
+          shutdown_timeout_s=args.shutdown_timeout, threads=thread_setting(args), engine=args.engine)
     return 0

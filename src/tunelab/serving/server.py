@@ -83,17 +83,24 @@ def start_shutdown(app, timeout_s: float) -> threading.Timer:
 
 
 def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None, *, allow_no_auth: bool = False,
-          shutdown_timeout_s: float = 30.0, threads: int | None = None, **engine_kwargs) -> None:
+          shutdown_timeout_s: float = 30.0, threads: int | None = None, engine: str = "hf", **engine_kwargs) -> None:
     """Load `model` (run directory, adapter, merged or exported folder, hub id or GGUF) and serve it."""
     cfg = cfg or ServeConfig()
     check_exposure(cfg, allow_no_auth)  # before the heavy imports below: a refusal must come at once
     check_port_free(cfg.host, cfg.port)
-    from tunelab.inference.hf import inference_threads, load_engine
+    if engine == "vllm":
+        from tunelab.inference.vllm import check_vllm, load_vllm_engine
+
+        check_vllm()  # a clear refusal before anything is loaded
+        loaded = load_vllm_engine(model, adapter, template=engine_kwargs.get("template"))
+    else:
+        from tunelab.inference.hf import inference_threads, load_engine
+
+        inference_threads(threads, model)
+        loaded = load_engine(model, adapter=adapter, max_batch_size=cfg.max_batch_size, **engine_kwargs)
     from tunelab.serving.app import create_app
 
-    inference_threads(threads, model)
-    engine = load_engine(model, adapter=adapter, max_batch_size=cfg.max_batch_size, **engine_kwargs)
-    app = create_app(engine, cfg)
+    app = create_app(loaded, cfg)
     name = app.state.serve.model_name
     auth = "API key required" if api_keys(cfg) else "no API key"
     print(f"serving {name} on http://{cfg.host}:{cfg.port}/v1 ({auth}); Ctrl+C stops", flush=True)
