@@ -10,6 +10,7 @@ By default it serves the embedded SmolLM2-135M-Instruct in this process (uvicorn
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -33,28 +34,58 @@ class Level:
     tokens: int
     latencies: list[float]
     errors: int
+    first_token: list[float]  # streaming: seconds to the first text chunk, and mean gap between later chunks
+    inter_token: list[float]
     load: float  # 1-minute load average at the end: the machine is shared, other work skews the numbers
 
     def row(self) -> str:
         lat = sorted(self.latencies)
         p50 = statistics.median(lat) if lat else float("nan")
         p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))] if lat else float("nan")
+        ttft, itl = _pct(self.first_token), _pct(self.inter_token)
         return (f"| {self.clients} | {self.requests} | {self.requests / self.seconds:.2f} | "
-                f"{self.tokens / self.seconds:.1f} | {p50:.2f} | {p95:.2f} | {self.errors} | {self.load:.1f} |")
+                f"{self.tokens / self.seconds:.1f} | {p50:.2f} | {p95:.2f} | {ttft[0]:.2f} | {ttft[1]:.2f} | "
+                f"{itl[0] * 1000:.0f} | {itl[1] * 1000:.0f} | {self.errors} | {self.load:.1f} |")
 
 
-def ask(client: httpx.Client, url: str, model: str, i: int, max_tokens: int) -> tuple[float, int]:
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+def _pct(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    v = sorted(values)
+    return statistics.median(v), v[min(len(v) - 1, round(0.95 * (len(v) - 1)))]
+
+
+def ask(client: httpx.Client, url: str, model: str, i: int, max_tokens: int, stream: bool = False):
+    """(latency, completion tokens, time to first text or None, mean gap between text chunks or None)."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
             "messages": [{"role": "user", "content": f"Write a few sentences about {TOPICS[i % len(TOPICS)]}."}]}
     start = time.perf_counter()
-    r = client.post(url + "/v1/chat/completions", json=body)
-    r.raise_for_status()
-    return time.perf_counter() - start, r.json()["usage"]["completion_tokens"]
+    if not stream:
+        r = client.post(url + "/v1/chat/completions", json=body)
+        r.raise_for_status()
+        return time.perf_counter() - start, r.json()["usage"]["completion_tokens"], None, None
+    body["stream_options"] = {"include_usage": True}
+    arrivals, tokens = [], 0
+    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise httpx.HTTPError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
+    gap = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) > 1 else None
+    return time.perf_counter() - start, tokens, (arrivals[0] - start) if arrivals else None, gap
 
 
-def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int, headers: dict) -> Level:
+def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int, headers: dict,
+              stream: bool = False) -> Level:
     """`requests` requests spread over `clients` threads, each sending its next request when the last returns."""
-    latencies, tokens, errors = [], 0, 0
+    latencies, tokens, errors, firsts, gaps = [], 0, 0, [], []
     lock = threading.Lock()
     counter = iter(range(requests))
 
@@ -67,7 +98,7 @@ def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int
                 if i is None:
                     return
                 try:
-                    latency, n = ask(client, url, model, i, max_tokens)
+                    latency, n, first, gap = ask(client, url, model, i, max_tokens, stream)
                 except httpx.HTTPError as e:
                     print(f"  request {i} failed: {e}", file=sys.stderr)
                     with lock:
@@ -76,16 +107,21 @@ def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int
                 with lock:
                     latencies.append(latency)
                     tokens += n
+                    if first is not None:
+                        firsts.append(first)
+                    if gap is not None:
+                        gaps.append(gap)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         for f in [pool.submit(client_loop) for _ in range(clients)]:
             f.result()
-    return Level(clients, len(latencies), time.perf_counter() - start, tokens, latencies, errors, os.getloadavg()[0])
+    return Level(clients, len(latencies), time.perf_counter() - start, tokens, latencies, errors, firsts, gaps,
+                 os.getloadavg()[0])
 
 
 @contextmanager
-def local_server(model: str, max_batch_size: int):
+def local_server(model: str, max_batch_size: int, threads: int | None = None):
     """The model served in this process on a free loopback port; yields (url, served name)."""
     import uvicorn
 
@@ -94,7 +130,7 @@ def local_server(model: str, max_batch_size: int):
     from tunelab.serving.app import create_app
 
     start = time.perf_counter()
-    engine = load_engine(model)
+    engine = load_engine(model, max_batch_size=max_batch_size, threads=threads)
     print(f"loaded {engine.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     app = create_app(engine, ServeConfig(max_batch_size=max_batch_size, max_queue=256))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
@@ -112,8 +148,9 @@ def local_server(model: str, max_batch_size: int):
 
 def report(levels: list[Level], max_tokens: int, note: str) -> None:
     print(f"\n{note}; greedy, max_tokens={max_tokens}")
-    print("| clients | requests | requests/s | tokens/s | p50 latency s | p95 latency s | errors | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| clients | requests | requests/s | tokens/s | p50 latency s | p95 latency s | p50 first token s | "
+          "p95 first token s | p50 inter-token ms | p95 inter-token ms | errors | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for level in levels:
         print(level.row())
 
@@ -132,16 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8, help="server batch size (local server only)")
     parser.add_argument("--threads", type=int, help="torch threads of the local server (default: torch's choice); "
                         "on a busy shared machine 1 avoids OpenMP threads spinning against other processes")
+    parser.add_argument("--stream", action="store_true", help="streaming requests (first-token, inter-token times)")
+    parser.add_argument("--compare-batching", action="store_true",
+                        help="local only: also serve with max_batch_size=1 and alternate the two servers per level")
     args = parser.parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     levels = [int(c) for c in args.clients.split(",")]
 
     def bench(url: str, model: str) -> list[Level]:
-        run_level(url, model, 1, 1, 4, headers)  # warm-up: first-call allocations are not part of the numbers
+        run_level(url, model, 1, 1, 4, headers, args.stream)  # warm-up: first-call allocations are not measured
         results = []
         for clients in levels:
             n = max(args.min_requests, args.requests_per_client * clients)
-            results.append(run_level(url, model, clients, n, args.max_tokens, headers))
+            results.append(run_level(url, model, clients, n, args.max_tokens, headers, args.stream))
             print(f"  {clients} clients done: {results[-1].row()}", file=sys.stderr)
         return results
 
@@ -152,13 +192,38 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with local_server(args.model, args.max_batch_size) as (url, state):
+    if args.compare_batching:
+        return compare_batching(args, levels, headers)
+    with local_server(args.model, args.max_batch_size, args.threads) as (url, state):
         results = bench(url, state.model_name)
         batches = f"{state.batcher.batches} engine calls, largest batch {state.batcher.largest_batch}"
     note = (f"{state.model_name} on {state.engine.device!s}, {torch.get_num_threads()} torch threads, "
             f"{os.cpu_count()} cores, "
             f"max_batch_size={args.max_batch_size} ({batches})")
     report(results, args.max_tokens, note)
+    return 0
+
+
+def compare_batching(args, levels: list[int], headers: dict) -> int:
+    """Batching on (max_batch_size) and off (1) in the same run, levels interleaved so load changes hit both."""
+    import torch
+
+    kind = "streaming" if args.stream else "non-streaming"
+    with local_server(args.model, args.max_batch_size, args.threads) as (on_url, on), \
+            local_server(args.model, 1, args.threads) as (off_url, off):
+        results: dict[str, list[Level]] = {"on": [], "off": []}
+        for url, state in ((on_url, on), (off_url, off)):
+            run_level(url, state.model_name, 1, 1, 4, headers, args.stream)  # warm-up
+        for clients in levels:
+            n = max(args.min_requests, args.requests_per_client * clients)
+            for name, url, state in (("on", on_url, on), ("off", off_url, off)):
+                results[name].append(run_level(url, state.model_name, clients, n, args.max_tokens, headers,
+                                               args.stream))
+                print(f"  batching {name}, {clients} clients: {results[name][-1].row()}", file=sys.stderr)
+    threads = torch.get_num_threads()
+    for name, size in (("on", args.max_batch_size), ("off", 1)):
+        report(results[name], args.max_tokens, f"{kind}, batching {name} (max_batch_size={size}), {threads} torch "
+               f"threads, {os.cpu_count()} cores")
     return 0
 
 

@@ -64,7 +64,7 @@ def test_end_of_turn_token_stops_with_reason_stop(tiny_models):
     engine = load_engine(str(tiny_models["qwen2"]))
     prompt = prompts_for(engine)[0]
     enc = engine.tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
-    out = engine.model.generate(**enc, generation_config=engine._generation_config(GREEDY, 12))
+    out = engine.model.generate(**enc, max_new_tokens=12, do_sample=False)  # transformers' own loop as reference
     full_ids = out[0, enc["input_ids"].shape[1]:].tolist()
     engine.stop_ids.add(full_ids[3])  # pretend the 4th generated token is the model's end-of-turn token
     done = engine.generate([prompt], GREEDY)[0]
@@ -152,6 +152,33 @@ def test_prefix_tuning_adapter_generates_batched(tiny_models, tmp_path):
     batch = engine.generate(prompts, GREEDY)
     assert [c.text for c in batch] == [engine.generate([p], GREEDY)[0].text for p in prompts]
     assert [c.text for c in batch] != [c.text for c in load_engine(str(tiny_models["qwen2"])).generate(prompts, GREEDY)]
+
+
+def no_cache_greedy(model, tokenizer, prompt: str, steps: int) -> list[int]:
+    """Independent reference: the full forward pass (as in training, use_cache=False) re-run for every token."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    start = ids.shape[1]
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids[0, start:].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prefix_tuning_answer_equals_no_cache_forward_pass(tiny_models, tmp_path, family):
+    """issue 12: peft's generate(use_cache=True) dropped the P-Tuning v2 prefix and answered like the base model."""
+    adapter = make_adapter(tiny_models[family], tmp_path / "prefix", kind="prefix")
+    engine = load_engine(str(adapter))
+    base = load_engine(str(tiny_models[family]))
+    for prompt in prompts_for(engine)[:2]:
+        reference = no_cache_greedy(engine.model, engine.tokenizer, prompt, 8)
+        done = engine.generate([prompt], GenerationParams(max_new_tokens=8))[0]
+        assert done.text == engine.tokenizer.decode(reference)  # the prefix's answer, token for token
+        assert "".join(e.delta for e in engine.stream(prompt, GenerationParams(max_new_tokens=8))) == done.text
+        assert done.text != base.generate([prompt], GenerationParams(max_new_tokens=8))[0].text
 
 
 def test_full_run_dir_and_bad_inputs(tiny_models, tmp_path):

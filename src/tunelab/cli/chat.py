@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the weights after loading")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for generation (default: a run's train.threads, else as training does)")
     parser.add_argument("--stats", action="store_true", help="print tokens and tokens/s of each answer to stderr")
 
 
@@ -47,11 +49,12 @@ def params_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from tunelab.config.schema import DEFAULT_MODEL
     from tunelab.inference.chat import ChatSession
-    from tunelab.inference.hf import load_engine
+    from tunelab.inference.hf import inference_threads, load_engine
 
     interactive = args.prompt is None and sys.stdin.isatty()
     if interactive:
         print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
+    inference_threads(getattr(args, "threads", None), args.model)
     engine = load_engine(args.model or DEFAULT_MODEL, args.adapter, device=args.device, dtype=args.dtype,
                          template=args.template, merge=args.merge)
     session = ChatSession(engine, system=args.system, params=params_from_args(args))

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="override the recorded chat template (a name or a .jinja file)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for generation (default: --config's or the run's train.threads, else as "
+                        "training does)")
     parser.add_argument("--output", metavar="DIR", help="report folder (default: eval.output_dir, else <run>/eval, "
                                                         "else eval/<model>)")
     parser.add_argument("--lm-eval", metavar="TASKS",
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lm_eval:
         return _run_lm_eval(args, models)
     cfg = eval_config(args)
+    _set_threads(args, models[0])
     data = args.data
     if args.compare:
         if args.adapter:
@@ -82,6 +86,17 @@ def run(args: argparse.Namespace) -> int:
     _print_speed(result.info)
     print(f"\nReports: {result.output_dir} (report.html, report.md, predictions.jsonl, metrics.json)")
     return 0
+
+
+def _set_threads(args: argparse.Namespace, model: str) -> None:
+    """The engines made below run with the thread count set here (the same setting and default as training)."""
+    from tunelab.config import load_config
+    from tunelab.inference.hf import inference_threads
+
+    threads = args.threads
+    if threads is None and args.config:
+        threads = load_config(args.config).train.threads
+    inference_threads(threads, model)
 
 
 def _run_compare(args: argparse.Namespace, models: list[str], data, cfg) -> int:

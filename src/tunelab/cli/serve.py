@@ -21,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow browser calls from this origin (repeatable; none by default)")
     parser.add_argument("--allow-no-auth", action="store_true",
                         help="allow a non-loopback --host without an API key (anyone on the network can use it)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for generation (default: --config's train.threads, a run's train.threads, "
+                        "else one per usable core, as training)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="hf: transformers with continuous batching (default); vllm: vLLM on a CUDA GPU")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds requests in flight get to finish on Ctrl+C/SIGTERM (default 30)")
 
@@ -37,6 +42,17 @@ def serve_config(args: argparse.Namespace):
     return ServeConfig.model_validate({**base.model_dump(), **changes})
 
 
+def thread_setting(args: argparse.Namespace) -> int | None:
+    """--threads, else the train.threads of --config (the same key training reads); None: decided at load."""
+    if getattr(args, "threads", None) is not None:
+        return args.threads
+    if getattr(args, "config", None):
+        from tunelab.config import load_config
+
+        return load_config(args.config).train.threads
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -48,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         raise TunelabError(f"invalid serve option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from e
     serve(args.model, adapter=args.adapter, cfg=cfg, allow_no_auth=args.allow_no_auth,
-          shutdown_timeout_s=args.shutdown_timeout)
+          shutdown_timeout_s=args.shutdown_timeout, threads=thread_setting(args), engine=args.engine)
     return 0

@@ -18,7 +18,8 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.inference.artifacts import Artifact, resolve_artifact
 from tunelab.inference.engine import Completion, GenerationParams, StreamEvent
-from tunelab.inference.stopping import StopWatch, safe_prefix
+from tunelab.inference.scheduler import Request, Scheduler
+from tunelab.inference.stopping import safe_prefix
 from tunelab.inference.template import load_template
 from tunelab.models.load import end_of_turn_tokens, load_model, load_tokenizer, pick_device
 
@@ -26,9 +27,14 @@ log = logging.getLogger(__name__)
 
 
 class HFEngine:
-    """A causal LM (optionally with a PEFT adapter) and its tokenizer; safe to call from several threads."""
+    """A causal LM (optionally with a PEFT adapter) and its tokenizer; safe to call from several threads.
 
-    def __init__(self, model, tokenizer, template, name: str, artifact: Artifact | None = None):
+    Every call goes to one Scheduler thread that batches whatever is in flight (`max_batch_size` rows, 1 turns
+    batching off) with `threads` intra-op torch threads (None: the count in force in the creating thread).
+    """
+
+    def __init__(self, model, tokenizer, template, name: str, artifact: Artifact | None = None, *,
+                 max_batch_size: int = 8, threads: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
@@ -41,10 +47,11 @@ class HFEngine:
         # end-of-turn strings of the template that are not one token (e.g. "### Human:") are matched as text
         vocab = tokenizer.get_vocab()
         self.text_stops = [s for s in getattr(template, "stop_strings", ()) if s and s not in vocab]
-        self._lock = threading.Lock()  # one generate at a time: the model and its caches are not reentrant
         # a fast tokenizer call first sets padding/truncation on the shared Rust tokenizer: a count_tokens on
         # another thread (the server counts while it generates) could unset the padding of a batch mid-call
         self._tokenizer_lock = threading.Lock()
+        self.scheduler = Scheduler(self.model, tokenizer, self.stop_ids, max_batch_size, threads)
+        self.threads = self.scheduler.threads
 
     # ------------------------------------------------------------------------------------------------ prompts
     def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
@@ -57,49 +64,47 @@ class HFEngine:
 
     # --------------------------------------------------------------------------------------------- generation
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
-        """Batched generation for rendered prompts (they already hold bos and the template's tokens)."""
-        if not prompts:
-            return []
-        with self._lock:
-            return self._run(prompts, params)
+        """Completions for rendered prompts (they already hold bos and the template's tokens); they join the
+        running batch with whatever else is generating (continuous batching, scheduler.py)."""
+        requests = [self._submit(p, params) for p in prompts]
+        return [r.wait() for r in requests]
 
     def stream(self, prompt: str, params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         """Yield text deltas as tokens arrive; the last event carries the Completion. Closing the iterator or
         setting `cancel` stops generation after the current token."""
-        steps: queue.Queue = queue.Queue()
+        steps: queue.SimpleQueue = queue.SimpleQueue()
         abandon = threading.Event()
-
-        def work() -> None:
-            try:
-                with self._lock:
-                    result = self._run([prompt], params, cancel=(cancel, abandon), on_step=steps.put)[0]
-                steps.put(result)
-            except Exception as e:  # noqa: BLE001 (re-raised in the consumer's thread)
-                steps.put(e)
-
-        worker = threading.Thread(target=work, name="tunelab-generate", daemon=True)
-        worker.start()
+        request = self._submit(prompt, params, cancel=(abandon,) if cancel is None else (cancel, abandon), on_token=steps.put)
+        finished = threading.Thread(target=lambda: (request.done.wait(), steps.put(None)), daemon=True)
+        finished.start()
         shown = ""
         try:
             while True:
                 item = steps.get()
-                while isinstance(item, list) and not steps.empty():  # behind: only the newest ids matter
-                    item = steps.get_nowait()
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, Completion):
-                    if not item.text.startswith(shown):
+                while item is not None and not steps.empty():  # behind: only the newest ids matter
+                    item = steps.get()
+                if item is None:
+                    final = request.wait()
+                    if not final.text.startswith(shown):
                         log.warning("streamed text diverged from the final text (tokenizer decode is not prefix-stable)")
-                    yield StreamEvent(item.text[len(shown):] if item.text.startswith(shown) else "", item)
+                    yield StreamEvent(final.text[len(shown):] if final.text.startswith(shown) else "", final)
                     return
                 text = safe_prefix(self._partial_text(item), self._stops(params))
                 if len(text) > len(shown) and text.startswith(shown):
                     yield StreamEvent(text[len(shown):])
                     shown = text
         finally:
-            abandon.set()  # the consumer left early (client gone): stop generating
-            worker.join()
+            abandon.set()  # the consumer left early (client gone): the row leaves the batch at the next token
+
+    def _submit(self, prompt: str, params: GenerationParams, cancel=(), on_token=None) -> Request:
+        with self._tokenizer_lock:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        room = self.max_context - len(ids)
+        if room < 1:
+            raise TunelabError(f"prompt has {len(ids)} tokens; the model accepts {self.max_context} in all")
+        request = Request(ids, params, min(params.max_new_tokens, room), self._stops(params), cancel, on_token)
+        return self.scheduler.submit(request)
 
     def _partial_text(self, ids: list[int]) -> str:
         for i, tok in enumerate(ids):
@@ -108,47 +113,17 @@ class HFEngine:
                 break
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _run(self, prompts: list[str], params: GenerationParams, cancel=(), on_step=None) -> list[Completion]:
-        with self._tokenizer_lock:
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(self.device)
-        prompt_len = enc["input_ids"].shape[1]
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
-        room = self.max_context - max(lengths)
-        if room < 1:
-            raise TunelabError(f"prompt has {max(lengths)} tokens; the model accepts {self.max_context} in all")
-        watch = StopWatch(self.tokenizer, prompt_len, len(prompts), self.stop_ids, self._stops(params), cancel,
-                          on_step)
-        config = self._generation_config(params, min(params.max_new_tokens, room))
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        with torch.inference_mode():
-            out = self.model.generate(**enc, generation_config=config, stopping_criteria=[watch])
-        results = []
-        for row, ids in enumerate(out[:, prompt_len:].tolist()):
-            text, count, reason = watch.finish(row, ids)
-            results.append(Completion(text, int(lengths[row]), count, reason))
-        return results
+    def close(self) -> None:
+        """End the generation thread (requests still in flight fail)."""
+        self.scheduler.close()
+
+    def __del__(self) -> None:  # an engine dropped by the web UI's cache must not leave its thread and model behind
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
 
     def _stops(self, params: GenerationParams) -> list[str]:
         return list(dict.fromkeys([*params.stop, *self.text_stops]))
-
-    def _generation_config(self, params: GenerationParams, max_new_tokens: int):
-        from transformers import GenerationConfig
-
-        sample = params.temperature > 0
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample else None,
-            top_k=params.top_k if sample else None,  # 0 turns top-k off; GenerationConfig's default would be 50
-            repetition_penalty=params.repetition_penalty,
-            eos_token_id=sorted(self.stop_ids),
-            pad_token_id=self.tokenizer.pad_token_id,
-            bos_token_id=self.tokenizer.bos_token_id,
-            use_cache=True,
-        )
 
 
 def _max_context(model, tokenizer) -> int:
@@ -173,11 +148,14 @@ def _stop_token_ids(model, tokenizer, template) -> set[int]:
 
 
 def load_engine(model: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                template: str | None = None, merge: bool = False) -> HFEngine:
+                template: str | None = None, merge: bool = False, max_batch_size: int = 8,
+                threads: int | None = None) -> HFEngine:
     """Load `model` (run dir, adapter, exported/HF folder, hub id or .gguf) for inference.
 
     `template` overrides the recorded chat template (a registered name or a .jinja path); `merge` folds a
-    LoRA adapter into the weights after loading (faster generation, same outputs).
+    LoRA adapter into the weights after loading (faster generation, same outputs). `max_batch_size`: rows
+    generated together (1: no batching); `threads`: the generation thread's torch threads (None: the count in
+    force in the calling thread, see inference_threads).
     """
     art = resolve_artifact(model, adapter, device=device, dtype=dtype)
     tokenizer = load_tokenizer(art.model_cfg, path=art.tokenizer_path)
@@ -187,7 +165,31 @@ def load_engine(model: str, adapter: str | None = None, *, device: str = "auto",
     enable_thinking = art.run_config.data.enable_thinking if art.run_config is not None else None
     chat_template = load_template(tokenizer, template, art.template_file, enable_thinking)
     log.info("loaded %s on %s (%s)", art.name, pick_device(art.model_cfg.device), next(net.parameters()).dtype)
-    return HFEngine(net, tokenizer, chat_template, art.name, art)
+    return HFEngine(net, tokenizer, chat_template, art.name, art, max_batch_size=max_batch_size, threads=threads)
+
+
+def inference_threads(threads: int | None = None, model: str | None = None) -> int:
+    """Set torch's threads for this process as training does and return the count in force.
+
+    `threads` None: the `train.threads` of `model` when it is a run directory, else training's default (one per
+    usable core, or torch's choice when OMP_NUM_THREADS is set). Chat, eval, serve and the web UI call this before
+    loading; the engine's generation thread then runs with the same count (docs/serving.md has the measurements).
+    """
+    from tunelab.training.speed import cpu_threads
+
+    if threads is None and model is not None:
+        threads = _run_threads(model)
+    n = cpu_threads(threads)
+    if n and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def _run_threads(model: str) -> int | None:
+    from tunelab.inference.artifacts import is_run_dir, read_run_config
+
+    path = Path(model).expanduser()
+    return read_run_config(path).train.threads if is_run_dir(path) else None
 
 
 def apply_adapter(model, adapter_path: Path, tokenizer=None, merge: bool = False):

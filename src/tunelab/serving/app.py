@@ -7,6 +7,7 @@ POST /generate. Errors always have OpenAI's shape {"error": {message, type, para
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager, suppress
@@ -122,10 +123,19 @@ def validation_error(error: RequestValidationError) -> p.ApiError:
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":
         message = "required field is missing"
+    elif first.get("type") == "model_attributes_type" and loc:  # an item of the body, e.g. "messages": ["hi"]
+        message = f"expected a JSON object, got {_json_type(first.get('input'))} {json.dumps(first.get('input'))[:80]}"
+        if loc[0] == "messages":
+            message += ' (each message is an object like {"role": "user", "content": "hi"})'
     elif first.get("type") == "model_attributes_type":
         message = "the request body must be a JSON object (sent with Content-Type: application/json)"
     where = f"`{param}`: " if param else ""
     return p.ApiError(400, f"{where}{message}", param=param, code="invalid_value")
+
+
+def _json_type(value) -> str:
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "an array"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def _is_type_tag(part) -> bool:

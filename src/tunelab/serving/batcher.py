@@ -1,10 +1,12 @@
 """Deployment stage: runs generation off the event loop, grouping concurrent requests into one engine call.
 
-Non-streaming requests wait in a bounded queue; one engine thread takes the oldest request and every queued
-request with the same generation parameters (up to `max_batch_size` prompts) and runs them as one batched
-`engine.generate` call: batching is what makes a CPU or GPU server worth running. Streaming requests each get
-their own thread (at most `max_batch_size` at once) and stop when the client goes away. A full queue is refused
-at once (the app answers 503 with Retry-After) instead of letting latency grow without bound.
+Non-streaming requests wait in a bounded queue; a dispatcher thread takes the oldest request and every queued
+request with the same generation parameters (up to `max_batch_size` prompts) and hands them to the engine as one
+`engine.generate` call on a pool thread, so the next group is handed over while this one runs. Streaming requests
+each get their own pool thread (at most `max_batch_size` at once) and stop when the client goes away. The HF
+engine batches everything in flight, streaming or not, at token boundaries (tunelab.inference.scheduler).
+A full queue is refused at once (the app answers 503 with Retry-After) instead of letting latency grow without
+bound.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class ShuttingDownError(RuntimeError):
     """The server is stopping and takes no new work."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs live in sets and are removed from queues
 class _Job:
     prompts: list[str]
     params: GenerationParams
@@ -74,11 +76,15 @@ class Batcher:
         self._streams_waiting = 0
         self._streams_running = 0
         self._stream_cancels: set[threading.Event] = set()
+        self._open_streams: dict[threading.Event, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._running_jobs: set[_Job] = set()
+        self._draining = False  # SIGTERM: no new work; what runs may finish until the shutdown timeout
         self._stream_slots: asyncio.Semaphore | None = None
         self._slots_loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0  # engine.generate calls made, and the most prompts one of them carried
         self.largest_batch = 0
         self._stream_pool = ThreadPoolExecutor(max_batch_size, thread_name_prefix="tunelab-stream")
+        self._batch_pool = ThreadPoolExecutor(max_batch_size, thread_name_prefix="tunelab-batch")
         self._worker = threading.Thread(target=self._work, name="tunelab-batcher", daemon=True)
         self._worker.start()
 
@@ -93,7 +99,7 @@ class Batcher:
         return self._running_prompts + self._streams_running
 
     def _admit(self, count: int) -> None:
-        if self._closed:
+        if self._closed or self._draining:
             raise ShuttingDownError("the server is shutting down")
         if self.queued + count > self.max_queue:
             raise QueueFullError(f"{self.queued} requests are already waiting (serve.max_queue={self.max_queue})")
@@ -120,21 +126,30 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            prompts = [p for job in batch for p in job.prompts]
             try:
-                results = self._generate_chunked(prompts, batch[0].params)
-            except BaseException as e:  # every failure must reach the waiting requests
-                log.exception("generation failed for a batch of %d prompts", len(prompts))
+                self._batch_pool.submit(self._run_batch, batch)
+            except RuntimeError as e:  # the pool was shut down (closing)
                 for job in batch:
-                    _resolve(job, error=e)
-            else:
-                start = 0
-                for job in batch:
-                    _resolve(job, result=results[start:start + len(job.prompts)])
-                    start += len(job.prompts)
-            finally:
-                with self._cond:
-                    self._running_prompts = 0
+                    _resolve(job, error=ShuttingDownError(str(e)))
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        prompts = [p for job in batch for p in job.prompts]
+        try:
+            results = self._generate_chunked(prompts, batch[0].params)
+        except BaseException as e:  # every failure must reach the waiting requests
+            log.exception("generation failed for a batch of %d prompts", len(prompts))
+            for job in batch:
+                _resolve(job, error=e)
+        else:
+            start = 0
+            for job in batch:
+                _resolve(job, result=results[start:start + len(job.prompts)])
+                start += len(job.prompts)
+        finally:
+            with self._cond:
+                self._running_jobs.difference_update(batch)
+                self._running_prompts -= len(prompts)
+                self._cond.notify_all()
 
     def _generate_chunked(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
         results: list[Completion] = []
@@ -148,7 +163,8 @@ class Batcher:
     def _next_batch(self) -> list[_Job] | None:
         """The oldest job plus queued jobs with the same key, after a short wait for more to arrive."""
         with self._cond:
-            while not self._jobs and not self._closed:
+            # the engine takes at most max_batch_size rows at once: the rest wait here, where max_queue bounds them
+            while (not self._jobs or self._running_prompts >= self.max_batch_size) and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
@@ -165,7 +181,8 @@ class Batcher:
                 size += len(job.prompts)
             for job in batch:
                 self._jobs.remove(job)
-            self._running_prompts = size
+            self._running_jobs.update(batch)
+            self._running_prompts += size
             return batch
 
     def _compatible_prompts(self) -> int:
@@ -191,6 +208,7 @@ class Batcher:
         events: asyncio.Queue = asyncio.Queue()
         self._streams_running += 1
         self._stream_cancels.add(cancel)
+        self._open_streams[cancel] = (events, loop)
         try:
             self._stream_pool.submit(self._run_stream, prompt, params, cancel, events, loop)
             while True:
@@ -203,6 +221,7 @@ class Batcher:
         finally:
             cancel.set()  # the engine checks it between tokens
             self._stream_cancels.discard(cancel)
+            self._open_streams.pop(cancel, None)
             self._streams_running -= 1
             self._stream_slots.release()
 
@@ -221,6 +240,28 @@ class Batcher:
         _call_soon(loop, put, None)
 
     # ------------------------------------------------------------------------------------------------ shutdown
+    def drain(self) -> None:
+        """Shutdown has begun: refuse new requests (503 shutting_down) and let those in flight go on."""
+        with self._cond:
+            self._draining = True
+
+    def abort_running(self, reason: str = "the server is shutting down") -> int:
+        """The shutdown timeout has passed: end every open stream with an error event and answer every running or
+        queued request with a 503, so clients can tell a stop from a network failure. Thread-safe; returns the
+        number of requests ended."""
+        error = ShuttingDownError(reason)
+        with self._cond:
+            self._draining = True
+            jobs = [*self._running_jobs, *self._jobs]
+            self._jobs = deque()
+            streams = list(self._open_streams.items())
+        for job in jobs:
+            _resolve(job, error=error)
+        for cancel, (events, loop) in streams:
+            cancel.set()  # the engine drops the row at the next token
+            _call_soon(loop, events.put_nowait, error)
+        return len(jobs) + len(streams)
+
     def close(self) -> None:
         """Refuse new work, stop running streams, fail queued requests, and let the engine thread end."""
         with self._cond:
@@ -232,6 +273,7 @@ class Batcher:
         for cancel in list(self._stream_cancels):
             cancel.set()
         self._stream_pool.shutdown(wait=False, cancel_futures=True)
+        self._batch_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:

@@ -17,7 +17,7 @@ from jinja2 import TemplateError
 from tunelab.config.schema import ServeConfig
 from tunelab.inference.engine import Completion, Engine, GenerationParams, StreamEvent
 from tunelab.serving import protocol as p
-from tunelab.serving.batcher import Batcher
+from tunelab.serving.batcher import Batcher, ShuttingDownError
 from tunelab.serving.tools import parse_reply, safe_prefix, tool_names
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,10 @@ async def guarded(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
         async for chunk in chunks:
             yield chunk
+    except ShuttingDownError as e:  # the shutdown timeout passed while this stream was still open
+        yield sse(p.ApiError(503, f"{e}; the answer is incomplete, retry later", type="server_busy",
+                             code="shutting_down").body())
+        yield sse("[DONE]")
     except Exception as e:
         log.exception("streamed generation failed")
         yield sse(p.ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error").body())

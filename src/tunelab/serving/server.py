@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 
 from tunelab.config.schema import ServeConfig
 from tunelab.errors import TunelabError
@@ -42,29 +43,64 @@ def check_port_free(host: str, port: int) -> None:
             raise TunelabError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from e
 
 
+# After the shutdown timeout, open streams get this long to send their error event before uvicorn cuts them.
+ABORT_GRACE_S = 2.0
+
+
 def run_server(app, cfg: ServeConfig, shutdown_timeout_s: float = 30.0, log_level: str = "info") -> None:
-    """Serve `app` until SIGINT/SIGTERM; then stop accepting, let requests in flight finish, and return."""
+    """Serve `app` until SIGINT/SIGTERM; then stop accepting, let requests in flight finish within
+    `shutdown_timeout_s`, end those still open with an error event (streams) or a 503, and return."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:  # the first signal starts the graceful shutdown
+                start_shutdown(app, shutdown_timeout_s)
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout_s, server_header=False)
+                            timeout_graceful_shutdown=shutdown_timeout_s + ABORT_GRACE_S, server_header=False)
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown; that is a normal stop
         log.info("server stopped")
 
 
+def start_shutdown(app, timeout_s: float) -> threading.Timer:
+    """Refuse new requests now; after `timeout_s`, end the requests still running (a timer thread)."""
+    batcher = app.state.serve.batcher
+    batcher.drain()
+
+    def abort() -> None:
+        ended = batcher.abort_running(f"the server stopped; requests still running after {timeout_s:g} s were ended")
+        if ended:
+            log.warning("shutdown timeout: ended %d request(s) still running", ended)
+
+    timer = threading.Timer(timeout_s, abort)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None, *, allow_no_auth: bool = False,
-          shutdown_timeout_s: float = 30.0, **engine_kwargs) -> None:
+          shutdown_timeout_s: float = 30.0, threads: int | None = None, engine: str = "hf", **engine_kwargs) -> None:
     """Load `model` (run directory, adapter, merged or exported folder, hub id or GGUF) and serve it."""
-    from tunelab.inference.hf import load_engine
+    cfg = cfg or ServeConfig()
+    check_exposure(cfg, allow_no_auth)  # before the heavy imports below: a refusal must come at once
+    check_port_free(cfg.host, cfg.port)
+    if engine == "vllm":
+        from tunelab.inference.vllm import check_vllm, load_vllm_engine
+
+        check_vllm()  # a clear refusal before anything is loaded
+        loaded = load_vllm_engine(model, adapter, template=engine_kwargs.get("template"))
+    else:
+        from tunelab.inference.hf import inference_threads, load_engine
+
+        inference_threads(threads, model)
+        loaded = load_engine(model, adapter=adapter, max_batch_size=cfg.max_batch_size, **engine_kwargs)
     from tunelab.serving.app import create_app
 
-    cfg = cfg or ServeConfig()
-    check_exposure(cfg, allow_no_auth)
-    check_port_free(cfg.host, cfg.port)
-    engine = load_engine(model, adapter=adapter, **engine_kwargs)
-    app = create_app(engine, cfg)
+    app = create_app(loaded, cfg)
     name = app.state.serve.model_name
     auth = "API key required" if api_keys(cfg) else "no API key"
     print(f"serving {name} on http://{cfg.host}:{cfg.port}/v1 ({auth}); Ctrl+C stops", flush=True)

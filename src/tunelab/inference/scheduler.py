@@ -1,0 +1,285 @@
+"""Continuous (in-flight) batching over the model's KV cache: the one generation loop behind HFEngine.
+
+Requests join the running batch at a token boundary (their prompts are prefilled together, then their cache rows
+are left-padded and stacked onto the batch's) and leave it when they end, each with its own sampling parameters,
+stop strings, token limit and cancel event. Every row gets explicit position ids and an attention mask over its
+own tokens, so a request's greedy output does not depend on what it is batched with (tested).
+
+Why not transformers' `init_continuous_batching` / `generate_batch`: its paged cache takes no initial per-request
+cache, so P-Tuning v2 prefixes (a trained KV cache in every layer) could not be applied, and tunelab needs per-row
+stop strings and streaming callbacks; see docs/serving.md.
+
+A P-Tuning v2 / prefix-tuning adapter is applied here at its root: every request's cache starts with the
+adapter's trained prefix (`peft_model.get_prompt`), and the base model runs on it. peft's own `generate` skips the
+prefix with a KV cache on transformers 5 (it answers like the base model; issue 12).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tunelab.inference.engine import Completion, GenerationParams
+from tunelab.inference.stopping import find_stop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One prompt in flight; `on_token` (optional) sees the generated ids after every step, on the loop thread."""
+
+    ids: list[int]
+    params: GenerationParams
+    max_new_tokens: int
+    stops: list[str]
+    cancel: tuple[threading.Event, ...] = ()  # any of them set: the row leaves at the next token
+    on_token: Callable[[list[int]], None] | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Completion | None = None
+    error: BaseException | None = None
+    out: list[int] = field(default_factory=list)
+    pos: int = 0  # position id of the next token fed to the model
+    hit_stop: bool = False
+    generator: torch.Generator | None = None
+
+    def cancelled(self) -> bool:
+        return any(c.is_set() for c in self.cancel)
+
+    def wait(self) -> Completion:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Scheduler:
+    """Owns the model on one long-lived thread; `submit` may be called from any thread."""
+
+    def __init__(self, model, tokenizer, stop_ids: set[int], max_batch_size: int = 8, threads: int | None = None):
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.max_batch_size = max(1, max_batch_size)
+        # torch's thread count is per OS thread: without a setting, the loop thread takes its creator's count
+        self.threads = threads or torch.get_num_threads()
+        self.prefix_model = model if _is_prefix_model(model) else None
+        self.model = model.get_base_model() if self.prefix_model is not None else model
+        self.device = next(model.parameters()).device
+        # transformers 5.24 renamed the forward argument past_key_values to cache (the old name warns until 5.40)
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._pending: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._rows: list[Request] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # (rows, cache length): 1 where a row has a real token
+        self.steps = 0  # decode steps run, and the most rows one of them carried (for tests and the bench)
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._loop, name="tunelab-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> Request:
+        self._pending.put(request)
+        return request
+
+    def close(self) -> None:
+        self._pending.put(None)
+
+    # ------------------------------------------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        torch.set_num_threads(self.threads)  # a long-lived thread keeps the count it was given
+        while True:
+            joiners = self._take_pending(block=not self._rows)
+            if joiners is None:
+                self._fail_all(RuntimeError("the engine was closed"))
+                return
+            try:
+                with torch.inference_mode():
+                    if joiners:
+                        self._prefill(joiners)
+                    if self._rows:
+                        self._decode()
+            except BaseException as e:
+                log.exception("generation step failed")
+                self._fail_all(e)
+
+    def _take_pending(self, block: bool) -> list[Request] | None:
+        room = self.max_batch_size - len(self._rows)
+        taken: list[Request] = []
+        while len(taken) < room:
+            try:
+                item = self._pending.get(block=block and not taken)
+            except queue.Empty:
+                break
+            if item is None:
+                return None
+            if item.cancelled():
+                self._finish(item)
+                continue
+            taken.append(item)
+        return taken
+
+    def _fail_all(self, error: BaseException) -> None:
+        for req in self._rows:
+            req.error = error
+            req.done.set()
+        self._rows, self._cache, self._mask = [], None, None
+
+    # ---------------------------------------------------------------------------------------------- model calls
+    def _prefill(self, joiners: list[Request]) -> None:
+        """Run the joiners' prompts together (left-padded), sample their first tokens, add them to the batch."""
+        n, width = len(joiners), max(len(r.ids) for r in joiners)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(joiners):
+            ids[i, width - len(r.ids):] = torch.tensor(r.ids)
+            mask[i, width - len(r.ids):] = 1
+        cache, prefix_len = self._start_cache(n)
+        mask = torch.cat([torch.ones((n, prefix_len), dtype=torch.long), mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
+                         **{self._cache_arg: cache})
+        for r in joiners:
+            r.pos = prefix_len + len(r.ids)
+            if r.params.seed is not None:
+                r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
+        self._merge(_returned_cache(out), mask.to(self.device), joiners)
+        self._advance(joiners, out.logits[:, -1, :])
+
+    def _decode(self) -> None:
+        rows = self._rows
+        ids = torch.tensor([[r.out[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([[r.pos] for r in rows], device=self.device)
+        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], 1)
+        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions, use_cache=True,
+                         **{self._cache_arg: self._cache})
+        self._cache = _returned_cache(out)
+        for r in rows:
+            r.pos += 1
+        self.steps += 1
+        self.largest_batch = max(self.largest_batch, len(rows))
+        self._advance(rows, out.logits[:, -1, :])
+
+    def _start_cache(self, n: int):
+        from transformers import DynamicCache
+
+        if self.prefix_model is None:
+            return DynamicCache(), 0
+        prompt = self.prefix_model.get_prompt(batch_size=n)
+        return _plain_cache(_layers(prompt)), self.prefix_model.peft_config["default"].num_virtual_tokens
+
+    # ------------------------------------------------------------------------------------------- cache rows
+    def _merge(self, cache, mask: torch.Tensor, joiners: list[Request]) -> None:
+        if self._cache is None:
+            self._cache, self._mask, self._rows = _plain_cache(_layers(cache)), mask, list(joiners)
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        layers = [(torch.cat([_pad_left(k0, width), _pad_left(k1, width)]),
+                   torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
+                  for (k0, v0), (k1, v1) in zip(_layers(self._cache), _layers(cache))]
+        self._cache = _plain_cache(layers)
+        self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)])
+        self._rows += joiners
+
+    def _drop_rows(self, finished: list[Request]) -> None:
+        keep = [i for i, r in enumerate(self._rows) if r not in finished]
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        first = int((mask.sum(0) > 0).nonzero()[0])  # columns padding every remaining row can go
+        self._mask = mask[:, first:]
+        self._cache = _plain_cache([(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+                                    for k, v in _layers(self._cache)])
+        self._rows = [self._rows[i] for i in keep]
+
+    # ---------------------------------------------------------------------------------------- tokens and stops
+    def _advance(self, rows: list[Request], logits: torch.Tensor) -> None:
+        finished = []
+        for i, r in enumerate(rows):
+            token = _pick(logits[i:i + 1].float(), r)
+            r.out.append(token)
+            if token in self.stop_ids or r.stops and find_stop(self._decode_text(r.out), r.stops) >= 0:
+                r.hit_stop = True
+            if r.on_token is not None:
+                r.on_token(list(r.out))
+            if r.hit_stop or r.cancelled() or len(r.out) >= r.max_new_tokens:
+                finished.append(r)
+        for r in finished:
+            self._finish(r)
+        if finished:
+            self._drop_rows(finished)
+
+    def _finish(self, r: Request) -> None:
+        ids = r.out[:-1] if r.out and r.hit_stop and r.out[-1] in self.stop_ids else r.out
+        text = self._decode_text(ids)
+        cut = find_stop(text, r.stops)
+        if cut >= 0:
+            text = text[:cut]
+        reason = "stop" if r.hit_stop or r.cancelled() else "length"
+        r.result = Completion(text, len(r.ids), len(r.out), reason)
+        r.done.set()
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _pick(logits: torch.Tensor, r: Request) -> int:
+    """The next token of one row: repetition penalty, then greedy or temperature/top-k/top-p sampling."""
+    p = r.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(r.ids) | set(r.out)), device=logits.device)
+        scores = logits[0, seen]
+        logits[0, seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+    if p.temperature <= 0:
+        return int(logits.argmax(-1))
+    logits = logits / p.temperature
+    if p.top_k and p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > p.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=r.generator))
+
+
+def _is_prefix_model(model) -> bool:
+    config = getattr(model, "peft_config", None)
+    return bool(config) and getattr(config.get("default"), "is_prompt_learning", False)
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _plain_cache(layers):
+    """A DynamicCache of full (not sliding) layers: the attention mask, not the cache, bounds what a row sees."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

@@ -1,0 +1,152 @@
+"""Continuous batching (tunelab.inference.scheduler): join and leave mid-batch, cancel, per-request sampling and
+stops, identical greedy output under 16-way concurrency (with and without a LoRA adapter), thread settings."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from test_inference_support import make_adapter
+
+from tunelab.inference.engine import GenerationParams
+from tunelab.inference.hf import load_engine
+from tunelab.inference.scheduler import Request
+
+QUESTIONS = [f"Question {i}: " + ("why is the sky blue? " * (i % 4)) + ("请用中文回答。" if i % 3 == 0 else "")
+             for i in range(16)]
+
+
+def render(engine, text: str) -> str:
+    return engine.render([{"role": "user", "content": text}])
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return load_engine(str(tiny_models["llama"]))
+
+
+@pytest.fixture(scope="module")
+def lora_engine(tiny_models, tmp_path_factory):
+    return load_engine(str(make_adapter(tiny_models["llama"], tmp_path_factory.mktemp("lora") / "a")))
+
+
+def submit(engine, prompt: str, params: GenerationParams, **kw) -> Request:
+    return engine._submit(prompt, params, **kw)
+
+
+def test_requests_join_and_leave_a_running_batch(engine):
+    long_p, short_p = render(engine, QUESTIONS[1]), render(engine, QUESTIONS[2])
+    long_alone = engine.generate([long_p], GenerationParams(max_new_tokens=30))[0]
+    short_alone = engine.generate([short_p], GenerationParams(max_new_tokens=5))[0]
+    started = threading.Event()
+    steps_before = engine.scheduler.steps
+    first = submit(engine, long_p, GenerationParams(max_new_tokens=30),
+                   on_token=lambda ids: len(ids) == 8 and started.set())
+    assert started.wait(30)
+    second = submit(engine, short_p, GenerationParams(max_new_tokens=5))  # joins at a token boundary
+    short = second.wait()
+    assert not first.done.is_set()  # the short request left while the long one kept going
+    assert first.wait() == long_alone and short == short_alone
+    assert engine.scheduler.largest_batch >= 2
+    assert engine.scheduler.steps - steps_before < 30 + 5  # they shared decode steps
+
+
+def test_cancel_removes_one_row_and_leaves_the_others_intact(engine):
+    prompts = [render(engine, q) for q in QUESTIONS[:3]]
+    alone = [engine.generate([p], GenerationParams(max_new_tokens=20))[0] for p in prompts]
+    cancel = threading.Event()
+    reqs = [submit(engine, p, GenerationParams(max_new_tokens=20),
+                   cancel=(cancel,) if i == 1 else (), on_token=(lambda ids: len(ids) == 3 and cancel.set()))
+            for i, p in enumerate(prompts)]
+    done = [r.wait() for r in reqs]
+    assert done[1].finish_reason == "stop" and done[1].completion_tokens == 3
+    assert alone[1].text.startswith(done[1].text)
+    assert [done[0], done[2]] == [alone[0], alone[2]]
+
+
+def test_closing_a_stream_cancels_its_row(engine):
+    prompt = render(engine, QUESTIONS[0])
+    events = engine.stream(prompt, GenerationParams(max_new_tokens=500))
+    next(events)
+    events.close()  # the client went away
+    for _ in range(100):
+        if not engine.scheduler._rows:
+            break
+        threading.Event().wait(0.05)
+    assert not engine.scheduler._rows
+
+
+def test_per_request_sampling_and_stop_strings_in_one_batch(engine):
+    prompts = [render(engine, q) for q in QUESTIONS[:4]]
+    full = engine.generate([prompts[0]], GenerationParams(max_new_tokens=16))[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    plans = [GenerationParams(max_new_tokens=16, stop=[stop]),
+             GenerationParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=40, seed=7),
+             GenerationParams(max_new_tokens=9, repetition_penalty=1.3),
+             GenerationParams(max_new_tokens=12, temperature=1.2, seed=3)]
+    alone = [engine.generate([p], params)[0] for p, params in zip(prompts, plans)]
+    together = [r.wait() for r in [submit(engine, p, params) for p, params in zip(prompts, plans)]]
+    assert together == alone
+    assert alone[0].text == full[: full.index(stop)] and alone[0].finish_reason == "stop"
+    assert alone[2].completion_tokens == 9 and alone[2].finish_reason == "length"
+    assert alone[1].text != engine.generate([prompts[1]], GenerationParams(max_new_tokens=12))[0].text
+
+
+@pytest.mark.parametrize("which", ["engine", "lora_engine"])
+def test_sixteen_concurrent_requests_equal_each_request_alone(request, which):
+    eng = request.getfixturevalue(which)
+    params = GenerationParams(max_new_tokens=10)
+    prompts = [render(eng, q) for q in QUESTIONS]
+    alone = [eng.generate([p], params)[0] for p in prompts]
+
+    def streamed(p):
+        events = list(eng.stream(p, params))
+        return "".join(e.delta for e in events), events[-1].completion
+
+    with ThreadPoolExecutor(16) as pool:
+        plain = list(pool.map(lambda p: eng.generate([p], params)[0], prompts))
+        streams = list(pool.map(streamed, prompts))
+    assert plain == alone
+    assert [s[1] for s in streams] == alone and [s[0] for s in streams] == [c.text for c in alone]
+
+
+def test_lora_adapter_changes_the_answers(engine, lora_engine):
+    prompt = render(engine, QUESTIONS[1])
+    params = GenerationParams(max_new_tokens=10)
+    assert engine.generate([prompt], params)[0].text != lora_engine.generate([prompt], params)[0].text
+
+
+def test_generation_thread_uses_the_thread_setting(tiny_models):
+    seen = []
+    for threads in (1, 2):
+        eng = load_engine(str(tiny_models["llama"]), threads=threads)
+        assert eng.threads == threads
+        eng.generate([render(eng, "hi")], GenerationParams(max_new_tokens=2))
+        req = submit(eng, render(eng, "hi"), GenerationParams(max_new_tokens=1),
+                     on_token=lambda ids: seen.append(torch.get_num_threads()))
+        req.wait()
+        eng.close()
+    assert seen == [1, 2]
+
+
+def test_default_threads_follow_training(monkeypatch, tiny_models, tmp_path):
+    from test_inference_support import make_run_dir
+
+    from tunelab.inference.hf import inference_threads
+    from tunelab.training.speed import usable_cores
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert inference_threads(None) == usable_cores()  # training's default: one per usable core
+        assert inference_threads(1) == 1
+        run = make_run_dir(tiny_models["llama"], tmp_path, "lora")
+        (run / "config.yaml").write_text((run / "config.yaml").read_text() + "train:\n  threads: 2\n")
+        assert inference_threads(None, str(run)) == 2  # a run's train.threads
+        eng = load_engine(str(tiny_models["llama"]))
+        assert eng.threads == 2  # the engine's thread takes the count in force where it was made
+        eng.close()
+    finally:
+        torch.set_num_threads(before)
