@@ -250,7 +250,6 @@ def test_loss_legend_and_eval_headers_follow_the_language():
 # ------------------------------------------------------------------------------------------------ start checks
 def test_start_refuses_missing_data_before_spawning_a_run(tmp_path):
     """The train tab runs `tunelab validate`'s data checks (tunelab.data.check) before it starts a process."""
-    pytest.importorskip("tunelab.data.check", reason="tunelab.data.check (the data checks of issue 12) not merged yet")
     from tunelab.webui.jobs import JobRunner
     from tunelab.webui.train_tab import _start_job
 

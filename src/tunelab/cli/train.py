@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args)
     if args.nproc < 1:
         raise TunelabError("--nproc must be at least 1")
+    from tunelab.data.check import check_data
+
+    check_data(cfg, args.config)  # every data problem at once, before a model loads or a process starts
     if args.nproc > 1:
         return launch(args, cfg)
     from tunelab.training.callbacks import StopBeforeTraining

@@ -194,28 +194,16 @@ def _yaml_of(specs, values, extra_state) -> str:
     return dump_config(_form_config(specs, values, extra_state))
 
 
-def _check_data(cfg) -> None:
-    """`tunelab validate`'s data checks (tunelab.data.check: empty data.datasets, missing files, globs matching
-    nothing, unregistered names), raising ConfigError with every problem. That module comes from the data work of
-    the same issue; until it is merged in, the data stage reports these problems when the run starts."""
-    try:
-        from tunelab.data.check import check_data
-    except ModuleNotFoundError as e:
-        if e.name != "tunelab.data.check":
-            raise
-        return
-    check_data(cfg, "from the form")
-
-
 def _start_job(ui, specs, values, extra_state, resume: bool) -> TrainingJob:
     """Validate the form (errors appear before anything starts), write the YAML, launch `tunelab train`."""
     from tunelab.config.load import dump_config
+    from tunelab.data.check import check_data
     from tunelab.methods import check_method_available
     from tunelab.models.load import pick_device
     from tunelab.training.rundir import select_run_dir
 
     cfg = _form_config(specs, values, extra_state)
-    _check_data(cfg)  # a missing file or an unknown dataset name is listed now, not after a process has started
+    check_data(cfg, "from the form")  # a missing file or an unknown dataset name is listed now, not after a process has started
     check_method_available(cfg.method, pick_device(cfg.model.device))  # the same check training makes, shown now
     # The folder training will use (a new name, or the run to resume), chosen by training's own rule: the UI must
     # know it to watch the run, and a refused choice (checkpoints already there) shows before anything starts.
