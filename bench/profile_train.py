@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import train as bench  # noqa: E402  (bench/train.py: the same data, LoRA and hyperparameters)
+import train as bench  # (bench/train.py: the same data, LoRA and hyperparameters)
 
 
 def profiler_callback(skip: int, prof_holder: dict):

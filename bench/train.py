@@ -577,7 +577,8 @@ def render(args, spec: dict, peak: dict, flops: float, rows: list[dict], seconds
          f"{args.steps * args.batch_size} ({spec['tokens']} tokens, {spec['trained_tokens']} with loss), "
          f"{args.steps} steps of {args.batch_size}; {flops / 1e12:.2f} model TFLOP."),
         (f"Precision: {'fp32 in every arm' if args.precision == 'fp32' else 'each arm its default'}. "
-         f"Runs: {args.repeat} per arm, interleaved (every arm once, then again), the median run reported. "
+         f"Runs: {args.repeat} per arm, interleaved (every arm once, then again), the median run reported "
+         f"(of two: the faster). "
          f"'tokens/s' times all {args.steps} steps (set-up of step 1 included); 'after step 1' times steps "
          f"2-{args.steps} ({args.steps - 1} steps) by their own tokens, and 'MFU own' uses that time against the "
          f"matmul peak of the arm's precision. 'load' is the 1-minute load average at the start and end of the "
@@ -593,7 +594,7 @@ def render(args, spec: dict, peak: dict, flops: float, rows: list[dict], seconds
     if any(r["gc"] for r in rows):
         parts += ["", "With gradient checkpointing:", "", table([r for r in rows if r["gc"]], gpu)]
     if args.repeat > 1:
-        parts += ["", "Every run, in the order run (tokens/s after step 1, load average at its start and end):", ""]
+        parts += ["", "Every run, fastest first (tokens/s after step 1, load average at its start and end):", ""]
         parts += [f"- {arm_label(r['arm'], r.get('precision'))}{' + gc' if r['gc'] else ''}: " + ", ".join(
             f"{v} ({a}-{b})" for v, (a, b) in zip(r.get("steady_all", []), r.get("load_all", []), strict=False))
             for r in rows if "error" not in r]
