@@ -44,6 +44,7 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.05,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 HYPER = {"lr": 2e-4, "scheduler": "cosine", "seed": 42}
 ARMS = ("plain", "trl", "trl_fast", "tunelab")
+FP32_ARMS = ("plain", "trl_fast", "tunelab")  # --precision fp32: TRL's default arm differs only by recomputation
 
 # ------------------------------------------------------------------------------------------------- synthetic data
 EN = {
@@ -249,7 +250,29 @@ def _shared_args(spec: dict, arm: str) -> dict:
             "max_steps": spec["steps"], "learning_rate": HYPER["lr"], "lr_scheduler_type": HYPER["scheduler"],
             "seed": HYPER["seed"], "logging_steps": 1, "save_strategy": "no", "report_to": "none",
             "disable_tqdm": True, "use_cpu": spec["device"] == "cpu",
-            "dataloader_pin_memory": spec["device"] == "cuda"}
+            "dataloader_pin_memory": spec["device"] == "cuda",
+            # counted per step for the steady-state rate; padding-free rows have no attention_mask and hold
+            # end-of-turn tokens equal to the pad id, so they count every token
+            "include_num_input_tokens_seen": "all" if arm == "trl_fast" else "non_padding"}
+
+
+def step_clock():
+    """A TrainerCallback recording, at the end of every optimizer step, the time and the input tokens seen so far:
+    steady-state speed is measured from the end of step 1 (set-up, first allocations) to the end of the run."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends, self.seen = [], []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+            self.seen.append(int(state.num_input_tokens_seen))
+
+        def result(self) -> dict:
+            return {"step_ends": self.ends, "tokens_seen": self.seen}
+
+    return StepClock()
 
 
 def arm_plain(spec: dict, gc: bool) -> dict:
@@ -263,11 +286,12 @@ def arm_plain(spec: dict, gc: bool) -> dict:
     model = get_peft_model(_load_model(spec), _peft_lora())
     args = TrainingArguments(**_shared_args(spec, "plain"), bf16=spec["device"] == "cuda",
                              gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    clock = step_clock()
     trainer = Trainer(model=model, args=args, train_dataset=load_from_disk(spec["dataset"]),
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), callbacks=[clock])
     output = trainer.train()
-    return {"loss": output.training_loss, "train_s": output.metrics["train_runtime"],
-            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    return {"loss": output.training_loss, "train_s": output.metrics["train_runtime"], "precision": "fp32",
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], **clock.result()}
 
 
 def arm_trl(spec: dict, gc: bool, fast: bool = False) -> dict:
@@ -276,27 +300,36 @@ def arm_trl(spec: dict, gc: bool, fast: bool = False) -> dict:
     from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    extra = {"bf16": True}  # TRL's default; stated so the CUDA run reads the same
+    bf16 = spec.get("precision") != "fp32"
+    extra = {"bf16": bf16}  # TRL's default is bf16; --precision fp32 turns it off
     if fast:  # padding-free batches (examples end to end, position_ids restart) and no recomputation
         extra.update(padding_free=True, max_length=None, gradient_checkpointing=gc)
     # the default arm keeps TRL's default gradient checkpointing (on) in both tables
     args = SFTConfig(**_shared_args(spec, "trl_fast" if fast else "trl"), **extra)
     set_seed(HYPER["seed"])
+    clock = step_clock()
     trainer = SFTTrainer(model=_load_model(spec), args=args, train_dataset=load_from_disk(spec["dataset"]),
-                         processing_class=AutoTokenizer.from_pretrained(spec["model"]), peft_config=_peft_lora())
+                         processing_class=AutoTokenizer.from_pretrained(spec["model"]), peft_config=_peft_lora(),
+                         callbacks=[clock])
     output = trainer.train()
     return {"loss": output.training_loss, "train_s": output.metrics["train_runtime"],
-            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+            "precision": "bf16" if bf16 else "fp32",
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], **clock.result()}
 
 
 def arm_tunelab(spec: dict, gc: bool, method: str = "lora", overrides: list[str] | None = None) -> dict:
     """(d) tunelab's recipe with its defaults (or with `overrides`, one speed option turned off)."""
     from tunelab.training.sft import train
 
-    result = train(tunelab_config(spec, gc, method, overrides), echo=False)
+    if spec.get("precision") == "fp32":
+        overrides = ["train.mixed_precision=no", *(overrides or [])]
+    clock = step_clock()
+    result = train(tunelab_config(spec, gc, method, overrides), echo=False, callbacks=[clock])
     lines = (result.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return {"loss": result.metrics["train_loss"], "train_s": result.metrics["runtime_s"],
-            "losses": [r["loss"] for r in map(json.loads, lines) if "loss" in r]}
+    env = json.loads((result.run_dir / "env.json").read_text(encoding="utf-8"))
+    precision = "fp32" if env.get("mixed_precision", "no") == "no" else env["mixed_precision"]
+    return {"loss": result.metrics["train_loss"], "train_s": result.metrics["runtime_s"], "precision": precision,
+            "losses": [r["loss"] for r in map(json.loads, lines) if "loss" in r], **clock.result()}
 
 
 ARM_FUNCS = {
@@ -321,9 +354,11 @@ def arm_function(arm: str):
     return ARM_FUNCS[arm]
 
 
-def arm_label(arm: str) -> str:
+def arm_label(arm: str, precision: str | None = None) -> str:
     if arm.startswith("tunelab:"):
         return "tunelab, " + arm.split(":", 1)[1].replace(";", ", ")
+    if precision == "fp32" and arm in FP32_LABELS:
+        return FP32_LABELS[arm]
     return LABELS[arm]
 
 
@@ -334,6 +369,8 @@ LABELS = {
     "tunelab": "tunelab (defaults)",
     "tunelab_qlora": "tunelab QLoRA 4-bit",
 }
+FP32_LABELS = {"trl": "TRL SFTTrainer, defaults but fp32", "trl_fast": "TRL SFTTrainer, padding_free, fp32",
+               "tunelab": "tunelab (defaults, train.mixed_precision=no)"}
 
 
 def run_arm(spec_file: str, out_file: str) -> int:
@@ -360,6 +397,7 @@ def launch(spec: dict, arm: str, gc: bool, timeout: float) -> dict:
     spec_file, out_file, log_file = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.log"
     spec_file.write_text(json.dumps({**spec, "arm": arm, "gc": gc, "lengths": None}), encoding="utf-8")
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with log_file.open("w") as log:
         try:
             code = subprocess.call([sys.executable, __file__, "--child", str(spec_file), str(out_file)], stdout=log,
@@ -370,33 +408,52 @@ def launch(spec: dict, arm: str, gc: bool, timeout: float) -> dict:
         tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
         return {"arm": arm, "gc": gc, "error": f"exit {code}: " + " | ".join(tail)}
     result = json.loads(out_file.read_text(encoding="utf-8"))
-    return {"arm": arm, "gc": gc, "wall_s": time.perf_counter() - started, **result}
+    return {"arm": arm, "gc": gc, "wall_s": time.perf_counter() - started, "load": [load_before, os.getloadavg()[0]],
+            **result}
 
 
 def derive(result: dict, spec: dict, peak: dict, flops: float) -> dict:
     if "error" in result:
         return result
     seconds = result["train_s"]
+    steady = steady_rate(result)
+    # model FLOPs of the steps after the first, in proportion to their tokens
+    steady_flops = flops * steady["tokens"] / spec["tokens"] if steady else None
+    own = peak[result.get("precision", "fp32")]
     return {**result, "tokens_per_s": spec["tokens"] / seconds, "mfu_fp32": flops / seconds / peak["fp32"],
-            "mfu_bf16": flops / seconds / peak["bf16"]}
+            "mfu_bf16": flops / seconds / peak["bf16"], "steady": steady,
+            "steady_tokens_per_s": steady["tokens"] / steady["seconds"] if steady else None,
+            "mfu_own": steady_flops / steady["seconds"] / own if steady else flops / seconds / own}
+
+
+def steady_rate(result: dict) -> dict | None:
+    """Tokens and seconds of the steps after the first (None with fewer than two steps)."""
+    ends, seen = result.get("step_ends") or [], result.get("tokens_seen") or []
+    if len(ends) < 2 or len(seen) != len(ends):
+        return None
+    return {"steps": len(ends) - 1, "tokens": seen[-1] - seen[0], "seconds": ends[-1] - ends[0]}
 
 
 def table(rows: list[dict], gpu: bool) -> str:
     """Markdown table with ratios to the seeds' recipe (the first row with arm == plain)."""
     base = next((r for r in rows if r["arm"] == "plain" and "error" not in r), None)
-    head = ["arm", "tokens/s", "x plain", "train s", "peak RSS GB", "x plain", "mean loss", "vs plain",
-            "MFU fp32", "MFU bf16"] + (["peak GPU GB"] if gpu else [])
+    head = ["arm", "tokens/s", "x plain", "after step 1", "x plain", "train s", "peak RSS GB", "x plain",
+            "mean loss", "vs plain", "MFU fp32", "MFU bf16", "MFU own", "load"] + (["peak GPU GB"] if gpu else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        label = arm_label(r["arm"]) + (" + grad. checkpointing" if r["gc"] and r["arm"] != "trl" else "")
+        label = arm_label(r["arm"], r.get("precision")) + (" + grad. checkpointing" if r["gc"] and r["arm"] != "trl"
+                                                          else "")
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error'][:150]} |")
             continue
-        speed, memory = (_ratio(r, base, k) for k in ("tokens_per_s", "peak_rss_gb"))
+        speed, steady, memory = (_ratio(r, base, k) for k in ("tokens_per_s", "steady_tokens_per_s", "peak_rss_gb"))
         loss = f"{100 * (r['loss'] / base['loss'] - 1):+.2f}%" if base else "-"
-        cells = [label, f"{r['tokens_per_s']:.1f}", speed, f"{r['train_s']:.1f}",
+        rate = f"{r['steady_tokens_per_s']:.1f}" if r.get("steady_tokens_per_s") else "-"
+        load = "-".join(f"{x:.1f}" for x in r.get("load", ()))
+        cells = [label, f"{r['tokens_per_s']:.1f}", speed, rate, steady, f"{r['train_s']:.1f}",
                  f"{r['peak_rss_gb']:.2f}", memory, f"{r['loss']:.4f}", loss,
-                 f"{100 * r['mfu_fp32']:.1f}%", f"{100 * r['mfu_bf16']:.1f}%"]
+                 f"{100 * r['mfu_fp32']:.1f}%", f"{100 * r['mfu_bf16']:.1f}%",
+                 f"{100 * r['mfu_own']:.1f}% {r.get('precision', 'fp32')}", load]
         if gpu:
             cells.append(f"{r.get('peak_gpu_gb', 0):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -404,7 +461,7 @@ def table(rows: list[dict], gpu: bool) -> str:
 
 
 def _ratio(row: dict, base: dict | None, key: str) -> str:
-    return f"{row[key] / base[key]:.2f}x" if base else "-"
+    return f"{row[key] / base[key]:.2f}x" if base and row.get(key) and base.get(key) else "-"
 
 
 def machine(device: str) -> str:
@@ -414,7 +471,21 @@ def machine(device: str) -> str:
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), flags: {cpu_flags()}")
+
+
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> str:
+    """The SIMD flags that decide the fp32 and bf16 matmul rates: which are present, which absent."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    have = set(line.split(":", 1)[1].split())
+    return " ".join(f if f in have else f"no-{f}" for f in SIMD_FLAGS)
 
 
 def pick_median(runs: list[dict]) -> dict:
@@ -422,7 +493,9 @@ def pick_median(runs: list[dict]) -> dict:
     good = sorted((r for r in runs if "error" not in r), key=lambda r: r["train_s"])
     if not good:
         return runs[-1]
-    return {**good[(len(good) - 1) // 2], "train_s_all": [round(r["train_s"], 1) for r in runs if "error" not in r]}
+    return {**good[(len(good) - 1) // 2], "train_s_all": [round(r["train_s"], 1) for r in good],
+            "steady_all": [round(r["steady_tokens_per_s"], 1) for r in good if r.get("steady_tokens_per_s")],
+            "load_all": [[round(x, 1) for x in r["load"]] for r in good if "load" in r]}
 
 
 def parse_args(argv: list[str] | None):
@@ -433,18 +506,27 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cutoff", type=int, default=512)
     parser.add_argument("--records", type=int, default=2100, help="synthetic records written (>= 2,000)")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARM_FUNCS)}")
+    parser.add_argument("--arms", default=None, help=f"comma-separated, from {', '.join(ARM_FUNCS)} "
+                        f"(default {','.join(ARMS)}; with --precision fp32 {','.join(FP32_ARMS)})")
+    parser.add_argument("--precision", choices=["default", "fp32"], default="default",
+                        help="fp32: every arm in fp32 (TRL bf16=False, tunelab train.mixed_precision=no), the path "
+                        "of CPUs without fast bf16; implies --no-gc and --repeat 2 unless given")
     parser.add_argument("--gc-arms", default="plain,tunelab", help="arms repeated with gradient checkpointing")
     parser.add_argument("--no-gc", action="store_true", help="skip the gradient-checkpointing table")
     parser.add_argument("--ablate", action="store_true", help="also run tunelab with each speed option off in turn "
                         "(a third table: what each option is worth)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per arm, interleaved; the median is reported")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per arm, interleaved; the median is reported")
     parser.add_argument("--model", default=None, help="model folder (default: embedded SmolLM2 on CPU, a random "
                         "Qwen2.5-0.5B-sized model on CUDA)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before an arm is abandoned")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    fp32 = args.precision == "fp32"
+    args.arms = args.arms or ",".join(FP32_ARMS if fp32 else ARMS)
+    args.repeat = args.repeat or (2 if fp32 else 1)
+    args.no_gc = args.no_gc or (fp32 and "--gc-arms" not in (argv if argv is not None else sys.argv))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-train-") as tmp:
         work = Path(tmp)
         os.environ["TUNELAB_DATA_CACHE"] = str(work / "data-cache")  # the arms inherit it: one tokenization
-        spec = prepare(args, work)
+        spec = {**prepare(args, work), "precision": args.precision}
         peak = matmul_peak(args.device)
         flops = training_flops(spec["model"], spec["lengths"])
         plan = [(arm, False) for arm in args.arms.split(",")]
@@ -473,10 +555,11 @@ def main(argv: list[str] | None = None) -> int:
                 runs[(arm, gc)].append(result)
                 print(f"  {arm}{' + gc' if gc else ''}: " + (result["error"] if "error" in result else
                       f"{spec['tokens'] / result['train_s']:.1f} tokens/s, loss {result['loss']:.4f}, "
-                      f"RSS {result['peak_rss_gb']:.2f} GB"), flush=True)
+                      f"RSS {result['peak_rss_gb']:.2f} GB, load {result['load'][0]:.1f}-{result['load'][1]:.1f}"),
+                      flush=True)
         again = matmul_peak(args.device)  # the machine may be shared: keep the better of two measurements
         peak = {k: max(peak[k], again[k]) for k in peak}
-        rows = [derive(pick_median(runs[key]), spec, peak, flops) for key in plan]
+        rows = [pick_median([derive(r, spec, peak, flops) for r in runs[key]]) for key in plan]
     report = render(args, spec, peak, flops, rows, time.perf_counter() - started)
     print("\n" + report)
     save(args, spec, peak, rows, report)
@@ -493,6 +576,13 @@ def render(args, spec: dict, peak: dict, flops: float, rows: list[dict], seconds
          f"p90 {stats['p90']:.0f}, max {stats['max']}, cutoff {args.cutoff}); every arm trains the same first "
          f"{args.steps * args.batch_size} ({spec['tokens']} tokens, {spec['trained_tokens']} with loss), "
          f"{args.steps} steps of {args.batch_size}; {flops / 1e12:.2f} model TFLOP."),
+        (f"Precision: {'fp32 in every arm' if args.precision == 'fp32' else 'each arm its default'}. "
+         f"Runs: {args.repeat} per arm, interleaved (every arm once, then again), the median run reported "
+         f"(of two: the faster). "
+         f"'tokens/s' times all {args.steps} steps (set-up of step 1 included); 'after step 1' times steps "
+         f"2-{args.steps} ({args.steps - 1} steps) by their own tokens, and 'MFU own' uses that time against the "
+         f"matmul peak of the arm's precision. 'load' is the 1-minute load average at the start and end of the "
+         f"reported run."),
         "",
         table([r for r in rows if not r["gc"] and not r["arm"].startswith("tunelab:")], gpu),
     ]
@@ -503,6 +593,11 @@ def render(args, spec: dict, peak: dict, flops: float, rows: list[dict], seconds
                   table(tuned + ablations + [r for r in rows if r["arm"] == "plain" and not r["gc"]], gpu)]
     if any(r["gc"] for r in rows):
         parts += ["", "With gradient checkpointing:", "", table([r for r in rows if r["gc"]], gpu)]
+    if args.repeat > 1:
+        parts += ["", "Every run, fastest first (tokens/s after step 1, load average at its start and end):", ""]
+        parts += [f"- {arm_label(r['arm'], r.get('precision'))}{' + gc' if r['gc'] else ''}: " + ", ".join(
+            f"{v} ({a}-{b})" for v, (a, b) in zip(r.get("steady_all", []), r.get("load_all", []), strict=False))
+            for r in rows if "error" not in r]
     command = "python bench/train.py " + " ".join(sys.argv[1:])
     parts += ["", f"Command: `{command.strip()}` ({seconds / 60:.1f} min)."]
     return "\n".join(parts)
@@ -511,7 +606,7 @@ def render(args, spec: dict, peak: dict, flops: float, rows: list[dict], seconds
 def save(args, spec: dict, peak: dict, rows: list[dict], report: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "train" if args.device == "cpu" else "train_cuda"
+    name = ("train" if args.device == "cpu" else "train_cuda") + ("_fp32" if args.precision == "fp32" else "")
     keep = {k: v for k, v in spec.items() if k not in ("lengths",)}
     (out / f"{name}.json").write_text(json.dumps({"spec": keep, "peak": peak, "rows": rows,
                                                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2),

@@ -119,6 +119,7 @@ def test_packed_attention_only_where_every_layer_is_plain_causal(tiny_models):
 def test_trained_token_loss_equals_the_model_loss(tiny_llama):
     batch = packed_batch([9, 25, 4, 14], seed=3)
     ref_model, our_model = with_lora(load(tiny_llama)), with_lora(load(tiny_llama))
+    our_model.eval()  # the path that keeps logits (evaluation; and every bf16 or non-plain-head training)
     reference = ref_model(**batch).loss
     ours, outputs = speed.trained_token_loss(our_model, batch)
     n = int((batch["labels"][:, 1:] != -100).sum())
@@ -138,6 +139,50 @@ def test_trained_token_loss_divides_by_the_accumulated_count(tiny_llama):
     n = int((batch["labels"][:, 1:] != -100).sum())
     total, _ = speed.trained_token_loss(model, batch, num_items_in_batch=torch.tensor(3 * n))
     torch.testing.assert_close(total * 3, mean)
+
+
+def test_fused_head_loss_equals_the_model_loss_in_training(tiny_llama):
+    batch = packed_batch([9, 25, 4, 14], seed=3)
+    ref_model, our_model = with_lora(load(tiny_llama)), with_lora(load(tiny_llama))
+    ref_model.train(), our_model.train()
+    assert speed.fused_head(our_model) is our_model.get_base_model().lm_head
+    reference = ref_model(**batch).loss
+    ours, outputs = speed.trained_token_loss(our_model, batch, chunk=7)  # several chunks
+    assert outputs.logits is None  # the fused path keeps no logits
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    reference.backward()
+    ours.backward()
+    expected = lora_grads(ref_model)
+    for name, grad in lora_grads(our_model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_only_in_plain_fp32_training(tiny_models):
+    model = load(tiny_models["llama"])
+    assert speed.fused_head(model) is None  # eval mode: evaluation wants the logits
+    model.train()
+    assert speed.fused_head(model) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert speed.fused_head(model) is None  # the bf16 path keeps the model's own head
+    with torch.no_grad():
+        assert speed.fused_head(model) is None
+    gemma = load(tiny_models["gemma"]).train()
+    assert speed.fused_head(gemma) is None  # soft-capped logits: not a plain head
+
+
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 16, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64).requires_grad_()
+    targets = torch.randint(0, 50, (13,), generator=g)
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    fused = speed.linear_cross_entropy(hidden, weight, targets, chunk=4)
+    torch.testing.assert_close(fused, reference)
+    expected = torch.autograd.grad(2 * reference, (hidden, weight))
+    for ours, theirs in zip(torch.autograd.grad(2 * fused, (hidden, weight)), expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    assert torch.autograd.gradcheck(lambda h, w: speed.linear_cross_entropy(h, w, targets[:6], 5),
+                                    (hidden[:6].detach().requires_grad_(), weight.detach().requires_grad_()))
 
 
 def test_chunked_cross_entropy_equals_one_pass():

@@ -223,7 +223,8 @@ def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bo
         report_to=external or "none", bf16=precision.autocast == "bf16", fp16=precision.autocast == "fp16",
         use_cpu=device == "cpu", train_sampling_strategy="group_by_length" if grouped else "random",
         torch_compile=t.torch_compile, deepspeed=t.deepspeed, fsdp=t.fsdp or None,
-        include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        # a packed row has no padding, but its end-of-turn tokens equal the pad id and "non_padding" would skip them
+        include_num_input_tokens_seen="all" if uses_packing(cfg) else "non_padding", remove_unused_columns=False,
         dataloader_pin_memory=device == "cuda", ddp_find_unused_parameters=False, disable_tqdm=not echo,
     )
 
