@@ -57,8 +57,10 @@ def test_cancel_removes_one_row_and_leaves_the_others_intact(engine):
     prompts = [render(engine, q) for q in QUESTIONS[:3]]
     alone = [engine.generate([p], GenerationParams(max_new_tokens=20))[0] for p in prompts]
     cancel = threading.Event()
-    reqs = [submit(engine, p, GenerationParams(max_new_tokens=20),
-                   cancel=(cancel,) if i == 1 else (), on_token=(lambda ids: len(ids) == 3 and cancel.set()))
+    # only row 1 watches its own tokens: a faster row reaching 3 tokens first must not cancel it early
+    watch = {1: lambda ids: len(ids) == 3 and cancel.set()}
+    reqs = [submit(engine, p, GenerationParams(max_new_tokens=20), cancel=(cancel,) if i == 1 else (),
+                   **({"on_token": watch[i]} if i in watch else {}))
             for i, p in enumerate(prompts)]
     done = [r.wait() for r in reqs]
     assert done[1].finish_reason == "stop" and done[1].completion_tokens == 3

@@ -168,6 +168,10 @@ def test_fused_head_only_in_plain_fp32_training(tiny_models):
         assert speed.fused_head(model) is None
     gemma = load(tiny_models["gemma"]).train()
     assert speed.fused_head(gemma) is None  # soft-capped logits: not a plain head
+    from peft import PrefixTuningConfig, get_peft_model
+
+    prefix = get_peft_model(load(tiny_models["llama"]), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert speed.fused_head(prefix.train()) is None  # peft's forward must run: it adds the prefix
 
 
 def test_linear_cross_entropy_equals_cross_entropy_of_the_logits():

@@ -449,11 +449,14 @@ PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 def fused_head(model):
     """The lm_head to fuse with the loss, or None where the fused path does not apply: under autocast (the bf16 path
     keeps the model's own head), outside training with gradients (evaluation wants logits), behind a wrapper whose
-    forward must run (DDP), and for model types outside PLAIN_HEAD_MODELS or a head that is not a plain Linear."""
+    forward must run (DDP, peft's prompt learning), and for model types outside PLAIN_HEAD_MODELS or a head that is not a plain Linear."""
     if hasattr(model, "module") or not (model.training and torch.is_grad_enabled()):
         return None
     if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return None
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return None  # P-Tuning v2: peft's forward adds the prefix; calling the decoder directly would drop it
     base = _base_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODELS or type(head) is not torch.nn.Linear:
