@@ -15,7 +15,10 @@ KIND_TEXT = {"merged": "adapter merged into the base", "full": "full model (no a
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", help="run folder, adapter folder, or model folder/hub id/.gguf")
     parser.add_argument("--adapter", help="adapter folder to merge into SOURCE (a base model)")
-    parser.add_argument("--out", help="output folder (default: <run>/export or <folder>-export)")
+    parser.add_argument("--out", help="output folder (default: <run>/export or <folder>-export); must be new or empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out (a previous export) atomically: the old folder stays until "
+                             "the new export is complete")
     parser.add_argument("--gguf", help="comma-separated GGUF types: f32, f16, bf16, q8_0 (e.g. f16,q8_0)")
     parser.add_argument("--ollama", action="store_true", default=None, help="write an Ollama Modelfile")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="merged weights dtype")
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from tunelab.export.pipeline import export_model
 
-    result = export_model(args.source, export_config(args), adapter=args.adapter, out=args.out, verify=args.verify)
+    result = export_model(args.source, export_config(args), adapter=args.adapter, out=args.out, verify=args.verify,
+                          overwrite=args.overwrite)
     ok = print_summary(result)
     if not args.no_sample:
         print_sample(result, args.prompt)

@@ -18,6 +18,7 @@ from tunelab.config.schema import ExportConfig
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import convert_to_gguf
 from tunelab.export.merge import PREFIX_NOTE, load_merged, save_hf_folder, save_prefix_export, write_marker
+from tunelab.export.target import check_target, staged_folder
 from tunelab.export.verify import RoundTrip, compare_gguf, template_mismatches
 from tunelab.inference.artifacts import Artifact, resolve_artifact
 from tunelab.inference.template import load_template
@@ -43,15 +44,29 @@ class ExportResult:
 
 
 def export_model(source: str, cfg: ExportConfig | None = None, *, adapter: str | None = None,
-                 out: str | Path | None = None, verify: bool = False) -> ExportResult:
+                 out: str | Path | None = None, verify: bool = False, overwrite: bool = False) -> ExportResult:
     """Export `source` (run dir, adapter, or model folder) as configured; see the module docstring for the layout.
 
-    With `verify`, every GGUF is reloaded with transformers and compared with the merged folder.
+    A non-empty `out` (a user's folder or a previous export) is refused unless `overwrite`; the export is written
+    into a hidden sibling folder and renamed into place when complete (target.py). With `verify`, every GGUF is
+    reloaded with transformers and compared with the merged folder.
     """
     art = resolve_artifact(source, adapter, device="cpu")
     cfg = cfg or (art.run_config.export if art.run_config is not None else ExportConfig())
     out_dir = Path(out or cfg.output_dir or default_output_dir(source, art)).expanduser()
-    gguf_types = list(dict.fromkeys(cfg.gguf or (["q8_0"] if cfg.ollama else [])))
+    check_target(out_dir, overwrite, sources=(art.base_path, art.adapter_path))
+    with staged_folder(out_dir) as staging:
+        result = _export_into(staging, art, cfg, source, verify)
+    return _moved(result, staging, out_dir)
+
+
+def planned_gguf_types(cfg: ExportConfig) -> list[str]:
+    """The GGUF types an export writes: the asked ones, or q8_0 alone when only the Modelfile was asked."""
+    return list(dict.fromkeys(cfg.gguf or (["q8_0"] if cfg.ollama else [])))
+
+
+def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str, verify: bool) -> ExportResult:
+    gguf_types = planned_gguf_types(cfg)
     model, tokenizer, kind = load_merged(art, cfg.dtype)
     if kind == "prefix" and (gguf_types or cfg.quantize != "none"):
         raise TunelabError(f"cannot write GGUF or quantize this run: {PREFIX_NOTE}")
@@ -73,6 +88,22 @@ def export_model(source: str, cfg: ExportConfig | None = None, *, adapter: str |
     _write_gguf_and_modelfile(result, cfg, gguf_types, art, template, tokenizer)
     if verify:
         result.round_trips = [compare_gguf(path, out_dir) for path in result.gguf.values()]
+    return result
+
+
+def _moved(result: ExportResult, staging: Path, out_dir: Path) -> ExportResult:
+    """The result with every path moved from the staging folder to the final one."""
+
+    def move(path: Path) -> Path:
+        return out_dir / path.relative_to(staging)
+
+    result.out_dir = out_dir
+    result.gguf = {t: move(p) for t, p in result.gguf.items()}
+    result.modelfile = move(result.modelfile) if result.modelfile is not None else None
+    for rt in result.round_trips:
+        rt.gguf = move(rt.gguf)
+    if result.quantized:
+        result.quantized["folder"] = str(out_dir / result.quantized["method"])
     return result
 
 
