@@ -24,6 +24,10 @@ MODELFILE_HEADER = "# Written by tunelab export."
 class ExportTargetError(TunelabError):
     """The output folder holds files that the export would replace, and replacing was not asked for."""
 
+    def __init__(self, message: str, folder: Path | None = None):
+        super().__init__(message)
+        self.folder = folder  # set when a non-empty output folder was refused (the web UI offers --overwrite)
+
 
 def check_target(out_dir: Path, overwrite: bool = False, sources: tuple[Path, ...] = ()) -> None:
     """Raise ExportTargetError unless `out_dir` may receive an export: missing, empty, or (with `overwrite`) a
@@ -43,13 +47,13 @@ def check_target(out_dir: Path, overwrite: bool = False, sources: tuple[Path, ..
     if (out_dir / EXPORT_MARKER).is_file():
         raise ExportTargetError(
             f"{out_dir} already holds a tunelab export; pass --overwrite to replace it (atomically: the old export "
-            "stays until the new one is complete), or choose a new --out"
+            "stays until the new one is complete), or choose a new --out", folder=out_dir,
         )
     sample = ", ".join(sorted(p.name for p in out_dir.iterdir())[:5])
     raise ExportTargetError(
         f"refusing to export into {out_dir}: the folder is not empty ({sample}) and was not written by tunelab "
         "export (no tunelab_export.json). Choose a new --out, or pass --overwrite to REPLACE the whole folder "
-        "and everything in it"
+        "and everything in it", folder=out_dir,
     )
 
 

@@ -124,6 +124,44 @@ TEXTS: dict[str, tuple[str, str]] = {
     "export.run": ("Export", "导出"),
     "export.files": ("Written files", "输出文件"),
     "export.size": ("Size", "大小"),
+    "export.dtype.info": ("auto: the dtype the base model was released in (bf16/fp16); float32 only if chosen",
+                          "auto：基座模型发布时的精度（bf16/fp16）；只有选择时才用 float32"),
+    "export.ollama.info": ("Needs a GGUF: q8_0 is ticked when no GGUF type is", "需要 GGUF：未选 GGUF 类型时自动勾选 q8_0"),
+    "export.overwrite": ("Overwrite a non-empty output folder", "覆盖非空的输出目录"),
+    "export.overwrite.info": ("Replaces the whole folder, atomically (the old one stays until the export is done)",
+                              "整体替换该目录（原子操作：导出完成前旧目录保持不变）"),
+    "export.plan": ("Export will write into {out}:", "导出将写入 {out}："),
+    "export.plan.merged": ("merged model (safetensors, tokenizer, chat template), dtype {dtype}",
+                           "合并后的模型（safetensors、分词器、对话模板），精度 {dtype}"),
+    "export.plan.modelfile": ("gguf/Modelfile (Ollama, FROM the smallest GGUF)", "gguf/Modelfile（Ollama，使用最小的 GGUF）"),
+    "export.plan.quantized": ("{method}/ (quantized copy after merging)", "{method}/（合并后的量化副本）"),
+    "export.kind.merged": ("adapter merged into the base", "适配器已合并进基座"),
+    "export.kind.full": ("full model (no adapter)", "完整模型（无适配器）"),
+    "export.kind.prefix": ("base + prefix adapter (prefix tuning cannot be merged)",
+                           "基座 + 前缀适配器（前缀微调无法合并）"),
+    "export.template": ("chat template", "对话模板"),
+    "export.identical": ("identical to training", "与训练时一致"),
+    "export.differs": ("DIFFERS: ", "不一致："),
+    "export.modelfile": ("Modelfile {path} (ollama create NAME -f {path})", "Modelfile {path}（ollama create 名称 -f {path}）"),
+    "export.round_trip": ("GGUF {name}: {identical}/{total} greedy answers identical",
+                          "GGUF {name}：{identical}/{total} 个贪心解码回答一致"),
+    "export.note": ("note", "说明"),
+    "export.note.prefix": (("prefix tuning adds learned key/value vectors at every layer: they cannot be merged into "
+                           "the weights, so the export is the base model plus prefix_adapter/; GGUF and Ollama cannot "
+                           "run it"), ("前缀微调在每一层加入学习到的 key/value 向量，无法合并进权重，因此导出的是基座模型加 "
+                           "prefix_adapter/；GGUF 和 Ollama 无法运行它")),
+    "export.note.no_template": ("the Modelfile has no TEMPLATE: unknown chat template family (see the Modelfile)",
+                                "Modelfile 没有 TEMPLATE：无法识别对话模板的类型（见 Modelfile）"),
+    "export.refused.user": (("Not exported: {folder} is not empty and was not written by tunelab. Choose a new output "
+                            "folder, or tick \"Overwrite a non-empty output folder\" to replace the whole folder."),
+                            ("未导出：{folder} 不是空目录，且不是 tunelab 写入的。请换一个输出目录，或勾选"
+                            "“覆盖非空的输出目录”以替换整个目录。")),
+    "export.refused.export": (("Not exported: {folder} already holds a tunelab export. Tick \"Overwrite a non-empty "
+                              "output folder\" to replace it, or choose a new output folder."),
+                              ("未导出：{folder} 中已有 tunelab 导出的模型。勾选“覆盖非空的输出目录”以替换它，"
+                              "或换一个输出目录。")),
+    "export.missing_source": ("choose what to export: a run folder, an adapter or a model folder",
+                              "请选择要导出的内容：运行目录、适配器或模型目录"),
     # shared
     "error": ("Error", "错误"),
     "unexpected": ("Unexpected error (details in the server log)", "意外错误（详情见服务器日志）"),
