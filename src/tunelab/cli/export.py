@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --out (a previous export) atomically: the old folder stays until "
                              "the new export is complete")
-    parser.add_argument("--gguf", help="comma-separated GGUF types: f32, f16, bf16, q8_0 (e.g. f16,q8_0)")
+    parser.add_argument("--gguf", help="comma-separated GGUF types: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (e.g. f16,q4_0)")
     parser.add_argument("--ollama", action="store_true", default=None, help="write an Ollama Modelfile")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="merged weights dtype")
     parser.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 2GB")

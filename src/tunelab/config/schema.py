@@ -259,8 +259,8 @@ class ExportConfig(Section):
         "auto", description="Merged weights dtype. auto: the dtype the base model was saved in."
     )
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
-    gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(
-        default_factory=list, description="GGUF types to write, e.g. [f16, q8_0]."
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]] = Field(
+        default_factory=list, description="GGUF types to write, e.g. [f16, q4_0] (q4/q5: numpy, no llama.cpp build)."
     )
     ollama: bool = Field(False, description="Write an Ollama Modelfile (needs a GGUF; q8_0 is written if none is asked).")
     quantize: Literal["none", "int8", "bnb8", "bnb4"] = Field("none", description="Post-merge quantization.")

@@ -111,11 +111,25 @@ def _write_gguf_and_modelfile(result: ExportResult, cfg: ExportConfig, types: li
                               template, tokenizer) -> None:
     from tunelab.export.modelfile import build_modelfile, write_modelfile
 
+    from tunelab.export.gguf_quant import NUMPY_TYPES, quantize_gguf
+
     name = export_name(art)
-    for outtype in types:
-        target = result.out_dir / "gguf" / f"{name}-{outtype}.gguf"
-        result.gguf[outtype] = convert_to_gguf(result.out_dir, target, outtype, cfg.converter_dir,
-                                               art.model_cfg.cache_dir)
+    folder = result.out_dir / "gguf"
+    for outtype in [t for t in types if t not in NUMPY_TYPES]:  # llama.cpp's converter writes these
+        result.gguf[outtype] = convert_to_gguf(result.out_dir, folder / f"{name}-{outtype}.gguf", outtype,
+                                               cfg.converter_dir, art.model_cfg.cache_dir)
+    numpy_types = [t for t in types if t in NUMPY_TYPES]
+    if numpy_types:  # quantized in numpy from a 16-bit GGUF: the one asked for, or a temporary f16
+        source = next((result.gguf[t] for t in ("bf16", "f16", "f32") if t in result.gguf), None)
+        temporary = source is None
+        if temporary:
+            source = convert_to_gguf(result.out_dir, folder / f".{name}-f16.gguf", "f16", cfg.converter_dir,
+                                     art.model_cfg.cache_dir)
+        for outtype in numpy_types:
+            result.gguf[outtype] = quantize_gguf(source, folder / f"{name}-{outtype}.gguf", outtype)
+        if temporary:
+            source.unlink()
+    result.gguf = {t: result.gguf[t] for t in types}
     if cfg.ollama:  # the smallest file: Ollama users run the quantized one
         gguf_file = min(result.gguf.values(), key=lambda p: p.stat().st_size)
         system = art.run_config.data.system if art.run_config is not None else None
