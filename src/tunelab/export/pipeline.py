@@ -125,24 +125,28 @@ def _moved(result: ExportResult, staging: Path, out_dir: Path) -> ExportResult:
 
 def _write_gguf_and_modelfile(result: ExportResult, cfg: ExportConfig, types: list[str], art: Artifact,
                               template, tokenizer) -> None:
+    from tunelab.export.gguf_quant import KQUANT_TYPES, NUMPY_TYPES, find_quantizer, kquantize_gguf, quantize_gguf
     from tunelab.export.modelfile import build_modelfile, write_modelfile
-
-    from tunelab.export.gguf_quant import NUMPY_TYPES, quantize_gguf
 
     name = export_name(art)
     folder = result.out_dir / "gguf"
-    for outtype in [t for t in types if t not in NUMPY_TYPES]:  # llama.cpp's converter writes these
+    kquant_types = [t for t in types if t in KQUANT_TYPES]
+    if kquant_types:
+        find_quantizer(art.model_cfg.cache_dir)  # before any conversion: say at once what is missing
+    for outtype in [t for t in types if t not in NUMPY_TYPES + KQUANT_TYPES]:  # llama.cpp's converter writes these
         result.gguf[outtype] = convert_to_gguf(result.out_dir, folder / f"{name}-{outtype}.gguf", outtype,
                                                cfg.converter_dir, art.model_cfg.cache_dir)
-    numpy_types = [t for t in types if t in NUMPY_TYPES]
-    if numpy_types:  # quantized in numpy from a 16-bit GGUF: the one asked for, or a temporary f16
+    numpy_types = [t for t in types if t in NUMPY_TYPES + KQUANT_TYPES]
+    if numpy_types:  # quantized from a 16-bit GGUF: the one asked for, or a temporary f16
         source = next((result.gguf[t] for t in ("bf16", "f16", "f32") if t in result.gguf), None)
         temporary = source is None
         if temporary:
             source = convert_to_gguf(result.out_dir, folder / f".{name}-f16.gguf", "f16", cfg.converter_dir,
                                      art.model_cfg.cache_dir)
         for outtype in numpy_types:
-            result.gguf[outtype] = quantize_gguf(source, folder / f"{name}-{outtype}.gguf", outtype)
+            target = folder / f"{name}-{outtype}.gguf"
+            result.gguf[outtype] = (kquantize_gguf(source, target, outtype, art.model_cfg.cache_dir)
+                                    if outtype in KQUANT_TYPES else quantize_gguf(source, target, outtype))
         if temporary:
             source.unlink()
     result.gguf = {t: result.gguf[t] for t in types}

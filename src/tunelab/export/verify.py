@@ -29,7 +29,7 @@ SAMPLE_CONVERSATIONS = [
 # 4/5-bit types (gguf_quant.py) move logits much more; their tolerances are set from the SmolLM2 measurements in
 # docs/export.md with the same kind of room.
 KL_TOLERANCE = {"f32": 1e-6, "f16": 1e-4, "bf16": 1e-3, "q8_0": 1e-2, "q5_0": 0.1, "q5_1": 0.1, "q4_0": 0.25,
-                "q4_1": 0.25}
+                "q4_1": 0.25, "q6_k": 0.05, "q5_k_m": 0.1, "q4_k_m": 0.25}
 EXACT_TYPES = ("f32", "f16")
 
 
