@@ -30,8 +30,8 @@ def model_card(out_dir: Path, run_dir: Path | None, repo_id: str) -> str:
     lines = ["---", f"base_model: {base}", "library_name: transformers", "pipeline_tag: text-generation",
              "tags:", "- tunelab", f"- {method}" if method else "- fine-tuned", "---", "",
              f"# {repo_id.split('/')[-1]}", "",
-             f"Fine-tuned from `{base}` with tunelab ({method}); exported as {marker.get('kind', 'a model')} "
-             f"in {marker.get('dtype', '?')}.", "",
+             (f"Fine-tuned from `{base}` with tunelab ({method}); exported as {marker.get('kind', 'a model')} "
+             f"in {marker.get('dtype', '?')}."), "",
              "| | |", "|---|---|", f"| base model | `{base}` |", f"| method | {method} |",
              f"| chat template | {marker.get('template', '?')} (stored in tokenizer_config.json) |"]
     fingerprint = run.get("data_fingerprint") or (run.get("data") or {}).get("fingerprint")
