@@ -139,13 +139,13 @@ def test_gguf_export_into_a_previous_export_needs_overwrite(run, tmp_path, monke
         return target
 
     monkeypatch.setattr(pipeline, "convert_to_gguf", fake_convert)
-    first = export_model(str(run), ExportConfig(ollama=True), out=out)
+    first = export_model(str(run), ExportConfig(ollama=True), out=out, table=False)  # fake GGUFs
     assert first.modelfile == out / "gguf" / "Modelfile" and first.gguf["q8_0"] == out / "gguf" / "run-lora-q8_0.gguf"
     before = snapshot(out)
     with pytest.raises(ExportTargetError):
-        export_model(str(run), ExportConfig(ollama=True), out=out)
+        export_model(str(run), ExportConfig(ollama=True), out=out, table=False)
     assert snapshot(out) == before
-    again = export_model(str(run), ExportConfig(gguf=["f16"], ollama=True), out=out, overwrite=True)
+    again = export_model(str(run), ExportConfig(gguf=["f16"], ollama=True), out=out, overwrite=True, table=False)
     assert sorted(p.name for p in (out / "gguf").iterdir()) == ["Modelfile", "run-lora-f16.gguf"]
     assert "FROM ./run-lora-f16.gguf" in again.modelfile.read_text()
 
