@@ -68,7 +68,7 @@ ASCII_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,}")
 # names that stay as they are in Chinese text: formats, tools, file names and placeholders
 KEEP = {"GGUF", "Ollama", "Modelfile", "TEMPLATE", "tunelab", "safetensors", "auto", "bf16", "fp16", "float32",
         "prefix_adapter", "ollama", "create", "dtype", "path", "folder", "name", "identical", "total", "method",
-        "out", "key", "value", "q8_0", "export", "gguf"}  # folder names
+        "out", "key", "value", "q8_0", "export", "gguf", "llama", "cpp", "token"}  # folder names
 
 
 def test_every_export_text_is_translated():
@@ -89,7 +89,11 @@ def test_result_html_in_chinese_has_no_english_sentences(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
     result = ExportResult(tmp_path, "prefix", "src", notes=[PREFIX_NOTE], modelfile=tmp_path / "gguf" / "Modelfile",
                           template_problems=[], round_trips=[RoundTrip(tmp_path / "gguf" / "a-f16.gguf", "f16", 3, 3)])
+    from tunelab.export.table import TableRow
+
+    result.table = [TableRow("merged (safetensors)", 1000, 3.5, 20.0), TableRow("gguf/a-f16.gguf", 500, 3.5, None)]
     html = export_tab.result_html(result, "zh")
+    assert text("export.table.perplexity", "zh") in html and text("export.table.no_speed", "zh") in html
     for english in ("identical to training", "note", "greedy answers", "cannot be folded", "prefix adapter"):
         assert english not in html
     assert text("export.note.prefix", "zh") in html and text("export.identical", "zh") in html

@@ -99,6 +99,12 @@ def result_html(result, lang: str) -> str:
         line = text("export.round_trip", lang, name=rt.gguf.name, identical=rt.identical, total=rt.total)
         parts.append(f"<div>{esc(line)}</div>")
     parts += [f"<div>{esc(text('export.note', lang))}: {esc(_note(n, lang))}</div>" for n in result.notes]
+    if result.table:
+        head = [text(f"export.table.{k}", lang) for k in ("artifact", "size", "perplexity", "speed")]
+        rows = [[r.artifact, human_size(r.size_bytes), f"{r.perplexity:.3f}" if r.perplexity is not None else "-",
+                 f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else text("export.table.no_speed", lang)]
+                for r in result.table]
+        parts.append(table_html(head, rows))
     return "".join(parts)
 
 

@@ -160,6 +160,11 @@ TEXTS: dict[str, tuple[str, str]] = {
                               "output folder\" to replace it, or choose a new output folder."),
                               ("未导出：{folder} 中已有 tunelab 导出的模型。勾选“覆盖非空的输出目录”以替换它，"
                               "或换一个输出目录。")),
+    "export.table.artifact": ("Artifact", "产物"),
+    "export.table.size": ("Size", "大小"),
+    "export.table.perplexity": ("Perplexity (held-out data)", "困惑度（留出数据）"),
+    "export.table.speed": ("Tokens/s (this machine)", "每秒 token 数（本机）"),
+    "export.table.no_speed": ("- (needs the llama.cpp runtime)", "-（需要 llama.cpp 运行时）"),
     "export.missing_source": ("choose what to export: a run folder, an adapter or a model folder",
                               "请选择要导出的内容：运行目录、适配器或模型目录"),
     # shared
