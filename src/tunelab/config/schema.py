@@ -5,7 +5,7 @@ Every field carries its documentation in `Field(description=...)`; `tunelab vali
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -163,7 +163,7 @@ class PrefixConfig(Section):
 
 
 MethodConfig = Annotated[
-    Union[LoraConfig, DoraConfig, QLoraConfig, FullConfig, FreezeConfig, PrefixConfig], Field(discriminator="name")
+    LoraConfig | DoraConfig | QLoraConfig | FullConfig | FreezeConfig | PrefixConfig, Field(discriminator="name")
 ]
 
 
@@ -262,8 +262,9 @@ class ExportConfig(Section):
         "auto", description="Merged weights dtype. auto: the dtype the base model was saved in."
     )
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
-    gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(
-        default_factory=list, description="GGUF types to write, e.g. [f16, q8_0]."
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"]] = Field(
+        default_factory=list, description="GGUF types to write, e.g. [f16, q4_0] (q4_0..q5_1: numpy, no llama.cpp "
+        "build; q4_k_m, q5_k_m, q6_k: llama.cpp's llama-quantize on PATH)."
     )
     ollama: bool = Field(False, description="Write an Ollama Modelfile (needs a GGUF; q8_0 is written if none is asked).")
     quantize: Literal["none", "int8", "bnb8", "bnb4"] = Field("none", description="Post-merge quantization.")

@@ -25,7 +25,7 @@ from tunelab.models.resolve import cache_root
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the sdist whose vendor/llama.cpp holds the converter; tested with it
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_hf_to_gguf.py writes without a compiled llama.cpp
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_hf_to_gguf.py writes (q4/q5: gguf_quant.py)
 _KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "LICENSE", "conversion/", "gguf-py/")
 
 
@@ -106,19 +106,28 @@ def _extract_converter(archive: Path, dest: Path) -> None:
 
 
 def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16", converter_dir: str | None = None,
-                    cache_dir: str | None = None) -> Path:
-    """Convert a merged Hugging Face folder to one GGUF file of `outtype` (f32, f16, bf16, q8_0)."""
+                    cache_dir: str | None = None, overwrite: bool = False) -> Path:
+    """Convert a merged Hugging Face folder to one GGUF file of `outtype` (f32, f16, bf16, q8_0). An existing
+    `out_file` is refused unless `overwrite`; the file appears under its name only once complete."""
+    from tunelab.export.target import refuse_existing_file
+
     if outtype not in GGUF_TYPES:
         raise TunelabError(f"GGUF type {outtype!r} is not supported; choose from {', '.join(GGUF_TYPES)}")
+    refuse_existing_file(out_file, overwrite, written_by_tunelab=False)
     home = find_converter(converter_dir, cache_dir)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(home / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(home / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out_file),
+    partial = out_file.with_name(f".{out_file.name}.partial")
+    cmd = [sys.executable, str(home / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(partial),
            "--outtype", outtype]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not out_file.is_file():
-        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-        raise TunelabError(f"GGUF conversion to {outtype} failed for {hf_dir}:\n{tail}")
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not partial.is_file():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+            raise TunelabError(f"GGUF conversion to {outtype} failed for {hf_dir}:\n{tail}")
+        os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)
     return out_file
 
 

@@ -73,13 +73,33 @@ def _describe_quantization(quant: dict) -> str:
     return str(quant.get("quant_method") or "quantized").replace("quantized", "").strip() or "quantized"
 
 
+# GGUF general.file_type (llama.cpp's LLAMA_FTYPE): 0 all f32, 1 mostly f16, 32 mostly bf16; others are quantized.
+_GGUF_FILE_DTYPE = {0: "float32", 1: "float16", 32: "bfloat16"}
+
+
 def export_dtype(requested: str, base_path: Path) -> torch.dtype:
-    """auto: the dtype the base was saved in (bf16 for most hub models; fp32 for the converted SmolLM2)."""
+    """auto: the dtype the base model was released in, so a 16-bit model exports 16-bit weights and fp32 is only
+    written on request. A base that tunelab converted from a GGUF (saved as fp32 for training, e.g. the embedded
+    SmolLM2) takes the GGUF's precision: f32/f16/bf16 as stored, bf16 for a quantized GGUF (its 4-8-bit weights and
+    16-bit scales need no 32-bit copy)."""
     if requested != "auto":
         return getattr(torch, requested)
     config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
     saved = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if saved == "float32" and (base_path / "tunelab_source.json").is_file():
+        saved = _gguf_source_dtype(base_path / "tunelab_source.json") or saved
     return getattr(torch, saved) if saved in ("float32", "bfloat16", "float16") else torch.float32
+
+
+def _gguf_source_dtype(source_file: Path) -> str | None:
+    gguf_path = Path(json.loads(source_file.read_text(encoding="utf-8")).get("gguf") or "")
+    if not gguf_path.is_file():
+        return None
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).get_field("general.file_type")
+    file_type = int(field.contents()) if field is not None else None
+    return _GGUF_FILE_DTYPE.get(file_type, "bfloat16") if file_type is not None else None
 
 
 def load_merged(art: Artifact, dtype: str = "auto"):

@@ -15,6 +15,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from tunelab.export.gotemplate import render_go_template
+from tunelab.export.target import MODELFILE_HEADER
 from tunelab.export.verify import SAMPLE_CONVERSATIONS
 
 _GO = {
@@ -120,7 +121,7 @@ def build_modelfile(gguf_name: str, template, tokenizer, *, system: str | None =
     stops = list(dict.fromkeys([*template.stop_strings, *([tokenizer.eos_token] if tokenizer.eos_token else [])]))
     if family is not None and _MARKERS[family] not in stops:
         stops.append(_MARKERS[family])  # never run on into a new turn
-    lines = [f"# Written by tunelab export. Chat template family: {family or 'unknown'}.", f"FROM ./{gguf_name}", ""]
+    lines = [f"{MODELFILE_HEADER} Chat template family: {family or 'unknown'}.", f"FROM ./{gguf_name}", ""]
     go, mismatches = None, []
     if family is not None:
         go = go_template(family, template, tokenizer)
@@ -136,7 +137,15 @@ def build_modelfile(gguf_name: str, template, tokenizer, *, system: str | None =
     return Modelfile("\n".join(lines) + "\n", family, go, system, stops, mismatches)
 
 
-def write_modelfile(out_dir: Path, modelfile: Modelfile) -> Path:
+def write_modelfile(out_dir: Path, modelfile: Modelfile, overwrite: bool = False) -> Path:
+    """<out_dir>/Modelfile; an existing one is replaced only with `overwrite` (target.py rules)."""
+    import os
+
+    from tunelab.export.target import is_tunelab_modelfile, refuse_existing_file
+
     path = out_dir / "Modelfile"
-    path.write_text(modelfile.text, encoding="utf-8")
+    refuse_existing_file(path, overwrite, written_by_tunelab=is_tunelab_modelfile(path))
+    partial = out_dir / ".Modelfile.partial"
+    partial.write_text(modelfile.text, encoding="utf-8")
+    os.replace(partial, path)
     return path

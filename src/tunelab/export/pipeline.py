@@ -18,6 +18,7 @@ from tunelab.config.schema import ExportConfig
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import convert_to_gguf
 from tunelab.export.merge import PREFIX_NOTE, load_merged, save_hf_folder, save_prefix_export, write_marker
+from tunelab.export.target import check_target, staged_folder
 from tunelab.export.verify import RoundTrip, compare_gguf, template_mismatches
 from tunelab.inference.artifacts import Artifact, resolve_artifact
 from tunelab.inference.template import load_template
@@ -37,21 +38,40 @@ class ExportResult:
     template_problems: list[str] = field(default_factory=list)
     modelfile_problems: list[str] = field(default_factory=list)
     round_trips: list[RoundTrip] = field(default_factory=list)
+    table: list = field(default_factory=list)  # table.TableRow per artifact: size, perplexity, tokens/s
+    table_text: str = ""  # the same as markdown (export_table.md)
 
     def files(self) -> list[tuple[Path, int]]:
         return [(p, p.stat().st_size) for p in sorted(self.out_dir.rglob("*")) if p.is_file()]
 
 
 def export_model(source: str, cfg: ExportConfig | None = None, *, adapter: str | None = None,
-                 out: str | Path | None = None, verify: bool = False) -> ExportResult:
+                 out: str | Path | None = None, verify: bool = False, overwrite: bool = False,
+                 table: bool = True) -> ExportResult:
     """Export `source` (run dir, adapter, or model folder) as configured; see the module docstring for the layout.
 
-    With `verify`, every GGUF is reloaded with transformers and compared with the merged folder.
+    A non-empty `out` (a user's folder or a previous export) is refused unless `overwrite`; the export is written
+    into a hidden sibling folder and renamed into place when complete (target.py). With `verify`, every GGUF is
+    reloaded with transformers and compared with the merged folder. With `table`, every artifact's size,
+    perplexity on the run's held-out data and tokens/s are measured (table.py).
     """
     art = resolve_artifact(source, adapter, device="cpu")
     cfg = cfg or (art.run_config.export if art.run_config is not None else ExportConfig())
     out_dir = Path(out or cfg.output_dir or default_output_dir(source, art)).expanduser()
-    gguf_types = list(dict.fromkeys(cfg.gguf or (["q8_0"] if cfg.ollama else [])))
+    check_target(out_dir, overwrite, sources=(art.base_path, art.adapter_path))
+    with staged_folder(out_dir) as staging:
+        result = _export_into(staging, art, cfg, source, verify, table)
+    return _moved(result, staging, out_dir)
+
+
+def planned_gguf_types(cfg: ExportConfig) -> list[str]:
+    """The GGUF types an export writes: the asked ones, or q8_0 alone when only the Modelfile was asked."""
+    return list(dict.fromkeys(cfg.gguf or (["q8_0"] if cfg.ollama else [])))
+
+
+def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str, verify: bool,
+                 table: bool) -> ExportResult:
+    gguf_types = planned_gguf_types(cfg)
     model, tokenizer, kind = load_merged(art, cfg.dtype)
     if kind == "prefix" and (gguf_types or cfg.quantize != "none"):
         raise TunelabError(f"cannot write GGUF or quantize this run: {PREFIX_NOTE}")
@@ -73,18 +93,63 @@ def export_model(source: str, cfg: ExportConfig | None = None, *, adapter: str |
     _write_gguf_and_modelfile(result, cfg, gguf_types, art, template, tokenizer)
     if verify:
         result.round_trips = [compare_gguf(path, out_dir) for path in result.gguf.values()]
+    if table and kind != "prefix":
+        _measure_table(result, art, template, tokenizer)
+    return result
+
+
+def _measure_table(result: ExportResult, art: Artifact, template, tokenizer) -> None:
+    from tunelab.export.table import build_table, held_out_conversations, write_table
+
+    conversations, label = held_out_conversations(art, template, tokenizer)
+    data_cfg = art.run_config.data if art.run_config is not None else None
+    result.table = build_table(result.out_dir, result.gguf, result.quantized, conversations, template, data_cfg)
+    result.table_text = write_table(result.out_dir, result.table, label)
+
+
+def _moved(result: ExportResult, staging: Path, out_dir: Path) -> ExportResult:
+    """The result with every path moved from the staging folder to the final one."""
+
+    def move(path: Path) -> Path:
+        return out_dir / path.relative_to(staging)
+
+    result.out_dir = out_dir
+    result.gguf = {t: move(p) for t, p in result.gguf.items()}
+    result.modelfile = move(result.modelfile) if result.modelfile is not None else None
+    for rt in result.round_trips:
+        rt.gguf = move(rt.gguf)
+    if result.quantized:
+        result.quantized["folder"] = str(out_dir / result.quantized["method"])
     return result
 
 
 def _write_gguf_and_modelfile(result: ExportResult, cfg: ExportConfig, types: list[str], art: Artifact,
                               template, tokenizer) -> None:
+    from tunelab.export.gguf_quant import KQUANT_TYPES, NUMPY_TYPES, find_quantizer, kquantize_gguf, quantize_gguf
     from tunelab.export.modelfile import build_modelfile, write_modelfile
 
     name = export_name(art)
-    for outtype in types:
-        target = result.out_dir / "gguf" / f"{name}-{outtype}.gguf"
-        result.gguf[outtype] = convert_to_gguf(result.out_dir, target, outtype, cfg.converter_dir,
-                                               art.model_cfg.cache_dir)
+    folder = result.out_dir / "gguf"
+    kquant_types = [t for t in types if t in KQUANT_TYPES]
+    if kquant_types:
+        find_quantizer(art.model_cfg.cache_dir)  # before any conversion: say at once what is missing
+    for outtype in [t for t in types if t not in NUMPY_TYPES + KQUANT_TYPES]:  # llama.cpp's converter writes these
+        result.gguf[outtype] = convert_to_gguf(result.out_dir, folder / f"{name}-{outtype}.gguf", outtype,
+                                               cfg.converter_dir, art.model_cfg.cache_dir)
+    numpy_types = [t for t in types if t in NUMPY_TYPES + KQUANT_TYPES]
+    if numpy_types:  # quantized from a 16-bit GGUF: the one asked for, or a temporary f16
+        source = next((result.gguf[t] for t in ("bf16", "f16", "f32") if t in result.gguf), None)
+        temporary = source is None
+        if temporary:
+            source = convert_to_gguf(result.out_dir, folder / f".{name}-f16.gguf", "f16", cfg.converter_dir,
+                                     art.model_cfg.cache_dir)
+        for outtype in numpy_types:
+            target = folder / f"{name}-{outtype}.gguf"
+            result.gguf[outtype] = (kquantize_gguf(source, target, outtype, art.model_cfg.cache_dir)
+                                    if outtype in KQUANT_TYPES else quantize_gguf(source, target, outtype))
+        if temporary:
+            source.unlink()
+    result.gguf = {t: result.gguf[t] for t in types}
     if cfg.ollama:  # the smallest file: Ollama users run the quantized one
         gguf_file = min(result.gguf.values(), key=lambda p: p.stat().st_size)
         system = art.run_config.data.system if art.run_config is not None else None

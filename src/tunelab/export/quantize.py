@@ -62,7 +62,7 @@ def quantize_export(merged_dir: Path, method: str, measure: bool = True) -> dict
     if measure:
         info["tokens_per_s"] = decode_speed(target)
         info["merged_tokens_per_s"] = decode_speed(merged_dir)
-    (target / "tunelab_export.json").write_text(json.dumps({"kind": "quantized", **info}, indent=2), encoding="utf-8")
+    (target / "tunelab_export.json").write_text(json.dumps({"kind": "quantized", **info, "folder": method}, indent=2), encoding="utf-8")
     return info
 
 

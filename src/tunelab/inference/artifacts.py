@@ -106,10 +106,7 @@ def _from_run_dir(run_dir: Path, device: str, dtype: str) -> Artifact:
     cfg = read_run_config(run_dir)
     final = run_dir / "final"
     if not final.is_dir():
-        raise TunelabError(
-            f"{run_dir} has no final/ folder (training not finished?); point at a checkpoint instead, "
-            f"e.g. {run_dir / 'checkpoints' / 'checkpoint-N'}"
-        )
+        raise TunelabError(_no_final_message(run_dir))
     template_file = run_dir / "chat_template.jinja"
     template_file = template_file if template_file.is_file() else None
     if is_adapter_dir(final):
@@ -123,6 +120,20 @@ def _from_run_dir(run_dir: Path, device: str, dtype: str) -> Artifact:
         full_cfg.gguf_file = None
         return Artifact(run_dir.name, full_cfg, final, None, final, template_file, run_dir, cfg)
     raise TunelabError(f"{final}: neither an adapter (adapter_config.json) nor a model (config.json)")
+
+
+def _no_final_message(run_dir: Path) -> str:
+    """Name the newest checkpoint when there is one; otherwise say how to train or resume the run."""
+    from tunelab.training.rundir import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    head = f"{run_dir} has no final/ folder (training not finished?)"
+    if latest is not None:
+        return (f"{head}; point at a checkpoint instead, e.g. {latest}, or finish training with "
+                f"`tunelab train {run_dir} --resume`")
+    return (f"{head}, and it has no checkpoint in {run_dir / 'checkpoints'} either: train it with "
+            f"`tunelab train {run_dir / 'config.yaml'}` (or `tunelab train {run_dir} --resume` to continue an "
+            "interrupted run once it has saved a checkpoint)")
 
 
 def _exported_adapter(folder: Path) -> Path | None:

@@ -1,5 +1,6 @@
 """Web UI, Export tab: merge an adapter, write GGUF files and an Ollama Modelfile with tunelab.export.export_model
-(the same call as `tunelab export`), then list every written file with its size and the template checks."""
+(the same call as `tunelab export`), show beforehand what will be written, then list every written file with its
+size and the template checks. Every text it shows comes from i18n (English and Chinese)."""
 
 from __future__ import annotations
 
@@ -36,23 +37,105 @@ def export_config(source: str, output: str, dtype: str, gguf: list[str], ollama:
     return ExportConfig.model_validate({**cfg.model_dump(), **update})
 
 
+def refresh_runs(runs_dir: Path) -> dict:
+    """The run picker's choices read again (a run finished since the page loaded appears without a reload)."""
+    from tunelab.webui.eval_tab import run_choices
+
+    return gr.update(choices=run_choices(Path(runs_dir)))
+
+
+def with_modelfile_gguf(gguf: list[str], ollama: bool):
+    """Ticking the Modelfile with no GGUF type ticks q8_0: the Modelfile needs a GGUF, and this one is written."""
+    from tunelab.config.schema import ExportConfig
+    from tunelab.export.pipeline import planned_gguf_types
+
+    planned = planned_gguf_types(ExportConfig(gguf=list(gguf or []), ollama=bool(ollama)))
+    return gr.update(value=planned) if planned != list(gguf or []) else gr.skip()
+
+
+def plan_html(lang: str, source: str, output: str, dtype: str, gguf: list[str], ollama: bool, quantize: str) -> str:
+    """What the Export button will write, before it is pressed."""
+    from tunelab.config.schema import ExportConfig
+    from tunelab.export.pipeline import planned_gguf_types
+
+    cfg = ExportConfig(gguf=list(gguf or []), ollama=bool(ollama))
+    out = (output or "").strip() or (f"{source.strip()}/export" if (source or "").strip() else "<run>/export")
+    items = [text("export.plan.merged", lang, dtype=dtype or "auto")]
+    items += [f"gguf/…-{t}.gguf" for t in planned_gguf_types(cfg)]
+    if ollama:
+        items.append(text("export.plan.modelfile", lang))
+    if quantize and quantize != "none":
+        items.append(text("export.plan.quantized", lang, method=quantize))
+    body = "".join(f"<li>{esc(i)}</li>" for i in items)
+    return f"<div>{esc(text('export.plan', lang, out=out))}<ul>{body}</ul></div>"
+
+
+def _state(problems: list[str], lang: str) -> str:
+    return text("export.identical", lang) if not problems else text("export.differs", lang) + "; ".join(problems)
+
+
+def _note(note: str, lang: str) -> str:
+    from tunelab.export.merge import PREFIX_NOTE
+
+    known = {PREFIX_NOTE: "export.note.prefix"}
+    key = next((k for prefix, k in known.items() if note.startswith(prefix)), None)
+    if key is None and note.startswith("Modelfile has no TEMPLATE"):
+        key = "export.note.no_template"
+    return text(key, lang) if key else note
+
+
 def result_html(result, lang: str) -> str:
     """Output folder, every file with its size, notes, template and Modelfile checks, GGUF round trips."""
     rows = [[str(path.relative_to(result.out_dir)), human_size(size)] for path, size in result.files()]
     total = sum(size for _, size in result.files())
-    parts = [f"<div><b>{esc(result.kind)}</b> → <code>{esc(result.out_dir)}</code> ({esc(human_size(total))})</div>",
+    kind = text(f"export.kind.{result.kind}", lang)
+    parts = [f"<div><b>{esc(kind)}</b> → <code>{esc(result.out_dir)}</code> ({esc(human_size(total))})</div>",
              table_html([text("export.files", lang), text("export.size", lang)], rows)]
-    checks = [("chat template", result.template_problems)]
+    parts.append(f"<div>{esc(text('export.template', lang))}: {esc(_state(result.template_problems, lang))}</div>")
     if result.modelfile is not None:
-        checks.append((f"Modelfile {result.modelfile} (ollama create NAME -f {result.modelfile})",
-                       result.modelfile_problems))
-    for what, problems in checks:
-        state = "identical to training" if not problems else "DIFFERS: " + "; ".join(problems)
-        parts.append(f"<div>{esc(what)}: {esc(state)}</div>")
+        what = text("export.modelfile", lang, path=result.modelfile)
+        parts.append(f"<div>{esc(what)}: {esc(_state(result.modelfile_problems, lang))}</div>")
     for rt in result.round_trips:
-        parts.append(f"<div>GGUF {esc(rt.gguf.name)}: {rt.identical}/{rt.total} greedy answers identical</div>")
-    parts += [f"<div>note: {esc(n)}</div>" for n in result.notes]
+        line = text("export.round_trip", lang, name=rt.gguf.name, identical=rt.identical, total=rt.total)
+        parts.append(f"<div>{esc(line)}</div>")
+    parts += [f"<div>{esc(text('export.note', lang))}: {esc(_note(n, lang))}</div>" for n in result.notes]
+    if result.table:
+        head = [text(f"export.table.{k}", lang) for k in ("artifact", "size", "perplexity", "speed")]
+        rows = [[r.artifact, human_size(r.size_bytes), f"{r.perplexity:.3f}" if r.perplexity is not None else "-",
+                 f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else text("export.table.no_speed", lang)]
+                for r in result.table]
+        parts.append(table_html(head, rows))
     return "".join(parts)
+
+
+def refusal_html(error, lang: str) -> str:
+    """The output folder is not empty: say whose files are there and offer the Overwrite box."""
+    from tunelab.inference.artifacts import EXPORT_MARKER
+
+    folder = Path(error.folder)
+    key = "export.refused.export" if (folder / EXPORT_MARKER).is_file() else "export.refused.user"
+    return message(esc(text(key, lang, folder=folder)), "error")
+
+
+def export_event(lang, source_v, adapter_v, output_v, dtype_v, quantize_v, gguf_v, ollama_v, verify_v, overwrite_v):
+    from tunelab.errors import TunelabError
+    from tunelab.export.pipeline import export_model
+    from tunelab.export.target import ExportTargetError
+
+    if not (source_v or "").strip():
+        raise TunelabError(text("export.missing_source", lang))
+    cfg = export_config(source_v, output_v, dtype_v, gguf_v, ollama_v, quantize_v)
+    t0 = time.perf_counter()
+    try:
+        result = export_model(source_v.strip(), cfg, adapter=(adapter_v or "").strip() or None,
+                              verify=bool(verify_v), overwrite=bool(overwrite_v))
+    except ExportTargetError as e:
+        if getattr(e, "folder", None) is None:
+            raise
+        return refusal_html(e, lang), ""
+    done = text("done", lang, seconds=time.perf_counter() - t0)
+    kind = "ok" if not result.template_problems and not result.modelfile_problems else "error"
+    return message(esc(done), kind), result_html(result, lang)
 
 
 def build(ui) -> dict[str, Any]:
@@ -63,29 +146,24 @@ def build(ui) -> dict[str, Any]:
         adapter = L.make(gr.Textbox, "chat.adapter", scale=2, elem_id="export-adapter")
     with gr.Row():
         output = L.make(gr.Textbox, "export.output", scale=3, elem_id="export-output")
-        dtype = L.make(gr.Dropdown, "export.dtype", choices=schema_choices("dtype"), value="auto")
+        dtype = L.make(gr.Dropdown, "export.dtype", info="export.dtype.info", choices=schema_choices("dtype"),
+                       value="auto")
         quantize = L.make(gr.Dropdown, "export.quantize", choices=schema_choices("quantize"), value="none")
     with gr.Row():
         gguf = L.make(gr.CheckboxGroup, "export.gguf", choices=schema_choices("gguf"), value=[], elem_id="export-gguf")
-        ollama = L.make(gr.Checkbox, "export.ollama", elem_id="export-ollama")
+        ollama = L.make(gr.Checkbox, "export.ollama", info="export.ollama.info", elem_id="export-ollama")
         verify = L.make(gr.Checkbox, "export.verify", elem_id="export-verify")
+        overwrite = L.make(gr.Checkbox, "export.overwrite", info="export.overwrite.info", elem_id="export-overwrite")
+    plan = gr.HTML(plan_html(L.lang, "", "", "auto", [], False, "none"), elem_id="export-plan")
     run_btn = L.make(gr.Button, "export.run", prop="value", variant="primary", elem_id="export-run")
     status = gr.HTML(elem_id="export-status")
     files = gr.HTML(elem_id="export-files")
 
-    def export(lang, source_v, adapter_v, output_v, dtype_v, quantize_v, gguf_v, ollama_v, verify_v):
-        from tunelab.errors import TunelabError
-        from tunelab.export.pipeline import export_model
-
-        if not (source_v or "").strip():
-            raise TunelabError("choose what to export: a run folder, an adapter or a model folder")
-        cfg = export_config(source_v, output_v, dtype_v, gguf_v, ollama_v, quantize_v)
-        t0 = time.perf_counter()
-        result = export_model(source_v.strip(), cfg, adapter=(adapter_v or "").strip() or None, verify=bool(verify_v))
-        done = text("done", lang, seconds=time.perf_counter() - t0)
-        kind = "ok" if not result.template_problems and not result.modelfile_problems else "error"
-        return message(esc(done), kind), result_html(result, lang)
-
-    run_btn.click(guard(export, 2, 0), [ui.lang, source, adapter, output, dtype, quantize, gguf, ollama, verify],
-                  [status, files])
+    source.focus(lambda: refresh_runs(ui.runs_dir), None, source)
+    ollama.change(with_modelfile_gguf, [gguf, ollama], gguf)
+    plan_inputs = [ui.lang, source, output, dtype, gguf, ollama, quantize]
+    for component in (ui.lang, source, output, dtype, gguf, ollama, quantize):
+        component.change(plan_html, plan_inputs, plan)
+    run_btn.click(guard(export_event, 2, 0),
+                  [ui.lang, source, adapter, output, dtype, quantize, gguf, ollama, verify, overwrite], [status, files])
     return {"model": source}
