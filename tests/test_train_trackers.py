@@ -34,3 +34,19 @@ def test_mlflow_sqlite(tiny_llama, tmp_path, monkeypatch):
     experiment = client.get_experiment_by_name("tunelab")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "run" and [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+
+
+def test_a_resumed_tensorboard_file_sorts_after_the_interrupted_one(tmp_path):
+    """TensorBoard reads event files in name order; a resume in the same second as the killed run (whose pid may
+    sort higher) must still come last, or its purge runs before the old steps and the curve reads 3,4,5,6,1,2."""
+    import time
+
+    from tunelab.training.trackers import tensorboard_callback
+
+    old = tmp_path / f"events.out.tfevents.{int(time.time())}.host.99999999.0"
+    old.write_bytes(b"")
+    callback = tensorboard_callback(tmp_path, purge_step=3)
+    callback.tb_writer.flush()
+    names = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    callback.tb_writer.close()
+    assert len(names) == 2 and names[-1] != old.name

@@ -6,6 +6,7 @@ work offline (the integrations reuse a run that is already active instead of sta
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -31,7 +32,20 @@ def tensorboard_callback(tb_dir: Path, purge_step: int | None = None):
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
+    if purge_step is not None:
+        wait_for_a_later_event_file_name(tb_dir)
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step))
+
+
+def wait_for_a_later_event_file_name(tb_dir: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the second it was created
+    (then host and pid). A resume within the same second as the interrupted run can get a name that sorts first:
+    its purge then comes before the old steps it should hide, and the curve reads 3,4,5,6,1,2. Wait for the next
+    second so the resumed file always sorts last."""
+    stamps = [int(p.name.split(".")[3]) for p in Path(tb_dir).glob("events.out.tfevents.*")
+              if len(p.name.split(".")) > 4 and p.name.split(".")[3].isdigit()]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
 
 
 def start_trackers(report_to: list[str], run_dir: Path, run_name: str, config: dict, offline: bool) -> list[str]:
