@@ -16,10 +16,12 @@ prefix with a KV cache on transformers 5 (it answers like the base model; issue 
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,13 +83,19 @@ class Scheduler:
         self.largest_batch = 0
         self._thread = threading.Thread(target=self._loop, name="tunelab-scheduler", daemon=True)
         self._thread.start()
+        # a daemon thread still inside torch when the interpreter finalizes aborts the process ("terminate called
+        # without an active exception", exit 134 after a chat's /exit): end the loop before that
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def submit(self, request: Request) -> Request:
         self._pending.put(request)
         return request
 
-    def close(self) -> None:
+    def close(self, wait: float = 0.0) -> None:
+        """End the loop (requests still in flight fail); with `wait`, block up to that many seconds until it ended."""
         self._pending.put(None)
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join(wait)
 
     # ------------------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
@@ -283,3 +291,9 @@ def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    scheduler = ref()
+    if scheduler is not None:
+        scheduler.close(wait=10.0)
