@@ -49,9 +49,11 @@ SLOW_MODULES = {
     "test_demo.py": "the whole demo pipeline, export included",
     "test_train_resume.py": "kill -9 / signals / resume and 2-process torchrun runs, in subprocesses",
     "test_bench.py": "runs the training benchmark script",
+    "test_export_gguf_quant.py": "llama.cpp's converter plus numpy quantization of every q4/q5 type (~2 min)",
 }
 SLOW_TESTS = {
     "test_embedded_smollm2_template": "loads the real embedded SmolLM2",
+    "test_export_command_writes_gguf_modelfile_and_round_trips": "GGUF conversion and round trip (~50 s)",
 }
 SLOW_NAME_PARTS = ("smollm2_real", "two_cpu_processes", "multi_process", "torchrun")
 
