@@ -124,11 +124,17 @@ def test_trained_token_loss_equals_the_model_loss(tiny_llama):
     ours, outputs = speed.trained_token_loss(our_model, batch)
     n = int((batch["labels"][:, 1:] != -100).sum())
     assert outputs.logits.shape[-2:] == (n, our_model.config.vocab_size)  # logits only where a token is trained
+    assert_same_loss_and_lora_grads(ours, reference, our_model, ref_model)
+
+
+def assert_same_loss_and_lora_grads(ours, reference, our_model, ref_model) -> None:
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
     reference.backward()
     ours.backward()
     expected = lora_grads(ref_model)
-    for name, grad in lora_grads(our_model).items():
+    grads = lora_grads(our_model)
+    assert grads.keys() == expected.keys() and grads
+    for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
 
 
@@ -149,12 +155,7 @@ def test_fused_head_loss_equals_the_model_loss_in_training(tiny_llama):
     reference = ref_model(**batch).loss
     ours, outputs = speed.trained_token_loss(our_model, batch, chunk=7)  # several chunks
     assert outputs.logits is None  # the fused path keeps no logits
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
-    reference.backward()
-    ours.backward()
-    expected = lora_grads(ref_model)
-    for name, grad in lora_grads(our_model).items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6)
+    assert_same_loss_and_lora_grads(ours, reference, our_model, ref_model)
 
 
 def test_fused_head_only_in_plain_fp32_training(tiny_models):
