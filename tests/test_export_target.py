@@ -16,7 +16,7 @@ from tunelab.export import pipeline
 from tunelab.export.modelfile import write_modelfile
 from tunelab.export.pipeline import export_model
 from tunelab.export.target import ExportTargetError, check_target, refuse_existing_file
-from tunelab.inference.artifacts import resolve_artifact
+from tunelab.runs.artifacts import resolve_artifact
 
 
 def snapshot(folder: Path) -> dict[str, str]:

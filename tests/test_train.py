@@ -336,7 +336,7 @@ def test_nan_guard_names_the_checkpoint_whose_weights_give_a_finite_loss(tiny_ll
     loss, even with save_total_limit=1, and set checkpoint-3 aside so that --resume does not pick it."""
     from transformers import AutoTokenizer
 
-    from tunelab.training.rundir import latest_checkpoint
+    from tunelab.runs.rundir import latest_checkpoint
 
     cfg = make_config(tiny_llama, tmp_path, "train.save_steps=1", "train.save_total_limit=1", "train.max_steps=8")
     with pytest.raises(TunelabError) as e:

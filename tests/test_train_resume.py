@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_train import losses, make_config
 
 from tunelab.config import dump_config, load_config
-from tunelab.training.rundir import latest_checkpoint
+from tunelab.runs.rundir import latest_checkpoint
 from tunelab.training.sft import train
 
 KILLER = """

@@ -70,7 +70,7 @@ def print_next_steps(result, cfg) -> None:
 
 def launch(args: argparse.Namespace, cfg) -> int:
     """Re-run this command under torchrun with N processes (accelerate's --cpu would silently run one)."""
-    from tunelab.training.rundir import select_run_dir
+    from tunelab.runs.rundir import select_run_dir
     from tunelab.training.speed import usable_cores
 
     name = select_run_dir(cfg, args.resume).path.name  # decided once, so every rank writes the same folder

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.inference.artifacts import EXPORT_MARKER, Artifact
+from tunelab.runs.artifacts import EXPORT_MARKER, Artifact
 from tunelab.models.load import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)

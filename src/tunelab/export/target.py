@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.inference.artifacts import EXPORT_MARKER
+from tunelab.runs.artifacts import EXPORT_MARKER
 
 MODELFILE_HEADER = "# Written by tunelab export."
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.inference.artifacts import Artifact, resolve_artifact
+from tunelab.runs.artifacts import Artifact, resolve_artifact
 from tunelab.inference.engine import Completion, GenerationParams, StreamEvent
 from tunelab.inference.scheduler import Request, Scheduler
 from tunelab.inference.stopping import safe_prefix
@@ -186,7 +186,7 @@ def inference_threads(threads: int | None = None, model: str | None = None) -> i
 
 
 def _run_threads(model: str) -> int | None:
-    from tunelab.inference.artifacts import is_run_dir, read_run_config
+    from tunelab.runs.artifacts import is_run_dir, read_run_config
 
     path = Path(model).expanduser()
     return read_run_config(path).train.threads if is_run_dir(path) else None

@@ -92,7 +92,7 @@ def load_vllm_engine(model: str, adapter: str | None = None, *, template: str | 
     check_vllm()
     from vllm import LLM
 
-    from tunelab.inference.artifacts import resolve_artifact
+    from tunelab.runs.artifacts import resolve_artifact
     from tunelab.inference.hf import _max_context, _stop_token_ids
     from tunelab.inference.template import load_template
     from tunelab.models.load import load_tokenizer

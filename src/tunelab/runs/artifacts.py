@@ -124,7 +124,7 @@ def _from_run_dir(run_dir: Path, device: str, dtype: str) -> Artifact:
 
 def _no_final_message(run_dir: Path) -> str:
     """Name the newest checkpoint when there is one; otherwise say how to train or resume the run."""
-    from tunelab.training.rundir import latest_checkpoint
+    from tunelab.runs.rundir import latest_checkpoint
 
     latest = latest_checkpoint(run_dir / "checkpoints")
     head = f"{run_dir} has no final/ folder (training not finished?)"

@@ -212,7 +212,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """On resume: keep what was logged up to the checkpoint; the steps after it are trained (and logged) again."""
-    from tunelab.training.rundir import write_atomic
+    from tunelab.runs.rundir import write_atomic
 
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     if path.is_file():

@@ -88,7 +88,7 @@ def open_run(cfg, resume: bool, state):
     naming it."""
     from accelerate.utils import broadcast_object_list
 
-    from tunelab.training.rundir import RunDir, select_run_dir
+    from tunelab.runs.rundir import RunDir, select_run_dir
 
     chosen = [str(select_run_dir(cfg, resume).path) if state.is_main_process else None]
     if state.num_processes > 1:
@@ -276,7 +276,7 @@ def _is_main() -> bool:
 def _env(device: str, state, precision: Precision, speed) -> dict:
     from dataclasses import asdict
 
-    from tunelab.training.rundir import env_info
+    from tunelab.runs.rundir import env_info
 
     return {**env_info(device), "world_size": state.num_processes, "dtype": str(precision.dtype).replace("torch.", ""),
             "mixed_precision": precision.autocast or "no", "speed": asdict(speed)}
@@ -290,7 +290,7 @@ def checkpoint_step(checkpoint: Path) -> int:
 def resume_point(run, resume: bool, state, say) -> Path | None:
     """The last complete checkpoint to resume from; what the killed run logged after it is dropped."""
     from tunelab.training.callbacks import truncate_metrics
-    from tunelab.training.rundir import latest_checkpoint
+    from tunelab.runs.rundir import latest_checkpoint
 
     if not resume:
         return None
@@ -338,7 +338,7 @@ def fit(trainer, run, tokenizer, checkpoint: Path | None, state, cfg) -> RunResu
 
 
 def _stopped_by_user(trainer, output, run, state, step: int) -> RunResult:
-    from tunelab.training.rundir import latest_checkpoint
+    from tunelab.runs.rundir import latest_checkpoint
 
     metrics = summarize(trainer, output, run)
     checkpoint = latest_checkpoint(run.checkpoints)

@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import Trainer
 
 from tunelab.training.callbacks import NonFiniteLossError
-from tunelab.training.rundir import CHECKPOINT_RE, STAGING
+from tunelab.runs.rundir import CHECKPOINT_RE, STAGING
 from tunelab.training.speed import trained_token_loss
 
 

@@ -45,7 +45,7 @@ class EngineCache:
 def base_of(model: str, adapter: str | None, base: str | None) -> str:
     """The base model to compare with: given explicitly, else the one the run or adapter was trained from."""
     from tunelab.errors import TunelabError
-    from tunelab.inference.artifacts import resolve_artifact
+    from tunelab.runs.artifacts import resolve_artifact
 
     if base and base.strip():
         return base.strip()

@@ -28,7 +28,7 @@ def schema_choices(field: str) -> list[str]:
 def export_config(source: str, output: str, dtype: str, gguf: list[str], ollama: bool, quantize: str):
     """The run's own export section (as `tunelab export` uses it) with the page's choices on top."""
     from tunelab.config.schema import ExportConfig
-    from tunelab.inference.artifacts import is_run_dir, read_run_config
+    from tunelab.runs.artifacts import is_run_dir, read_run_config
 
     path = Path(source).expanduser()
     cfg = read_run_config(path).export if is_run_dir(path) else ExportConfig()
@@ -110,7 +110,7 @@ def result_html(result, lang: str) -> str:
 
 def refusal_html(error, lang: str) -> str:
     """The output folder is not empty: say whose files are there and offer the Overwrite box."""
-    from tunelab.inference.artifacts import EXPORT_MARKER
+    from tunelab.runs.artifacts import EXPORT_MARKER
 
     folder = Path(error.folder)
     key = "export.refused.export" if (folder / EXPORT_MARKER).is_file() else "export.refused.user"

@@ -107,7 +107,7 @@ class TrainingJob:
     def snapshot(self) -> dict[str, Any]:
         """Everything the page shows about the run now."""
         from tunelab.evaluation.runs import read_history
-        from tunelab.training.rundir import read_json
+        from tunelab.runs.rundir import read_json
 
         history = read_history(self.run_dir)
         run_json = read_json(self.run_dir / "run.json")

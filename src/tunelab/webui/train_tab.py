@@ -200,7 +200,7 @@ def _start_job(ui, specs, values, extra_state, resume: bool) -> TrainingJob:
     from tunelab.data.check import check_data
     from tunelab.methods import check_method_available
     from tunelab.models.load import pick_device
-    from tunelab.training.rundir import select_run_dir
+    from tunelab.runs.rundir import select_run_dir
 
     cfg = _form_config(specs, values, extra_state)
     check_data(cfg, "from the form")  # a missing file or an unknown dataset name is listed now, not after a process has started
