@@ -1,4 +1,5 @@
-"""`tunelab runs`: listing and comparing run directories built here from the files training writes."""
+"""tunelab.runs and `tunelab runs`: reading, resolving, listing and comparing run directories built here from the
+files training writes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import yaml
 
 from tunelab.cli.main import main
 from tunelab.errors import TunelabError
-from tunelab.evaluation.runs import compare_runs, config_diff, list_runs, loss_series, read_run, runs_table
+from tunelab.evaluation.runs import compare_runs, list_runs, read_run, runs_table
+from tunelab.runs.read import RunInfo, config_diff, loss_series
+from tunelab.runs.rundir import RunDir, is_run_dir
 
 
 def make_run(root: Path, name: str, *, lr: float = 2e-4, r: int = 8, losses=(2.0, 1.5, 1.2), eval_losses=(1.4,),
@@ -98,6 +101,62 @@ def test_runs_cli_list_and_compare(tmp_path, capsys):
     assert main(["runs", "--json", str(tmp_path)]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in listed] == ["a", "b"] and listed[1]["config"]["train"]["lr"] == 1e-3
+
+
+def test_run_info_reads_run_json_typed_keeping_unknown_fields(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create()
+    assert RunInfo.read(run.path) == RunInfo()  # no run.json yet: an empty record, not an error
+    run.update(status="completed", run_name="r", model="tiny", method="lora", world_size=2, stage="dpo",
+               metrics={"train_loss": 1.5, "global_step": 3, "eval_loss": None, "flag": True})
+    info = RunInfo.read(run.path)
+    assert (info.status, info.run_name, info.model, info.method, info.world_size) == ("completed", "r", "tiny",
+                                                                                       "lora", 2)
+    assert info.metrics == {"train_loss": 1.5, "global_step": 3.0}  # numbers only: None and booleans dropped
+    assert info.extra == {"stage": "dpo"} and info.started_at is None
+    old = RunInfo.from_dict({"started": "2025-01-01", "final_metrics": {"train_loss": 2}, "world_size": "x"})
+    assert old.started_at == "2025-01-01" and old.metrics == {"train_loss": 2.0} and old.world_size is None
+    run.run_json.write_text("{torn", encoding="utf-8")
+    assert RunInfo.read(run.path).status is None
+
+
+def test_one_run_folder_rule_for_listing_and_resolving(tmp_path):
+    """A run that logged metrics but wrote no run.json/final/ lists, and chat/export refuse it with the next step
+    (before, inference/artifacts.py and evaluation/runs.py each had their own rule, and this folder was a run for
+    one and an unknown model name for the other)."""
+    from tunelab.runs.artifacts import resolve_artifact
+
+    run = RunDir(tmp_path / "half")
+    run.create()
+    run.config_file.write_text(yaml.safe_dump({"model": {"name": "tiny"}, "train": {"run_name": "half"}}))
+    assert not is_run_dir(run.path)  # a config alone is not a run (it never started)
+    run.metrics.write_text('{"step": 1, "loss": 2.0}\n', encoding="utf-8")
+    assert is_run_dir(run.path)
+    assert [r.name for r in list_runs(tmp_path)] == ["half"] and read_run(run.path).status == "incomplete"
+    with pytest.raises(TunelabError, match="has no final/ folder.*no checkpoint in .*checkpoints"):
+        resolve_artifact(str(run.path))
+
+
+def test_run_dir_names_every_file_of_the_layout(tmp_path):
+    run = RunDir(tmp_path / "x")
+    assert {p.relative_to(run.path).as_posix() for p in (run.config_file, run.run_json, run.metrics, run.tb,
+                                                          run.checkpoints, run.final, run.template_file,
+                                                          run.loss_plot, run.eval_metrics)} == {
+        "config.yaml", "run.json", "metrics.jsonl", "tb", "checkpoints", "final", "chat_template.jinja", "loss.png",
+        "eval/metrics.json"}
+
+
+def test_runs_package_imports_no_higher_stage():
+    """tunelab.runs sits below training, inference, evaluation, export, serving and the web UI."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tunelab.runs.rundir, tunelab.runs.read, tunelab.runs.artifacts\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('tunelab.') and m.split('.')[1] in "
+            "('training', 'inference', 'evaluation', 'export', 'serving', 'webui', 'cli', 'data', 'methods'))\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_model_provenance_names_the_gguf_quantization(tmp_path):

@@ -41,12 +41,13 @@ def eval_config(args: argparse.Namespace):
     from tunelab.config import load_config
     from tunelab.config.schema import CheckConfig, EvalConfig
     from tunelab.errors import TunelabError
-    from tunelab.evaluation.runs import is_run_dir
+    from tunelab.runs.read import read_run_config
+    from tunelab.runs.rundir import is_run_dir
 
     if args.config:
         cfg = load_config(args.config).eval
     elif args.model and is_run_dir(Path(args.model)):
-        cfg = load_config(Path(args.model) / "config.yaml").eval
+        cfg = read_run_config(args.model).eval
     else:
         cfg = EvalConfig()
     if args.metrics:

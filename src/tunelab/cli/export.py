@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     ok = print_summary(result)
     if args.push_to_hub:
         from tunelab.export.hub import push_to_hub
-        from tunelab.runs.artifacts import is_run_dir
+        from tunelab.runs.rundir import is_run_dir
 
         source = Path(args.source).expanduser()
         push_to_hub(result.out_dir, args.push_to_hub, source if is_run_dir(source) else None)
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
 def export_config(args: argparse.Namespace):
     """The run's export section (or the defaults), with the flags given on the command line on top."""
     from tunelab.config.schema import ExportConfig
-    from tunelab.runs.artifacts import is_run_dir, read_run_config
+    from tunelab.runs.read import read_run_config
+    from tunelab.runs.rundir import is_run_dir
 
     source = Path(args.source).expanduser()
     cfg = read_run_config(source).export if is_run_dir(source) else ExportConfig()

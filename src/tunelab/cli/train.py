@@ -23,13 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_run_config(args: argparse.Namespace):
     from tunelab.config import load_config
+    from tunelab.runs.rundir import RunDir
 
     path = Path(args.config)
     if path.is_dir():  # a run folder: its resolved config, and the same run name
-        if not (path / "config.yaml").is_file():
+        if not RunDir(path).config_file.is_file():
             raise TunelabError(f"{path} is a folder without config.yaml (not a tunelab run folder)")
         overrides = [f"train.output_dir={path.parent}", f"train.run_name={path.name}", *args.overrides]
-        return load_config(path / "config.yaml", overrides)
+        return load_config(RunDir(path).config_file, overrides)
     return load_config(path, args.overrides)
 
 
@@ -89,8 +90,9 @@ def run_workers(command: list[str], env: dict, run_dir: Path) -> int:
     """Run torchrun and wait for it. Ctrl-C reaches every process of the terminal's group by itself; a SIGTERM
     sent to this process only is passed on to torchrun, which passes it to the workers (each finishes its step and
     saves). Exit code as for one process: 130 when the run stopped with a checkpoint."""
-    import json
     import signal
+
+    from tunelab.runs.read import RunInfo
 
     proc = subprocess.Popen(command, env=env)
     received: list[int] = []
@@ -106,10 +108,7 @@ def run_workers(command: list[str], env: dict, run_dir: Path) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    try:
-        status = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError):
-        status = None
+    status = RunInfo.read(run_dir).status
     if status == "stopped" or (received and code != 0):
         return 130  # stopped by Ctrl-C or SIGTERM (with a checkpoint when status is "stopped")
     return code

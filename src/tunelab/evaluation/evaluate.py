@@ -249,7 +249,7 @@ def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | No
 def reference_index(models: Sequence[Any]) -> int:
     """Which of `models` is the reference the others are measured against: a model that another one (a run or an
     adapter folder) was trained from; else the only model that is not a run or adapter; else the first."""
-    from tunelab.evaluation.runs import is_run_dir
+    from tunelab.runs.rundir import is_run_dir
 
     names = [str(m) if isinstance(m, (str, Path)) else None for m in models]
     tuned_from = [_trained_from(Path(n)) if n else set() for n in names]
@@ -265,10 +265,13 @@ def _trained_from(path: Path) -> set[str]:
     """The base model names/paths a run folder or adapter folder records."""
     import json
 
+    from tunelab.runs.rundir import RunDir
+
+    run = RunDir(path)
     found: set[str] = set()
-    for file, keys in ((path / "run.json", ("model", "model_path")),
+    for file, keys in ((run.run_json, ("model", "model_path")),
                        (path / "adapter_config.json", ("base_model_name_or_path",)),
-                       (path / "final" / "adapter_config.json", ("base_model_name_or_path",))):
+                       (run.final / "adapter_config.json", ("base_model_name_or_path",))):
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -291,7 +294,7 @@ def _same_model(name: str, candidates: set[str]) -> bool:
 
 def _examples_source(models: Sequence[Any]) -> int:
     """Index of the first run (directory, or engine loaded from one): its validation split is the shared data."""
-    from tunelab.evaluation.runs import is_run_dir
+    from tunelab.runs.rundir import is_run_dir
 
     for i, model in enumerate(models):
         if isinstance(model, (str, Path)) and is_run_dir(Path(model)) or _run_dir(model) is not None:

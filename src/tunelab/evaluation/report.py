@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.evaluation.results import ComparisonResult, EvalResult, PredictionRecord, format_value, ordered_metrics
-from tunelab.evaluation.runs import loss_series, plot_loss_curves, read_history
+from tunelab.evaluation.runs import plot_loss_curves
+from tunelab.runs.read import loss_series, read_history
+from tunelab.runs.rundir import RunDir
 
 EXAMPLES_SHOWN = 3  # best and worst examples in a report
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -62,9 +64,10 @@ def loss_curve_png(result: EvalResult, out_dir: Path) -> Path | None:
         return None
     run_dir = Path(result.run_dir)
     target = out_dir / "loss.png"
-    if (run_dir / "loss.png").is_file():
-        if (run_dir / "loss.png").resolve() != target.resolve():
-            shutil.copyfile(run_dir / "loss.png", target)
+    plot = RunDir(run_dir).loss_plot
+    if plot.is_file():
+        if plot.resolve() != target.resolve():
+            shutil.copyfile(plot, target)
         return target
     series = loss_series(read_history(run_dir))
     if series["loss"] or series["eval_loss"]:

@@ -1,25 +1,20 @@
-"""Evaluation stage, experiment view: list past runs and compare two or more of them from their run directories.
+"""Evaluation stage, experiment view: the runs list and the comparison of two or more runs, as tables, Markdown
+and one overlaid loss plot.
 
-Reads only the files training writes (config.yaml, run.json, metrics.jsonl; layout in docs/architecture.md) and
-what `tunelab eval` adds (<run>/eval/metrics.json); nothing is loaded or imported from the training code, so
-half-written or failed runs still list.
+The run folders are read by tunelab.runs.read (typed readers; nothing is imported from training, so half-written
+or failed runs still list); this module only decides what is shown.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunelab.errors import TunelabError
 from tunelab.evaluation.results import format_value, ordered_metrics, render_text_table
-
-log = logging.getLogger(__name__)
+from tunelab.runs import read
+from tunelab.runs.read import RunRecord, config_diff, loss_series
 
 # Settings shown in the runs list: column -> dotted path into config.yaml.
 KEY_SETTINGS = {"model": "model.name", "lr": "train.lr", "batch": "train.batch_size", "max_steps": "train.max_steps",
@@ -27,7 +22,6 @@ KEY_SETTINGS = {"model": "model.name", "lr": "train.lr", "batch": "train.batch_s
 # Training's final metrics first, then what `tunelab eval` measured on the run (loss-based ones prefixed eval/).
 RUN_METRIC_ORDER = ("global_step", "train_loss", "final_loss", "eval_loss", "eval/loss", "eval/perplexity",
                     "eval/tokens")
-_EVAL_RENAMES = {"loss": "eval/loss", "perplexity": "eval/perplexity", "eval_tokens": "eval/tokens"}
 # Final metrics shown in the runs list (`runs compare` shows all of them).
 LIST_METRICS = ("train_loss", "final_loss", "eval_loss", "eval/perplexity", "bleu-4", "rouge-l", "exact_match")
 # Method hyperparameters worth a glance, per method name.
@@ -36,14 +30,12 @@ METHOD_KEYS = {"lora": ("r", "alpha"), "dora": ("r", "alpha"), "qlora": ("r", "b
 
 
 @dataclass
-class RunSummary:
-    name: str
-    path: Path
-    status: str
-    started: str | None
-    config: dict[str, Any]  # config.yaml as written (not re-validated: old runs must still list)
-    metrics: dict[str, float]  # final training metrics, plus the last `tunelab eval` metrics if any
-    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl events
+class RunSummary(RunRecord):
+    """A run as the runs list shows it: the record tunelab.runs.read gives, plus a one-line method label."""
+
+    @classmethod
+    def of(cls, record: RunRecord) -> RunSummary:
+        return cls(**{f.name: getattr(record, f.name) for f in fields(RunRecord)})
 
     @property
     def method(self) -> str:
@@ -52,77 +44,8 @@ class RunSummary:
         params = " ".join(f"{k}={method[k]}" for k in METHOD_KEYS.get(name, ()) if k in method)
         return f"{name} {params}".strip()
 
-    def setting(self, dotted: str) -> Any:
-        node: Any = self.config
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return node
 
-
-# ------------------------------------------------------------------------------------------------ reading
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file() and (
-        (path / "run.json").is_file() or (path / "metrics.jsonl").is_file() or (path / "final").is_dir())
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        log.warning("%s: unreadable (%s); ignored", path, e)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl events; a torn last line (a run killed mid-write) is skipped, not fatal."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    events = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: not JSON; skipped", path, n)
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
-
-
-def loss_series(history: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """{"loss": [(step, value)], "eval_loss": [...]} from log events (HF Trainer log_history keys)."""
-    series: dict[str, list[tuple[float, float]]] = {"loss": [], "eval_loss": []}
-    for i, event in enumerate(history):
-        step = event.get("step", event.get("global_step", i))
-        for key, points in series.items():
-            value = event.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value) and isinstance(step, (int, float)):
-                points.append((float(step), float(value)))
-    return series
-
-
-def final_metrics(run_json: dict[str, Any], history: list[dict[str, Any]], eval_metrics: dict) -> dict[str, float]:
-    found = run_json.get("final_metrics") or run_json.get("metrics") or {}
-    metrics = {k: float(v) for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    series = loss_series(history)
-    if "train_loss" not in metrics and series["loss"]:
-        metrics["train_loss"] = series["loss"][-1][1]  # last logged loss, when training wrote no summary
-    if "eval_loss" not in metrics and series["eval_loss"]:
-        metrics["eval_loss"] = series["eval_loss"][-1][1]
-    for key, value in eval_metrics.items():  # `tunelab eval` results on this run
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics[_EVAL_RENAMES.get(key, key)] = float(value)
-    return metrics
-
-
+# ------------------------------------------------------------------------------------------------ listing
 def run_metric_names(runs: list[RunSummary]) -> list[str]:
     present = list(dict.fromkeys(k for r in runs for k in r.metrics))
     head = [m for m in RUN_METRIC_ORDER if m in present]
@@ -130,32 +53,12 @@ def run_metric_names(runs: list[RunSummary]) -> list[str]:
 
 
 def read_run(run_dir: str | Path) -> RunSummary:
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise TunelabError(f"run directory not found: {path}")
-    if not (path / "config.yaml").is_file():
-        raise TunelabError(f"{path} is not a run directory: it has no config.yaml (see `tunelab runs` for the list)")
-    try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise TunelabError(f"{path / 'config.yaml'}: not valid YAML ({e})") from None
-    run_json = _read_json(path / "run.json")
-    history = read_history(path)
-    eval_metrics = _read_json(path / "eval" / "metrics.json").get("metrics", {})
-    status = run_json.get("status") or ("completed" if (path / "final").is_dir() else "incomplete")
-    started = next((run_json[k] for k in ("started_at", "started", "start_time") if run_json.get(k)), None)
-    return RunSummary(path.name, path, str(status), str(started) if started else None, config,
-                      final_metrics(run_json, history, eval_metrics), history)
+    return RunSummary.of(read.read_run(run_dir))
 
 
 def list_runs(root: str | Path = "runs") -> list[RunSummary]:
     """Every run directory directly under `root` (or `root` itself when it is one), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        raise TunelabError(f"no runs folder at {root} (train something first, or pass the folder: tunelab runs DIR)")
-    dirs = [root] if is_run_dir(root) else sorted(p for p in root.iterdir() if is_run_dir(p))
-    runs = [read_run(d) for d in dirs]
-    return sorted(runs, key=lambda r: (r.started or "", r.path.stat().st_mtime, r.name))
+    return [RunSummary.of(r) for r in read.list_runs(root)]
 
 
 def runs_table(runs: list[RunSummary]) -> str:
@@ -180,24 +83,6 @@ def _short(value: Any, width: int = 40) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- comparing
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(config, dict):
-        return {prefix: config}
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        out.update(flatten(value, name) if isinstance(value, dict) and value else {name: value})
-    return out
-
-
-def config_diff(runs: list[RunSummary]) -> dict[str, list[Any]]:
-    """Dotted setting -> value per run, for the settings that differ (run_name/output_dir always differ)."""
-    flat = [flatten(r.config) for r in runs]
-    keys = list(dict.fromkeys(k for f in flat for k in f))
-    ignore = {"train.run_name", "train.output_dir"}
-    return {k: [f.get(k) for f in flat] for k in keys if k not in ignore and len({repr(f.get(k)) for f in flat}) > 1}
-
-
 @dataclass
 class RunComparison:
     runs: list[RunSummary]

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.runs.rundir import RunDir
 
 EXCLUDED = ("export_table.json",)  # the card carries the table; the json stays local
 
@@ -24,7 +25,7 @@ def hub_files(out_dir: Path) -> list[str]:
 def model_card(out_dir: Path, run_dir: Path | None, repo_id: str) -> str:
     """README.md for the Hub: YAML header (base_model, library, tags) and what the run did."""
     marker = _read_json(out_dir / "tunelab_export.json")
-    run = _read_json(run_dir / "run.json") if run_dir is not None else {}
+    run = _read_json(RunDir(run_dir).run_json) if run_dir is not None else {}
     base = marker.get("base_model") or run.get("base_model") or "unknown"
     method = marker.get("method") or run.get("method") or marker.get("kind", "")
     lines = ["---", f"base_model: {base}", "library_name: transformers", "pipeline_tag: text-generation",

@@ -186,7 +186,8 @@ def inference_threads(threads: int | None = None, model: str | None = None) -> i
 
 
 def _run_threads(model: str) -> int | None:
-    from tunelab.runs.artifacts import is_run_dir, read_run_config
+    from tunelab.runs.read import read_run_config
+    from tunelab.runs.rundir import is_run_dir
 
     path = Path(model).expanduser()
     return read_run_config(path).train.threads if is_run_dir(path) else None

@@ -1,7 +1,8 @@
 """Say what a model argument points at (run directory, adapter, exported folder, HF folder, hub id, GGUF).
 
 Chat, evaluation, export and serving all accept the same strings; this module turns one into the base model to
-load, the adapter to apply on it, and the tokenizer whose chat template was used in training.
+load, the adapter to apply on it, and the tokenizer whose chat template was used in training. A run folder is
+read through `tunelab.runs.rundir` (its layout lives there); nothing heavy is loaded here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from tunelab.config.schema import ModelConfig, RunConfig
 from tunelab.errors import TunelabError
 from tunelab.models.resolve import resolve_model_path
+from tunelab.runs.read import read_run_config
+from tunelab.runs.rundir import RunDir, is_run_dir
 
 # Written by tunelab export next to a base model when an adapter cannot be merged into it (prefix tuning).
 EXPORT_MARKER = "tunelab_export.json"
@@ -30,12 +33,6 @@ class Artifact:
     template_file: Path | None = None  # run's chat_template.jinja, used when the tokenizer has no template
     run_dir: Path | None = None
     run_config: RunConfig | None = None
-
-
-def is_run_dir(path: Path) -> bool:
-    """runs/<name>/: a resolved config.yaml plus run.json or final/ (see docs/architecture.md)."""
-    has_outputs = (path / "run.json").is_file() or (path / "final").is_dir()
-    return path.is_dir() and (path / "config.yaml").is_file() and has_outputs
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -58,12 +55,6 @@ def adapter_base_name(adapter: Path) -> str:
             "explicitly (tunelab chat BASE --adapter ADAPTER)"
         )
     return str(base)
-
-
-def read_run_config(run_dir: Path) -> RunConfig:
-    from tunelab.config.load import load_config
-
-    return load_config(run_dir / "config.yaml")
 
 
 def resolve_artifact(model: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto") -> Artifact:
@@ -104,10 +95,10 @@ def _model_cfg(name: str, device: str, dtype: str, base: ModelConfig | None = No
 
 def _from_run_dir(run_dir: Path, device: str, dtype: str) -> Artifact:
     cfg = read_run_config(run_dir)
-    final = run_dir / "final"
+    final = RunDir(run_dir).final
     if not final.is_dir():
         raise TunelabError(_no_final_message(run_dir))
-    template_file = run_dir / "chat_template.jinja"
+    template_file = RunDir(run_dir).template_file
     template_file = template_file if template_file.is_file() else None
     if is_adapter_dir(final):
         # The run's model section is authoritative for the base: it keeps gguf_file, revision, remote code.
@@ -124,15 +115,14 @@ def _from_run_dir(run_dir: Path, device: str, dtype: str) -> Artifact:
 
 def _no_final_message(run_dir: Path) -> str:
     """Name the newest checkpoint when there is one; otherwise say how to train or resume the run."""
-    from tunelab.runs.rundir import latest_checkpoint
-
-    latest = latest_checkpoint(run_dir / "checkpoints")
+    run = RunDir(run_dir)
+    latest = run.latest_checkpoint()
     head = f"{run_dir} has no final/ folder (training not finished?)"
     if latest is not None:
         return (f"{head}; point at a checkpoint instead, e.g. {latest}, or finish training with "
                 f"`tunelab train {run_dir} --resume`")
-    return (f"{head}, and it has no checkpoint in {run_dir / 'checkpoints'} either: train it with "
-            f"`tunelab train {run_dir / 'config.yaml'}` (or `tunelab train {run_dir} --resume` to continue an "
+    return (f"{head}, and it has no checkpoint in {run.checkpoints} either: train it with "
+            f"`tunelab train {run.config_file}` (or `tunelab train {run_dir} --resume` to continue an "
             "interrupted run once it has saved a checkpoint)")
 
 

@@ -1,9 +1,11 @@
-"""Stage 4 (training): the run directory every later stage reads (layout in docs/architecture.md).
+"""Run folders: their layout, atomic writers, and the choice of a new run or the one to resume.
 
     runs/<run_name>/ config.yaml run.json env.json data.json chat_template.jinja metrics.jsonl loss.png
-                     tb/ checkpoints/checkpoint-N/ final/
+                     tb/ checkpoints/checkpoint-N/ final/ eval/
 
-Every file is written atomically (temp file + rename) so a killed run never leaves half a JSON behind.
+The names below are the only place the layout is spelled out (docs/architecture.md, "Run directory"); training
+writes through `RunDir`, everything else reads through it, `artifacts` and `read`. Every file is written
+atomically (temp file + rename) so a killed run never leaves half a JSON behind.
 """
 
 from __future__ import annotations
@@ -18,12 +20,37 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import TunelabError
 
+if TYPE_CHECKING:
+    from tunelab.config.schema import RunConfig
+
+CONFIG_FILE = "config.yaml"  # the resolved config (train.run_name = the folder name)
+RUN_JSON = "run.json"  # status, times, model, method, template, data fingerprint, final metrics
+ENV_JSON = "env.json"  # library versions, device, git commits
+DATA_JSON = "data.json"  # data stats and fingerprint
+TEMPLATE_FILE = "chat_template.jinja"  # the exact template used in training
+METRICS_FILE = "metrics.jsonl"  # one JSON object per log/eval event
+LOSS_PLOT = "loss.png"
+TB_DIR = "tb"  # TensorBoard event files
+CHECKPOINTS_DIR = "checkpoints"  # checkpoint-N/ folders, each complete (see STAGING)
+FINAL_DIR = "final"  # adapter or full model, with the tokenizer carrying the training template
+EVAL_DIR = "eval"  # what `tunelab eval` writes for a run (eval/metrics.json)
+EVAL_METRICS = "metrics.json"
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"  # checkpoints are written here, then renamed into place
+
+
+def is_run_dir(path: Path) -> bool:
+    """A tunelab run folder: the resolved config plus anything training writes once it started (run.json,
+    metrics.jsonl or final/). Half-written and failed runs count: they list, and resolving them says why they
+    cannot be loaded."""
+    path = Path(path)
+    started = any((path / name).exists() for name in (RUN_JSON, METRICS_FILE, FINAL_DIR))
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and started
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -46,7 +73,7 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-def default_run_name(cfg) -> str:
+def default_run_name(cfg: RunConfig) -> str:
     model = Path(cfg.model.name.rstrip("/")).name.replace(".gguf", "")
     model = re.sub(r"[^A-Za-z0-9._-]+", "-", model)[:40]
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{cfg.method.name}"
@@ -100,37 +127,67 @@ class RunDir:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS_DIR
 
     @property
     def final(self) -> Path:
-        return self.path / "final"
+        return self.path / FINAL_DIR
 
     @property
     def tb(self) -> Path:
-        return self.path / "tb"
+        return self.path / TB_DIR
 
     @property
     def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / METRICS_FILE
 
     @property
     def run_json(self) -> Path:
-        return self.path / "run.json"
+        return self.path / RUN_JSON
+
+    @property
+    def template_file(self) -> Path:
+        return self.path / TEMPLATE_FILE
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / LOSS_PLOT
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / EVAL_DIR
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.eval_dir / EVAL_METRICS
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.checkpoints)
 
     def create(self) -> None:
         for folder in (self.path, self.checkpoints, self.tb):
             folder.mkdir(parents=True, exist_ok=True)
 
-    def write_start(self, cfg, *, env: dict, data_stats: dict, fingerprint: str, template) -> None:
+    def write_start(self, cfg: RunConfig, *, env: dict, data_stats: dict, fingerprint: str, template) -> None:
         from tunelab.config import dump_config
 
-        write_atomic(self.path / "config.yaml", dump_config(cfg))
-        write_json(self.path / "env.json", env)
-        write_json(self.path / "data.json", {"fingerprint": fingerprint, **data_stats})
-        write_atomic(self.path / "chat_template.jinja", template.jinja)
+        write_atomic(self.config_file, dump_config(cfg))
+        write_json(self.path / ENV_JSON, env)
+        write_json(self.path / DATA_JSON, {"fingerprint": fingerprint, **data_stats})
+        write_atomic(self.template_file, template.jinja)
 
     def update(self, **fields: Any) -> dict:
         """Merge `fields` into run.json (status, times, metrics...)."""
@@ -148,7 +205,7 @@ class RunDir:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def select_run_dir(cfg, resume: bool) -> RunDir:
+def select_run_dir(cfg: RunConfig, resume: bool) -> RunDir:
     """The folder of this run: a new one, or (resume) the named run or the newest run of the same config."""
     root = Path(cfg.train.output_dir).expanduser()
     if cfg.train.run_name:
@@ -171,11 +228,11 @@ def select_run_dir(cfg, resume: bool) -> RunDir:
     return RunDir(candidate)
 
 
-def _newest_matching_run(cfg, root: Path) -> Path:
+def _newest_matching_run(cfg: RunConfig, root: Path) -> Path:
     from tunelab.config import load_config
 
     wanted = cfg.model_dump(exclude={"train": {"run_name"}})
-    candidates = sorted((p for p in root.glob("*/config.yaml")), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = sorted((p for p in root.glob(f"*/{CONFIG_FILE}")), key=lambda p: p.stat().st_mtime, reverse=True)
     for config_file in candidates:
         try:
             previous = load_config(config_file)

@@ -401,6 +401,6 @@ def _plot(run) -> None:
     from tunelab.training.callbacks import plot_losses
 
     try:
-        plot_losses(run.metrics, run.path / "loss.png", title=run.path.name)
+        plot_losses(run.metrics, run.loss_plot, title=run.path.name)
     except Exception as e:  # noqa: BLE001 - a plot is never worth failing a finished run for
         log.warning("could not draw loss.png: %s", e)

@@ -26,12 +26,12 @@ def run_choices(runs_dir: Path) -> list[str]:
 
 def eval_config(model: str, metrics: list[str], max_samples, max_new_tokens):
     """The run's own eval section (as the CLI uses it) with the page's choices on top."""
-    from tunelab.config import load_config
     from tunelab.config.schema import EvalConfig
-    from tunelab.evaluation.runs import is_run_dir
+    from tunelab.runs.read import read_run_config
+    from tunelab.runs.rundir import is_run_dir
 
     path = Path(model)
-    cfg = load_config(path / "config.yaml").eval if is_run_dir(path) else EvalConfig()
+    cfg = read_run_config(path).eval if is_run_dir(path) else EvalConfig()
     update: dict[str, Any] = {"output_dir": None}
     if metrics:
         update["metrics"] = list(metrics)

@@ -28,7 +28,8 @@ def schema_choices(field: str) -> list[str]:
 def export_config(source: str, output: str, dtype: str, gguf: list[str], ollama: bool, quantize: str):
     """The run's own export section (as `tunelab export` uses it) with the page's choices on top."""
     from tunelab.config.schema import ExportConfig
-    from tunelab.runs.artifacts import is_run_dir, read_run_config
+    from tunelab.runs.read import read_run_config
+    from tunelab.runs.rundir import is_run_dir
 
     path = Path(source).expanduser()
     cfg = read_run_config(path).export if is_run_dir(path) else ExportConfig()

@@ -106,11 +106,11 @@ class TrainingJob:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the page shows about the run now."""
-        from tunelab.evaluation.runs import read_history
-        from tunelab.runs.rundir import read_json
+        from tunelab.runs.read import read_history
+        from tunelab.runs.rundir import RunDir, read_json
 
         history = read_history(self.run_dir)
-        run_json = read_json(self.run_dir / "run.json")
+        run_json = read_json(RunDir(self.run_dir).run_json)
         last = next((r for r in reversed(history) if "step" in r), {})
         total = run_json.get("max_steps") or self.total_steps or self._total_from_log()
         step = last.get("step", run_json.get("step", 0)) or 0
