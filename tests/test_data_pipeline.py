@@ -243,3 +243,71 @@ def test_long_text_documents_are_chunked_not_truncated(tmp_path, llama_tok):
     cut = prepare(cfg.model_copy(update={"long_text": "truncate"}), llama_tok)
     assert len(cut.train) == 2 and cut.stats["truncated"] == 1 and cut.stats["chunked_documents"] == 0
     assert cut.train[0]["input_ids"] == whole[:64]
+
+
+# ----------------------------------------------------------------------------------- one builder for every caller
+def test_tunelab_data_and_training_build_identical_data(tmp_path, tiny_models, monkeypatch, capsys):
+    """`tunelab data prepare` and `tunelab train` build the same examples: same fingerprint, same token ids, each
+    computed in its own cache (no cache hit can hide a difference). The template is applied: the tiny qwen2
+    tokenizer brings its own qwen2.5 template and the config asks for chatml."""
+    from datasets import load_from_disk
+
+    from tunelab.cli.main import main
+    from tunelab.data.pipeline import cache_root
+    from tunelab.runs.read import RunInfo
+
+    data = {"dataset_dir": str(DEMO), "datasets": [{"name": "identity"}], "template": "chatml",
+            "variables": {"name": "Tuney", "author": "Lab"}, "val_size": 4}
+    cfg = write_config(tmp_path, tiny_models["qwen2"], data)
+    monkeypatch.setenv("TUNELAB_DATA_CACHE", str(tmp_path / "cache-data-command"))
+    assert main(["data", "prepare", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    (from_cli,) = [p for p in (tmp_path / "cache-data-command").iterdir() if (p / "stats.json").is_file()]
+    assert from_cli.name in printed and "chatml" in printed
+    monkeypatch.setenv("TUNELAB_DATA_CACHE", str(tmp_path / "cache-training"))
+    overrides = [f"train.output_dir={tmp_path / 'runs'}", "train.run_name=r", "train.max_steps=1",
+                 "train.batch_size=2", "method.r=2"]
+    assert main(["train", str(cfg), *overrides]) == 0
+    run = tmp_path / "runs" / "r"
+    info = RunInfo.read(run)
+    assert info.data_fingerprint == from_cli.name and info.template == "chatml"
+    from_training = tmp_path / "cache-training" / info.data_fingerprint
+    assert from_training.parent == cache_root(DataConfig()) and (from_training / "stats.json").is_file()
+    for split in ("train", "validation"):
+        ours, theirs = load_from_disk(str(from_cli / split)), load_from_disk(str(from_training / split))
+        assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
+        assert len(ours) > 0
+    trained_template = (run / "chat_template.jinja").read_text(encoding="utf-8")
+    assert (from_cli / "chat_template.jinja").read_text(encoding="utf-8") == trained_template
+    assert "<|im_start|>" in trained_template and "Qwen" not in trained_template  # chatml, not qwen2.5
+
+
+def test_every_data_caller_uses_the_one_builder(tmp_path, tiny_models, monkeypatch, capsys):
+    """`tunelab data`, the web UI's Data tab and the demo call data.build.build_sft_data (the cli copy skipped
+    apply_template, so its tokenizer did not carry the training template), and get a tokenizer that does."""
+    import tunelab.data.build as build
+    from tunelab.cli.main import main
+    from tunelab.config import load_config
+    from tunelab.demo import _show_data
+    from tunelab.webui.data_tab import data_config, prepare
+
+    calls = []
+
+    def spy(cfg, tokenizer=None, **kwargs):
+        prepared = real(cfg, tokenizer, **kwargs)
+        calls.append(prepared)
+        return prepared
+
+    real = build.build_sft_data
+    monkeypatch.setattr(build, "build_sft_data", spy)
+    data = {"dataset_dir": str(DEMO), "datasets": [{"name": "identity"}], "template": "chatml",
+            "variables": {"name": "Tuney", "author": "Lab"}}
+    cfg = write_config(tmp_path, tiny_models["qwen2"], data)
+    assert main(["data", "preview", str(cfg), "-n", "1"]) == 0
+    _show_data(load_config(cfg))
+    _, tokenizer, template = prepare(str(tiny_models["qwen2"]),
+                                     data_config("", str(DEMO), "identity", "auto", "chatml", 256, "all_assistant"))
+    capsys.readouterr()
+    assert len(calls) == 3
+    assert all(p.tokenizer.chat_template == p.template.jinja and p.template.name == "chatml" for p in calls)
+    assert tokenizer.chat_template == template.jinja

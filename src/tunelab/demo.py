@@ -197,13 +197,13 @@ def run_demo(config: str | Path, overrides: list[str] | None = None, size_for_ha
     return result
 
 
-def _show_data(cfg: RunConfig) -> None:
-    from tunelab.cli.data import prepare_from_config
+def _show_data(cfg: RunConfig):
+    from tunelab.data.build import build_sft_data
     from tunelab.data.preview import preview, summary
 
-    data, tokenizer = prepare_from_config(cfg, progress=True)[:2]
+    data = build_sft_data(cfg, progress=True)
     print(summary(data.stats))
-    print(preview(data.train, tokenizer, n=1))
+    print(preview(data.train, data.tokenizer, n=1))
     return data
 
 

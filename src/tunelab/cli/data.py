@@ -24,29 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--color", choices=("auto", "always", "never"), default="auto")
 
 
-def prepare_from_config(cfg, progress: bool = False, force: bool = False):
-    """Tokenizer and template from the run config, then prepare_data: (prepared, tokenizer, template)."""
-    from tunelab.data.check import check_data
-    from tunelab.data.pipeline import prepare_data
-    from tunelab.data.templates import resolve_template
-    from tunelab.models.load import load_tokenizer
-
-    check_data(cfg, include_eval=False)  # every data problem at once, before the tokenizer is loaded
-    tokenizer = load_tokenizer(cfg.model)
-    template = resolve_template(cfg.data.template, tokenizer, enable_thinking=cfg.data.enable_thinking)
-    prepared = prepare_data(cfg.data, tokenizer, template, progress=progress, force=force)
-    return prepared, tokenizer, template
-
-
 def run(args: argparse.Namespace) -> int:
+    from tunelab.data.build import build_sft_data  # the data exactly as `tunelab train` builds it
     from tunelab.data.preview import preview, summary
 
     cfg = config_from_args(args)
     if args.data_command == "prepare":
-        prepared, _, _ = prepare_from_config(cfg, progress=True, force=args.force)
+        prepared = build_sft_data(cfg, progress=True, force=args.force)
         print(summary(prepared.stats))
         return 0
-    prepared, tokenizer, _ = prepare_from_config(cfg, progress=True)
+    prepared = build_sft_data(cfg, progress=True)
+    tokenizer = prepared.tokenizer
     dataset = prepared.train if args.split == "train" else prepared.validation
     if dataset is None:
         print("no validation split: set data.val_size", file=sys.stderr)

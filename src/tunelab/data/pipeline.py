@@ -44,6 +44,7 @@ class PreparedData:
     fingerprint: str
     cache_dir: Path
     template: ChatTemplate | None = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)  # set by data.build.build_sft_data (carries the template)
 
     @property
     def template_jinja(self) -> str:

@@ -30,8 +30,7 @@ def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool =
 
     `callbacks` are extra transformers TrainerCallbacks; `echo` prints progress on the main process.
     """
-    from tunelab.data.pipeline import prepare_data
-    from tunelab.data.templates import apply_template, resolve_template
+    from tunelab.data.build import build_sft_data
     from tunelab.methods import check_method_available
     from tunelab.models.load import load_tokenizer, pick_device
     from tunelab.models.resolve import resolve_model_path
@@ -51,10 +50,8 @@ def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool =
     say = print if echo and state.is_main_process else (lambda *_a, **_k: None)
     with state.main_process_first():  # rank 0 converts and tokenizes; the others then hit the caches
         model_path = resolve_model_path(cfg.model)
-        tokenizer = load_tokenizer(cfg.model, model_path)
-        template = resolve_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
-        apply_template(tokenizer, template)
-        data = prepare_data(cfg.data, tokenizer, template)
+        data = build_sft_data(cfg, load_tokenizer(cfg.model, model_path))  # what `tunelab data` shows, exactly
+    tokenizer, template = data.tokenizer, data.template
     check_memory(cfg, model_path, data, device, precision, say)
     model = load_for_training(cfg, model_path, state.device, precision, say)
     speed = apply_speed_options(model, plan, cfg, say)

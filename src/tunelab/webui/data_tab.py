@@ -1,4 +1,4 @@
-"""Web UI, Data tab: pick a file or a registered dataset, run the data stage (tunelab.data.pipeline.prepare_data,
+"""Web UI, Data tab: pick a file or a registered dataset, run the data stage (tunelab.data.build.build_sft_data,
 the same call `tunelab data prepare` and training make) and show its summary, rejects, length histogram and a few
 examples with the trained tokens highlighted."""
 
@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from tunelab.webui.charts import histogram_svg
 from tunelab.webui.i18n import text
 from tunelab.webui.render import esc, guard, message, table_html, whole_number
+
+if TYPE_CHECKING:
+    from tunelab.config.schema import DataConfig
 
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
@@ -37,17 +40,13 @@ def data_config(path: str, dataset_dir: str, name: str, fmt: str, template: str,
                       cutoff_len=whole_number(cutoff, "cutoff_len"), train_on=train_on or "all_assistant", packing=False)
 
 
-def prepare(model: str, cfg):
-    """Tokenizer and template exactly as training resolves them, then the data stage itself."""
-    from tunelab.config.schema import ModelConfig
-    from tunelab.data.pipeline import prepare_data
-    from tunelab.data.templates import apply_template, resolve_template
-    from tunelab.models.load import load_tokenizer
+def prepare(model: str, cfg: DataConfig):
+    """The data stage exactly as training runs it (build_sft_data), for `model` and the page's data settings."""
+    from tunelab.config.schema import ModelConfig, RunConfig
+    from tunelab.data.build import build_sft_data
 
-    tokenizer = load_tokenizer(ModelConfig(name=model))
-    template = resolve_template(cfg.template, tokenizer, cfg.enable_thinking)
-    apply_template(tokenizer, template)
-    return prepare_data(cfg, tokenizer, template), tokenizer, template
+    prepared = build_sft_data(RunConfig(model=ModelConfig(name=model), data=cfg))
+    return prepared, prepared.tokenizer, prepared.template
 
 
 # --------------------------------------------------------------------------------------------------- rendering
