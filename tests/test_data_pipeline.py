@@ -289,7 +289,7 @@ def test_every_data_caller_uses_the_one_builder(tmp_path, tiny_models, monkeypat
     from tunelab.cli.main import main
     from tunelab.config import load_config
     from tunelab.demo import _show_data
-    from tunelab.webui.data_tab import data_config, prepare
+    from tunelab.webui.data_tab import DataChoice, data_config, prepare
 
     calls = []
 
@@ -306,7 +306,7 @@ def test_every_data_caller_uses_the_one_builder(tmp_path, tiny_models, monkeypat
     assert main(["data", "preview", str(cfg), "-n", "1"]) == 0
     _show_data(load_config(cfg))
     _, tokenizer, template = prepare(str(tiny_models["qwen2"]),
-                                     data_config("", str(DEMO), "identity", "auto", "chatml", 256, "all_assistant"))
+                                     data_config(DataChoice(dataset_dir=str(DEMO), name="identity", template="chatml")))
     capsys.readouterr()
     assert len(calls) == 3
     assert all(p.tokenizer.chat_template == p.template.jinja and p.template.name == "chatml" for p in calls)

@@ -115,12 +115,12 @@ def test_an_optional_integer_text_input_refuses_a_fraction():
 
 
 def test_data_and_eval_number_inputs_say_which_input_is_wrong():
-    from tunelab.webui.data_tab import data_config
+    from tunelab.webui.data_tab import DataChoice, data_config
     from tunelab.webui.eval_tab import eval_config
 
     with pytest.raises(TunelabError, match="cutoff_len: expected a whole number"):
-        data_config("x.jsonl", "", "", "auto", "auto", None, "all_assistant")
-    assert data_config("x.jsonl", "", "", "auto", "auto", 256.0, "all_assistant").cutoff_len == 256
+        data_config(DataChoice("x.jsonl", cutoff=None))
+    assert data_config(DataChoice("x.jsonl", cutoff=256.0)).cutoff_len == 256
     with pytest.raises(TunelabError, match="max_samples: expected a whole number"):
         eval_config("some/model", ["loss"], None, 64)
     with pytest.raises(TunelabError, match="max_new_tokens: expected a whole number >= 1"):
@@ -188,11 +188,25 @@ def test_the_threads_input_is_checked_and_applied(monkeypatch):
 def prepared_demo(tiny_llama):
     """The bundled Chinese demo set through the data stage with a tiny tokenizer (real stats, real lengths)."""
     from tunelab.webui.app import bundled_dataset_dir
-    from tunelab.webui.data_tab import data_config, prepare
+    from tunelab.webui.data_tab import DataChoice, data_config, prepare
 
-    cfg = data_config("", bundled_dataset_dir(), "reverse_zh_train", "auto", "auto", 1024, "all_assistant")
+    cfg = data_config(DataChoice(dataset_dir=bundled_dataset_dir(), name="reverse_zh_train"))
     prepared, _, _ = prepare(str(tiny_llama), cfg)
     return prepared
+
+
+def test_prepare_event_takes_the_data_inputs_in_data_choice_order(tiny_llama):
+    """The page passes its components positionally (DATA_INPUTS); the handler rebuilds the DataChoice from them."""
+    from dataclasses import astuple
+
+    from tunelab.webui.app import bundled_dataset_dir
+    from tunelab.webui.data_tab import DATA_INPUTS, DataChoice, prepare_event
+
+    choice = DataChoice(dataset_dir=bundled_dataset_dir(), name="reverse_zh_train", template="chatml", cutoff=128)
+    assert DATA_INPUTS == ("path", "dataset_dir", "name", "fmt", "template", "cutoff", "train_on")
+    status, summary, histogram, examples = prepare_event("en", str(tiny_llama), 2, *astuple(choice))
+    assert "chatml" in status and "<svg" in histogram and examples.count("tl-example") == 2
+    assert "128" in summary  # cutoff_len reached the data stage
 
 
 def _latin_words(s: str) -> set[str]:

@@ -5,6 +5,7 @@ examples with the trained tokens highlighted."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +28,29 @@ def registered_names(dataset_dir: str) -> list[str]:
     return sorted(read_registry(dataset_dir)) if dataset_dir and dataset_dir.strip() else []
 
 
-def data_config(path: str, dataset_dir: str, name: str, fmt: str, template: str, cutoff: Any, train_on: str):
+@dataclass(frozen=True)
+class DataChoice:
+    """The page's data inputs (gradio passes them positionally, in this order: DATA_INPUTS)."""
+
+    path: str | None = ""  # a file, folder or glob (or an upload, kept by webui.uploads)
+    dataset_dir: str | None = ""
+    name: str | None = ""  # a dataset registered in dataset_dir, when no path is given
+    fmt: str | None = "auto"
+    template: str | None = "auto"
+    cutoff: Any = 1024  # a gr.Number value: float, or None when emptied
+    train_on: str | None = "all_assistant"
+
+
+DATA_INPUTS = tuple(f.name for f in fields(DataChoice))  # keys of `build`'s components, in DataChoice's order
+
+
+def data_config(choice: DataChoice) -> DataConfig:
     """The DataConfig of the page's choices: a file/folder/glob, or a dataset registered in dataset_dir."""
     from tunelab.config.schema import DataConfig, DatasetSpec
     from tunelab.errors import TunelabError
 
-    path, name = (path or "").strip(), (name or "").strip()
+    path, name, fmt = (choice.path or "").strip(), (choice.name or "").strip(), choice.fmt
+    dataset_dir, template, cutoff, train_on = choice.dataset_dir, choice.template, choice.cutoff, choice.train_on
     if not path and not name:
         raise TunelabError("choose a data file (or upload one), or a registered dataset from data.dataset_dir")
     spec = DatasetSpec(path=path, format=fmt or "auto") if path else DatasetSpec(name=name, format=fmt or "auto")
@@ -148,9 +166,10 @@ def example_lengths(prepared) -> list[int]:
     return [len(ids) for split in splits for ids in split["input_ids"]]
 
 
-def prepare_event(lang, model, path, dataset_dir, name, fmt, template, cutoff, train_on, n):
-    """Status line, summary, length histogram and highlighted examples of the chosen data."""
-    cfg = data_config(path, dataset_dir, name, fmt, template, cutoff, train_on)
+def prepare_event(lang, model, n, *choice):
+    """Status line, summary, length histogram and highlighted examples of the chosen data (`choice`: the
+    DATA_INPUTS values)."""
+    cfg = data_config(DataChoice(*choice))
     prepared, tokenizer, tmpl = prepare(model, cfg)
     validation = len(prepared.validation) if prepared.validation is not None else 0
     head = text("data.prepared", lang, train=len(prepared.train), validation=validation, template=tmpl.name,
@@ -207,8 +226,9 @@ def build(ui) -> dict[str, Any]:
 
     upload.upload(guard(functools.partial(upload_event, ui), 2, 0), [ui.lang, upload], [status, path])
     refresh.click(guard(refresh_event, 2, 0), [ui.lang, dataset_dir], [status, name])
-    prepare_btn.click(guard(prepare_event, 4, 0),
-                      [ui.lang, model, path, dataset_dir, name, fmt, template, cutoff, train_on, count],
+    inputs = {"path": path, "dataset_dir": dataset_dir, "name": name, "fmt": fmt, "template": template,
+              "cutoff": cutoff, "train_on": train_on}
+    prepare_btn.click(guard(prepare_event, 4, 0), [ui.lang, model, count, *(inputs[k] for k in DATA_INPUTS)],
                       [status, summary, histogram, examples])
     return {"path": path, "dataset_dir": dataset_dir, "name": name, "fmt": fmt, "model": model, "template": template,
             "cutoff": cutoff, "train_on": train_on, "use": use_btn, "status": status}
@@ -218,10 +238,10 @@ def connect(ui, data: dict[str, Any], train: dict[str, Any]) -> None:
     """"Use in the Train form": copy the chosen data and model into the Train tab's config fields."""
     inputs = train["inputs"]
 
-    def use(lang, path_v, dir_v, name_v, fmt_v, model_v, template_v, cutoff_v, train_on_v):
+    def use(lang, model_v, *choice):
         import yaml
 
-        cfg = data_config(path_v, dir_v, name_v, fmt_v, template_v, cutoff_v, train_on_v)
+        cfg = data_config(DataChoice(*choice))
         specs = [s.model_dump(exclude_defaults=True) for s in cfg.datasets]
         datasets = yaml.safe_dump(specs, sort_keys=False, allow_unicode=True).strip()
         return (message(esc(text("data.used", lang)), "ok"), datasets, cfg.dataset_dir or "", model_v,
@@ -229,6 +249,4 @@ def connect(ui, data: dict[str, Any], train: dict[str, Any]) -> None:
 
     outputs = [data["status"], inputs["data.datasets"], inputs["data.dataset_dir"], inputs["model.name"],
                inputs["data.template"], inputs["data.cutoff_len"], inputs["data.train_on"]]
-    data["use"].click(guard(use, len(outputs), 0),
-                      [ui.lang, data["path"], data["dataset_dir"], data["name"], data["fmt"], data["model"],
-                       data["template"], data["cutoff"], data["train_on"]], outputs)
+    data["use"].click(guard(use, len(outputs), 0), [ui.lang, data["model"], *(data[k] for k in DATA_INPUTS)], outputs)
