@@ -285,9 +285,9 @@ def test_tunelab_data_and_training_build_identical_data(tmp_path, tiny_models, m
 def test_every_data_caller_uses_the_one_builder(tmp_path, tiny_models, monkeypatch, capsys):
     """`tunelab data`, the web UI's Data tab and the demo call data.build.build_sft_data (the cli copy skipped
     apply_template, so its tokenizer did not carry the training template), and get a tokenizer that does."""
-    import tunelab.data.build as build
     from tunelab.cli.main import main
     from tunelab.config import load_config
+    from tunelab.data import build
     from tunelab.demo import _show_data
     from tunelab.webui.data_tab import DataChoice, data_config, prepare
 

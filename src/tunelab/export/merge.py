@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.runs.artifacts import EXPORT_MARKER, Artifact
 from tunelab.models.load import load_model, load_tokenizer
+from tunelab.runs.artifacts import EXPORT_MARKER, Artifact
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from tunelab.export.gguf import convert_to_gguf
 from tunelab.export.merge import PREFIX_NOTE, load_merged, save_hf_folder, save_prefix_export, write_marker
 from tunelab.export.target import check_target, staged_folder
 from tunelab.export.verify import RoundTrip, compare_gguf, template_mismatches
-from tunelab.runs.artifacts import Artifact, resolve_artifact
 from tunelab.inference.template import load_template
+from tunelab.runs.artifacts import Artifact, resolve_artifact
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.runs.artifacts import Artifact, resolve_artifact
 from tunelab.inference.engine import Completion, GenerationParams, StreamEvent
 from tunelab.inference.scheduler import Request, Scheduler
 from tunelab.inference.stopping import safe_prefix
 from tunelab.inference.template import load_template
 from tunelab.models.load import end_of_turn_tokens, load_model, load_tokenizer, pick_device
+from tunelab.runs.artifacts import Artifact, resolve_artifact
 
 log = logging.getLogger(__name__)
 

@@ -92,10 +92,10 @@ def load_vllm_engine(model: str, adapter: str | None = None, *, template: str | 
     check_vllm()
     from vllm import LLM
 
-    from tunelab.runs.artifacts import resolve_artifact
     from tunelab.inference.hf import _max_context, _stop_token_ids
     from tunelab.inference.template import load_template
     from tunelab.models.load import load_tokenizer
+    from tunelab.runs.artifacts import resolve_artifact
 
     art = resolve_artifact(model, adapter)
     if art.adapter_path is not None and not (art.adapter_path / "adapter_model.safetensors").is_file():

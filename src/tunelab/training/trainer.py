@@ -15,8 +15,8 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from tunelab.training.callbacks import NonFiniteLossError
 from tunelab.runs.rundir import CHECKPOINT_RE, STAGING
+from tunelab.training.callbacks import NonFiniteLossError
 from tunelab.training.speed import trained_token_loss
 
 
