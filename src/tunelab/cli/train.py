@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.config.schema import RunConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,14 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_run_config(args: argparse.Namespace):
     from tunelab.config import load_config
-    from tunelab.runs.rundir import RunDir
 
     path = Path(args.config)
     if path.is_dir():  # a run folder: its resolved config, and the same run name
-        if not RunDir(path).config_file.is_file():
+        if not (path / "config.yaml").is_file():
             raise TunelabError(f"{path} is a folder without config.yaml (not a tunelab run folder)")
         overrides = [f"train.output_dir={path.parent}", f"train.run_name={path.name}", *args.overrides]
-        return load_config(RunDir(path).config_file, overrides)
+        return load_config(path / "config.yaml", overrides)
     return load_config(path, args.overrides)
 
 
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     return 130 if result.status == "stopped" else 0  # 130: the shell's code for "stopped by Ctrl-C"
 
 
-def print_next_steps(result, cfg) -> None:
+def print_next_steps(result, cfg: RunConfig) -> None:
     if result.status == "stopped":
         step = result.metrics.get("global_step")
         print(f"\nstopped at step {step}; checkpoint saved in {result.run_dir / 'checkpoints'}")
@@ -69,7 +72,7 @@ def print_next_steps(result, cfg) -> None:
     print(f"      tunelab eval {result.run_dir}")
 
 
-def launch(args: argparse.Namespace, cfg) -> int:
+def launch(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Re-run this command under torchrun with N processes (accelerate's --cpu would silently run one)."""
     from tunelab.runs.rundir import select_run_dir
     from tunelab.training.speed import usable_cores

@@ -286,8 +286,8 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 def resume_point(run, resume: bool, state, say) -> Path | None:
     """The last complete checkpoint to resume from; what the killed run logged after it is dropped."""
-    from tunelab.training.callbacks import truncate_metrics
     from tunelab.runs.rundir import latest_checkpoint
+    from tunelab.training.callbacks import truncate_metrics
 
     if not resume:
         return None
