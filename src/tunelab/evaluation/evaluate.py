@@ -265,13 +265,10 @@ def _trained_from(path: Path) -> set[str]:
     """The base model names/paths a run folder or adapter folder records."""
     import json
 
-    from tunelab.runs.rundir import RunDir
-
-    run = RunDir(path)
     found: set[str] = set()
-    for file, keys in ((run.run_json, ("model", "model_path")),
+    for file, keys in ((path / "run.json", ("model", "model_path")),
                        (path / "adapter_config.json", ("base_model_name_or_path",)),
-                       (run.final / "adapter_config.json", ("base_model_name_or_path",))):
+                       (path / "final" / "adapter_config.json", ("base_model_name_or_path",))):
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
