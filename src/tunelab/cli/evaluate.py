@@ -50,7 +50,11 @@ def eval_config(args: argparse.Namespace):
     else:
         cfg = EvalConfig()
     if args.metrics:
-        cfg.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        from tunelab.evaluation.metrics import check_metric_names
+
+        names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        check_metric_names(names)  # the config's own check, as a message instead of a traceback
+        cfg.metrics = names
     for flag, field in (("max_samples", "max_samples"), ("batch_size", "batch_size"),
                         ("max_new_tokens", "max_new_tokens"), ("output", "output_dir")):
         if getattr(args, flag) is not None:
