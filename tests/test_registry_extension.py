@@ -181,3 +181,38 @@ def test_a_registered_metric_is_a_valid_config_value_and_knows_its_direction():
         assert lower_is_better("length_gap") and not lower_is_better("exact_match")
     finally:
         unregister_metric("length_gap")
+
+
+def test_an_installed_plugin_registers_before_a_command_runs(tmp_path, monkeypatch, capsys):
+    """A package's `tunelab.plugins` entry point: `tunelab validate` accepts the method it registers."""
+    import importlib.metadata
+
+    from tunelab.cli.main import main
+    from tunelab.plugins import ENTRY_POINT_GROUP, load_plugins
+
+    (tmp_path / "toy_plugin.py").write_text(
+        "from test_registry_extension import BitFitConfig, apply_bitfit\n"
+        "from tunelab.methods import Method, register_method\n"
+        "def register():\n"
+        "    register_method(Method('bitfit_plugin', apply_bitfit, Config))\n"
+        "class Config(BitFitConfig):\n"
+        "    name: __import__('typing').Literal['bitfit_plugin'] = 'bitfit_plugin'\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = importlib.metadata.EntryPoint("toy", "toy_plugin:register", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [point] if group == ENTRY_POINT_GROUP else [])
+    load_plugins.cache_clear()
+    try:
+        (tmp_path / "c.yaml").write_text("method: {name: bitfit_plugin, targets: [norm]}\n", encoding="utf-8")
+        assert main(["validate", "--no-data", str(tmp_path / "c.yaml")]) == 0
+        assert "bitfit_plugin" in capsys.readouterr().out
+    finally:
+        load_plugins.cache_clear()
+        unregister_method("bitfit_plugin")
+    broken = importlib.metadata.EntryPoint("broken", "no_such_module_here:register", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [broken])
+    try:
+        assert main(["validate", "--no-data", str(tmp_path / "c.yaml")]) == 2
+        assert "tunelab plugin 'broken' (no_such_module_here:register) failed to load" in capsys.readouterr().err
+    finally:
+        load_plugins.cache_clear()
