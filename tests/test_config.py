@@ -51,6 +51,28 @@ def test_unknown_method_name_lists_known_ones():
     assert "lora" in str(e.value) and "prefix" in str(e.value)
 
 
+def test_method_errors_read_as_with_a_hand_written_union():
+    """The method section is validated against the registry; the messages are those of the closed union it was."""
+    problems = {}
+    for override in (["method.name=lorax"], ["method.name=qlora", "method.rr=1"], ["method.r=0"],
+                     ["method={name: freeze, trainable_layers: x}"]):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, override)
+        problems[override[-1]] = e.value.problems
+    assert problems == {
+        "method.name=lorax": ["method: Input tag 'lorax' found using 'name' does not match any of the expected tags: "
+                              "'lora', 'dora', 'qlora', 'full', 'freeze', 'prefix'"],
+        "method.rr=1": ["method.rr: unknown key; valid keys here: alpha, bits, compute_dtype, double_quant, dropout, "
+                        "init_from, modules_to_save, name, quant_type, r, rslora, target_modules"],
+        "method.r=0": ["method.r: Input should be greater than or equal to 1 (got 0)"],
+        "method={name: freeze, trainable_layers: x}": [
+            "method.trainable_layers: Input should be a valid integer, unable to parse string as an integer (got 'x')"],
+    }
+    cfg = load_config(None, ["method.name=dora"])
+    cfg.method = {"name": "prefix", "num_virtual_tokens": 4}  # assignment is validated the same way
+    assert isinstance(cfg.method, PrefixConfig) and cfg.model_dump()["method"]["num_virtual_tokens"] == 4
+
+
 def test_dataset_paths_are_relative_to_config(tmp_path):
     (tmp_path / "d.jsonl").write_text("{}\n")
     cfg = load_config(write(tmp_path, "data:\n  datasets:\n    - path: d.jsonl\n"))

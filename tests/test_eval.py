@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from test_inference_support import make_adapter
 
 from tunelab.cli.main import main
@@ -177,8 +178,10 @@ def test_bad_inputs_give_clear_errors(engine, tmp_path, capsys):
         evaluate(engine, empty, SMALL, write=False)
     with pytest.raises(TunelabError, match="evaluation data not found"):
         evaluate(engine, tmp_path / "nope.jsonl", SMALL, write=False)
-    with pytest.raises(TunelabError, match="unknown metric"):
-        evaluate(engine, missing, EvalConfig(metrics=["bleu", "meteor"]), write=False)
+    with pytest.raises(ValidationError, match="unknown metric; known: loss, perplexity, bleu"):  # a config error
+        EvalConfig(metrics=["bleu", "meteor"])
+    with pytest.raises(TunelabError, match="unknown metric"):  # a config built without validation
+        evaluate(engine, missing, EvalConfig.model_construct(metrics=["bleu", "meteor"]), write=False)
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         evaluate(str(tmp_path / "no-such-model"), missing, SMALL)
     assert main(["eval", str(tmp_path / "no-such-model"), "--data", str(missing)]) == 2

@@ -162,9 +162,25 @@ def test_registry():
     with pytest.raises(TunelabError, match="known methods: dora, freeze, full"):
         get_method("lorax")
     with pytest.raises(ValueError, match="already registered"):
-        register_method(Method("lora", lambda m, c: m))
+        register_method(Method("lora", lambda m, c: m, LoraConfig))
     assert get_method("prefix").supports_packing is False
     assert get_method("lora").supports_packing is True
+
+
+def test_builtin_entries_describe_what_was_hard_coded_by_name():
+    """The flags reproduce the name lists that config/load.py, runs.py, speed.py, memory.py, sft.py held before."""
+    flagged = {flag: {m for m in known_methods() if getattr(get_method(m), flag)} for flag in (
+        "is_adapter", "mergeable", "quantized_base", "trains_base_weights", "lora_layers")}
+    assert flagged == {"is_adapter": {"lora", "dora", "qlora", "prefix"}, "mergeable": {"lora", "dora", "qlora"},
+                       "quantized_base": {"qlora"}, "trains_base_weights": {"full", "freeze"},
+                       "lora_layers": {"lora", "dora"}}
+    assert {m for m in known_methods() if not get_method(m).supports_gradient_checkpointing} == {"prefix"}
+    assert {m: get_method(m).summary_keys for m in known_methods()} == {
+        "lora": ("r", "alpha"), "dora": ("r", "alpha"), "qlora": ("r", "bits"), "freeze": ("trainable_layers",),
+        "prefix": ("num_virtual_tokens",), "full": ()}
+    assert get_method("qlora").base_weight_bytes(QLoraConfig(bits=4)) == pytest.approx(0.57)
+    for name in known_methods():
+        assert get_method(name).config.model_fields["name"].default == name
 
 
 def test_count_parameters(tiny_llama):

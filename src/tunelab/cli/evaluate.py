@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="PEFT adapter folder to apply on MODEL")
     parser.add_argument("--config", help="run config YAML whose eval section gives the defaults "
                                          "(default: the run's own config.yaml when MODEL is a run)")
-    parser.add_argument("--metrics", help="comma-separated: loss,perplexity,bleu,rouge,exact_match")
+    from tunelab.evaluation.metrics import known_metrics
+
+    parser.add_argument("--metrics", help=f"comma-separated, of: {','.join(known_metrics())}")
     parser.add_argument("--check", action="append", default=[], metavar="KIND:PATTERN",
                         help="extra pass/fail check per prediction, e.g. contains:Paris or regex:^\\d+$ (repeatable)")
     parser.add_argument("--max-samples", type=int, help="evaluate only the first N examples")
@@ -51,7 +53,11 @@ def eval_config(args: argparse.Namespace):
     else:
         cfg = EvalConfig()
     if args.metrics:
-        cfg.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        from tunelab.evaluation.metrics import check_metric_names
+
+        names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        check_metric_names(names)  # the config's own check, as a message instead of a traceback
+        cfg.metrics = names
     for flag, field in (("max_samples", "max_samples"), ("batch_size", "batch_size"),
                         ("max_new_tokens", "max_new_tokens"), ("output", "output_dir")):
         if getattr(args, flag) is not None:

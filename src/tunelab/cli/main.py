@@ -57,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.config.load import ConfigError
     from tunelab.errors import TunelabError
     from tunelab.models.resolve import ModelNotFoundError
+    from tunelab.plugins import load_plugins
 
+    try:
+        load_plugins()  # installed extensions register their methods, formats, ... before the parser lists them
+    except TunelabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may come after options (`tunelab data preview CFG -n 3 data.cutoff_len=64`)

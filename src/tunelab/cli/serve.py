@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int,
                         help="CPU threads for generation (default: --config's train.threads, a run's train.threads, "
                         "else one per usable core, as training)")
-    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
-                        help="hf: transformers with continuous batching (default); vllm: vLLM on a CUDA GPU")
+    from tunelab.inference.engine import engine_kinds, known_engines
+
+    parser.add_argument("--engine", choices=known_engines(), default=known_engines()[0],
+                        help="; ".join(f"{e.name}: {e.description}" for e in engine_kinds()))
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds requests in flight get to finish on Ctrl+C/SIGTERM (default 30)")
 

@@ -63,8 +63,8 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         if part in fields:
             current = _inner_model(fields[part].annotation)
-        else:  # a discriminated union tag such as 'lora' in method.lora.rr
-            current = _union_member(current, part)
+        else:  # a method name such as 'lora' in method.lora.rr (the registered section it selected)
+            current = _method_section(part)
         if current is None:
             return []
     fields = getattr(current, "model_fields", None)
@@ -83,24 +83,19 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
-def _union_member(_current: Any, tag: str) -> Any:
-    from typing import get_args
+def _method_section(tag: str) -> Any:
+    from tunelab.config.schema import registered_method_sections
 
-    from tunelab.config import schema
-
-    for member in get_args(get_args(schema.MethodConfig)[0]):
-        if member.model_fields["name"].default == tag:
-            return member
-    return None
+    return next((s for s in registered_method_sections() if s.model_fields["name"].default == tag), None)
 
 
 def format_errors(error: ValidationError) -> list[str]:
     problems = []
     for err in error.errors():
         loc = tuple(err["loc"])
-        # discriminated unions put the tag in the path: method.lora.r -> method.r
-        shown = [str(p) for p in loc if not (len(loc) > 1 and loc[0] == "method" and p == loc[1] and isinstance(p, str)
-                                             and p in {"lora", "dora", "qlora", "full", "freeze", "prefix"})]
+        # the method union puts the method name in the path: method.lora.r -> method.r
+        tagged = len(loc) > 1 and loc[0] == "method" and isinstance(loc[1], str) and _method_section(loc[1])
+        shown = [str(p) for i, p in enumerate(loc) if not (tagged and i == 1)]
         path = ".".join(shown) or "(top level)"
         if err["type"] == "extra_forbidden":
             valid = _valid_keys(RunConfig, loc)

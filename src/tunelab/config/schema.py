@@ -5,11 +5,63 @@ Every field carries its documentation in `Field(description=...)`; `tunelab vali
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import functools
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    TypeAdapter,
+    WrapValidator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# Registries whose names a config field accepts. Each lives in the stage that owns the concept and is read at
+# validation time (deferred imports), so an entry registered by user code is accepted like a built-in one.
+REGISTRIES = {
+    "format": ("tunelab.data.formats", "format_choices", "record format"),
+    "metric": ("tunelab.evaluation.metrics", "known_metrics", "metric"),
+}
+
+
+def registered(registry: str) -> list[str]:
+    """The names a registry holds now, e.g. registered("format") -> ["auto", "alpaca", ...]."""
+    import importlib
+
+    module, function, _what = REGISTRIES[registry]
+    return list(getattr(importlib.import_module(module), function)())
+
+
+def check_registered(registry: str, value: str) -> str:
+    known = registered(registry)
+    if value not in known:
+        raise PydanticCustomError(f"unknown_{registry}", "unknown {what}; known: {known}",
+                                  {"what": REGISTRIES[registry][2], "known": ", ".join(known)})
+    return value
+
+
+def Registered(registry: str) -> Any:
+    """A str field whose value must be a name the registry holds when the config is validated; the JSON schema
+    (and the web UI form) see `"registry": NAME`."""
+    return Annotated[str, AfterValidator(functools.partial(check_registered, registry)),
+                     Field(json_schema_extra={"registry": registry}), _RegistryJsonSchema(registry)]
+
+
+class _RegistryJsonSchema:
+    """Adds `enum`: the names the registry holds when the JSON schema is generated (web UI, editors)."""
+
+    def __init__(self, registry: str):
+        self.registry = registry
+
+    def __get_pydantic_json_schema__(self, core_schema, handler) -> dict:
+        return {**handler(core_schema), "enum": registered(self.registry)}
 
 
 class Section(BaseModel):
@@ -42,8 +94,9 @@ class ModelConfig(Section):
 class DatasetSpec(Section):
     path: str | None = Field(None, description="A file (json, jsonl, csv, parquet, txt), a folder, or a glob.")
     name: str | None = Field(None, description="A dataset registered in `data.dataset_dir`/dataset_info.json.")
-    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = Field(
-        "auto", description="Record format; auto detects it from the first record's keys."
+    format: Registered("format") = Field(
+        "auto", description="Record format: auto (detected from the first record's keys) or a registered format "
+        "(tunelab.data.formats: alpaca, sharegpt, openai, text, ...).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -118,7 +171,14 @@ class DataConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------------------- method
-class LoraConfig(Section):
+class MethodSection(Section):
+    """Base of every method section. A subclass declares `name: Literal["<method>"] = "<method>"` and is named by
+    the method's registry entry (tunelab.methods.Method.config); `method: {name: ...}` selects it."""
+
+    name: str = Field(description="Tuning method: one of the registered methods (tunelab.methods).")
+
+
+class LoraConfig(MethodSection):
     name: Literal["lora"] = "lora"
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: float = Field(16, description="LoRA scaling alpha.")
@@ -143,11 +203,11 @@ class QLoraConfig(LoraConfig):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Matmul dtype.")
 
 
-class FullConfig(Section):
+class FullConfig(MethodSection):
     name: Literal["full"] = "full"
 
 
-class FreezeConfig(Section):
+class FreezeConfig(MethodSection):
     name: Literal["freeze"] = "freeze"
     trainable_layers: int = Field(2, ge=0, description="Train the last N decoder layers (0: none).")
     trainable_modules: list[str] = Field(
@@ -155,16 +215,50 @@ class FreezeConfig(Section):
     )
 
 
-class PrefixConfig(Section):
+class PrefixConfig(MethodSection):
     name: Literal["prefix"] = "prefix"
     num_virtual_tokens: int = Field(16, ge=1, description="Virtual key/value tokens per layer.")
     projection: bool = Field(True, description="P-Tuning v2 reparameterization through an MLP.")
     encoder_hidden_size: int | None = Field(None, description="Hidden size of the projection MLP (default: model's).")
 
 
-MethodConfig = Annotated[
-    LoraConfig | DoraConfig | QLoraConfig | FullConfig | FreezeConfig | PrefixConfig, Field(discriminator="name")
-]
+def registered_method_sections() -> tuple[type[MethodSection], ...]:
+    """The config sections of the registered methods, in registration order."""
+    # Deferred import: the method registry (stage 3) names the sections defined here, so it is read at validation
+    # time, when every built-in and user-registered method is known.
+    from tunelab.methods import method_sections
+
+    return tuple(method_sections())
+
+
+@functools.cache
+def _sections_adapter(sections: tuple[type[MethodSection], ...]) -> TypeAdapter:
+    """A discriminated union over `sections`: the same checks and messages as a union written out by hand
+    (an unknown `name` lists the known ones; a misspelled key names itself and the valid ones)."""
+    if len(sections) == 1:
+        return TypeAdapter(sections[0])
+    return TypeAdapter(Annotated[Union[sections], Field(discriminator="name")])  # noqa: UP007 - built at run time
+
+
+def _validate_method(value: Any, _handler) -> MethodSection:
+    sections = registered_method_sections()
+    if isinstance(value, sections):
+        return value
+    return _sections_adapter(sections).validate_python(value)
+
+
+class _MethodJsonSchema:
+    """JSON schema of `method`: one alternative per registered method, told apart by `name`."""
+
+    def __get_pydantic_json_schema__(self, _core_schema, handler) -> dict:
+        members = [handler(section.__pydantic_core_schema__) for section in registered_method_sections()]
+        return {"oneOf": members, "discriminator": {"propertyName": "name"}}
+
+
+# The method section: a registered method's own config class, chosen by `name` (not a closed union, so a
+# `register_method` entry is selectable from YAML). SerializeAsAny dumps the chosen class's fields, not the base's.
+MethodConfig = Annotated[SerializeAsAny[MethodSection], WrapValidator(_validate_method), _MethodJsonSchema()]
+DEFAULT_METHOD = "lora"
 
 
 # ----------------------------------------------------------------------------------------------------------- train
@@ -247,11 +341,13 @@ class EvalConfig(Section):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding (uses temperature and top_p).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (only with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (only with do_sample).")
-    metrics: list[str] = Field(
+    metrics: list[Registered("metric")] = Field(
         default_factory=lambda: ["loss", "perplexity", "bleu", "rouge", "exact_match"],
-        description="Metrics to compute: loss, perplexity, bleu, rouge, exact_match (see docs/metrics.md).",
+        description="Metrics to compute: registered metrics (tunelab.evaluation.metrics: loss, perplexity, bleu, "
+        "rouge, exact_match, ...; see docs/metrics.md).",
     )
     checks: list[CheckConfig] = Field(default_factory=list, description="Extra regex/contains checks.")
+
     output_dir: str | None = Field(None, description="Where reports go (default: <run>/eval, else eval/<model>).")
 
 
@@ -306,5 +402,5 @@ class RunConfig(Section):
     def _default_method_name(cls, data):
         """`method: {r: 16}` means LoRA, the default method."""
         if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
-            data = {**data, "method": {"name": "lora", **data["method"]}}
+            data = {**data, "method": {"name": DEFAULT_METHOD, **data["method"]}}
         return data

@@ -15,19 +15,13 @@ from typing import Any
 
 from tunelab.data.types import Conversation, Message
 
-DEFAULT_COLUMNS = {
-    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
-               "system": "system", "tools": "tools"},
-    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
-    "openai": {"messages": "messages", "system": "system", "tools": "tools"},
-    "text": {"prompt": "text"},
-}
-DEFAULT_TAGS = {
-    "sharegpt": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"},
-    "openai": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-               "observation_tag": "tool", "function_tag": "function", "system_tag": "system"},
-}
+AUTO = "auto"  # DatasetSpec.format's default: detect the format from the first record
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+                  "system": "system", "tools": "tools"}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "observation_tag": "tool", "function_tag": "function", "system_tag": "system"}
 
 
 class RecordError(ValueError):
@@ -45,44 +39,108 @@ class FormatOptions:
 
     def for_format(self, fmt: str) -> FormatOptions:
         """User columns/tags over the format's defaults."""
-        columns = {**DEFAULT_COLUMNS.get(fmt, {}), **self.columns}
-        return FormatOptions(columns, {**DEFAULT_TAGS.get(fmt, {}), **self.tags})
+        entry = get_format_entry(fmt)
+        return FormatOptions({**entry.columns, **self.columns}, {**entry.tags, **self.tags})
 
 
 Converter = Callable[[dict, FormatOptions], Conversation]
-_FORMATS: dict[str, Converter] = {}
+Detector = Callable[[dict, FormatOptions], bool]  # (first record, the user's columns/tags) -> "this format"
 
 
-def register_format(name: str, converter: Converter) -> None:
-    if name in _FORMATS:
-        raise ValueError(f"record format {name!r} is already registered")
-    _FORMATS[name] = converter
+@dataclass(frozen=True)
+class RecordFormat:
+    """One record format: how to convert a record, its default columns and role tags, how `auto` recognizes it.
+
+    Detection asks the formats in registration order; `detect` decides, else a record having every `keys` entry
+    is this format. `DatasetSpec.format`, dataset_info.json `formatting`, the web UI choices and detection read it.
+    """
+
+    name: str
+    convert: Converter
+    description: str = ""
+    keys: tuple[str, ...] = ()  # record keys that identify the format (shown in the "cannot tell" error)
+    columns: dict[str, str] = field(default_factory=dict)  # default column mapping (LLaMA-Factory names)
+    tags: dict[str, str] = field(default_factory=dict)  # default role tags (chat formats)
+    detect: Detector | None = None
+
+    def matches(self, record: dict, options: FormatOptions) -> bool:
+        if self.detect is not None:
+            return self.detect(record, options)
+        return bool(self.keys) and all(k in record for k in self.keys)
 
 
-def get_format(name: str) -> Converter:
+_FORMATS: dict[str, RecordFormat] = {}
+
+
+def register_format(name: str | RecordFormat, converter: Converter | None = None, **info) -> RecordFormat:
+    """Register a RecordFormat (or `name, converter, description=..., keys=...`); refuses duplicates."""
+    entry = name if isinstance(name, RecordFormat) else RecordFormat(name, converter, **info)
+    if entry.name in _FORMATS or entry.name == AUTO:
+        raise ValueError(f"record format {entry.name!r} is already registered")
+    _FORMATS[entry.name] = entry
+    return entry
+
+
+def unregister_format(name: str) -> RecordFormat:
+    """Remove a registered format (tests, plugins reloading); returns its entry."""
+    return _FORMATS.pop(get_format_entry(name).name)
+
+
+def get_format_entry(name: str) -> RecordFormat:
     if name not in _FORMATS:
         raise KeyError(f"unknown record format {name!r}; known: {', '.join(sorted(_FORMATS))}")
     return _FORMATS[name]
 
 
+def get_format(name: str) -> Converter:
+    return get_format_entry(name).convert
+
+
+def known_formats() -> list[str]:
+    """Registered formats in detection order (without `auto`)."""
+    return list(_FORMATS)
+
+
+def format_choices() -> list[str]:
+    """What `format:` accepts: auto, then every registered format."""
+    return [AUTO, *_FORMATS]
+
+
 def detect_format(record: dict, options: FormatOptions) -> str:
     """Guess the format from one record's keys (columns given by the user take precedence)."""
+    for entry in _FORMATS.values():
+        if entry.matches(record, options):
+            return entry.name
+    expected = ", ".join(f"{e.name} ({', '.join(e.keys)})" if e.keys else e.name for e in _FORMATS.values())
+    raise RecordError("", f"cannot tell the format from the keys {sorted(record)}; expected {expected}; "
+                      "or set `format`", "format")
+
+
+def _chat_kind(record: dict, options: FormatOptions) -> str | None:
+    """'openai' or 'sharegpt' for a chat record (role/content vs from/value turns), None for anything else."""
     cols = options.columns
-    if "messages" in cols:
+    if "messages" in cols:  # the user named the turns column
         rows = record.get(cols["messages"])
         first = rows[0] if isinstance(rows, list) and rows and isinstance(rows[0], dict) else {}
         return "openai" if "role" in first and not options.tags else "sharegpt"
-    if "response" in cols or "instruction" in record or "output" in record:
-        return "alpaca"
+    if _looks_alpaca(record, options):
+        return None
     if "conversations" in record:
         return "sharegpt"
     if isinstance(record.get("messages"), list):
         first = record["messages"][0] if record["messages"] else {}
         return "sharegpt" if isinstance(first, dict) and "from" in first else "openai"
-    if "text" in record or set(cols) == {"prompt"}:
-        return "text"
-    raise RecordError("", f"cannot tell the format from the keys {sorted(record)}; expected Alpaca (instruction, "
-                      "output), ShareGPT (conversations), OpenAI (messages) or text; or set `format`", "format")
+    return None
+
+
+def _looks_alpaca(record: dict, options: FormatOptions) -> bool:
+    cols = options.columns
+    return "messages" not in cols and ("response" in cols or "instruction" in record or "output" in record)
+
+
+def _looks_text(record: dict, options: FormatOptions) -> bool:
+    return _chat_kind(record, options) is None and not _looks_alpaca(record, options) and (
+        "text" in record or set(options.columns) == {"prompt"})
 
 
 # --------------------------------------------------------------------------------------------------- field readers
@@ -293,10 +351,16 @@ def text_to_conversation(record: dict, options: FormatOptions) -> Conversation:
     return Conversation([], text=text)
 
 
-register_format("alpaca", alpaca_to_conversation)
-register_format("sharegpt", chat_to_conversation)
-register_format("openai", chat_to_conversation)
-register_format("text", text_to_conversation)
+register_format("alpaca", alpaca_to_conversation, description="instruction / input / output records",
+                keys=("instruction", "output"), columns=ALPACA_COLUMNS, detect=_looks_alpaca)
+register_format("sharegpt", chat_to_conversation, description="conversations of {from, value} turns",
+                keys=("conversations",), columns={"messages": "conversations", "system": "system", "tools": "tools"},
+                tags=SHAREGPT_TAGS, detect=lambda r, o: _chat_kind(r, o) == "sharegpt")
+register_format("openai", chat_to_conversation, description="messages of {role, content} turns",
+                keys=("messages",), columns={"messages": "messages", "system": "system", "tools": "tools"},
+                tags=OPENAI_TAGS, detect=lambda r, o: _chat_kind(r, o) == "openai")
+register_format("text", text_to_conversation, description="plain text (pretraining-style, every token trained)",
+                keys=("text",), columns={"prompt": "text"}, detect=_looks_text)
 
 
 # ----------------------------------------------------------------------------------------------------- variables

@@ -23,6 +23,7 @@ from tunelab.data.formats import (
     RecordError,
     detect_format,
     get_format,
+    known_formats,
     make_substituter,
     substitute_conversation,
 )
@@ -31,6 +32,8 @@ from tunelab.errors import DataError
 
 log = logging.getLogger(__name__)
 REGISTRY_FILE = "dataset_info.json"
+LF_DEFAULT_FORMATTING = "alpaca"  # dataset_info.json's default `formatting` (LLaMA-Factory)
+TEXT_FORMAT = "text"  # an alpaca entry of plain-text files (or only a prompt column) is read as text
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 _SKIP = re.compile(r"[\s,]*")
@@ -98,12 +101,13 @@ def _from_registry(name: str, dataset_dir: str | Path | None) -> DatasetSource:
                                                         "local file_name" if hub else ""))
     columns = dict(entry.get("columns") or {})
     _refuse_unsupported(where, entry, columns)
-    formatting = entry.get("formatting", "alpaca")
-    if formatting not in ("alpaca", "sharegpt", "openai"):
-        raise DataError(f"{where}: formatting {formatting!r} is not supported; expected alpaca, sharegpt or openai")
+    formatting = entry.get("formatting", LF_DEFAULT_FORMATTING)
+    if formatting not in known_formats():
+        raise DataError(f"{where}: formatting {formatting!r} is not supported; expected one of the registered "
+                        f"formats: {', '.join(known_formats())}")
     files = _expand_path(str(Path(dataset_dir) / entry["file_name"]))
     is_text = set(columns) == {"prompt"} or all(SUFFIXES.get(f.suffix) == "text" for f in files)
-    fmt = "text" if formatting == "alpaca" and is_text else formatting
+    fmt = TEXT_FORMAT if formatting == LF_DEFAULT_FORMATTING and is_text else formatting
     return DatasetSource(name, files, fmt, FormatOptions(columns, dict(entry.get("tags") or {})),
                          entry.get("num_samples"))
 

@@ -171,6 +171,16 @@ class TemplateSpec:
     special_tokens: dict  # defaults when no tokenizer is bound (the family's own tokens)
     description: str = ""
 
+    @property
+    def supports_thinking(self) -> bool:
+        """data.enable_thinking switches its reasoning on or off."""
+        return "enable_thinking" in self.jinja
+
+    @property
+    def supports_tools(self) -> bool:
+        """It renders a `tools` list (function calling)."""
+        return "tools" in self.jinja
+
 
 _REGISTRY: dict[str, TemplateSpec] = {}
 _ALIASES: dict[str, str] = {}
@@ -220,6 +230,12 @@ def _load_builtins() -> None:
 def template_names() -> list[str]:
     _load_builtins()
     return sorted(_REGISTRY)
+
+
+def template_specs() -> list[TemplateSpec]:
+    """Every registered template with its description and capabilities, by name."""
+    _load_builtins()
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
 def get_template(name: str, enable_thinking: bool | None = None) -> ChatTemplate:

@@ -28,7 +28,14 @@ from tunelab.evaluation.examples import (
     load_eval_conversations,
     validation_conversations,
 )
-from tunelab.evaluation.metrics import MODEL_METRICS, aggregate, check_metric_names, make_checks, score_predictions
+from tunelab.evaluation.metrics import (
+    MODEL_METRICS,
+    aggregate,
+    check_metric_names,
+    make_checks,
+    metric_info,
+    score_predictions,
+)
 from tunelab.evaluation.results import ComparisonResult, EvalResult, PredictionRecord
 
 log = logging.getLogger(__name__)
@@ -67,7 +74,7 @@ def load_examples(data: Any, cfg: EvalConfig, engine) -> tuple[list[EvalExample]
 
 
 def needs_generation(cfg: EvalConfig) -> bool:
-    return bool(cfg.checks) or any(m not in MODEL_METRICS for m in cfg.metrics)
+    return bool(cfg.checks) or any(metric_info(m).needs_generation for m in cfg.metrics)
 
 
 def validation_examples(cfg: EvalConfig, data_cfg: DataConfig, engine) -> tuple[list[EvalExample], str]:

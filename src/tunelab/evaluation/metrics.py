@@ -174,36 +174,85 @@ def make_checks(specs: Iterable) -> list[Check]:
 
 # ------------------------------------------------------------------------------------------------ registry
 TextMetric = Callable[[str, str], dict[str, float]]
-_TEXT_METRICS: dict[str, TextMetric] = {}
 
 
-def register_metric(name: str, fn: TextMetric) -> None:
-    """Register a text metric: fn(prediction, reference) -> {score name: value}."""
-    if name in _TEXT_METRICS or name in MODEL_METRICS:
-        raise ValueError(f"metric {name!r} is already registered")
-    _TEXT_METRICS[name] = fn
+@dataclass(frozen=True)
+class Metric:
+    """One metric of `eval.metrics`: what it measures and how to read it.
+
+    `score` maps (prediction, reference) to named scores; the model metrics (loss, perplexity) have none: the
+    evaluation's loss pass over the references computes them, with no generation.
+    """
+
+    name: str
+    score: TextMetric | None
+    description: str = ""
+    keys: tuple[str, ...] = ()  # the score names it reports (default: its own name)
+    higher_is_better: bool = True
+    needs_generation: bool = True  # scored on generated predictions (False: from the model's logits)
+
+    @property
+    def reports(self) -> tuple[str, ...]:
+        return self.keys or (self.name,)
+
+
+_METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str | Metric, fn: TextMetric | None = None, **info) -> Metric:
+    """Register a text metric: fn(prediction, reference) -> {score name: value} (or a Metric entry)."""
+    entry = name if isinstance(name, Metric) else Metric(name, fn, **info)
+    if entry.name in _METRICS:
+        raise ValueError(f"metric {entry.name!r} is already registered")
+    _METRICS[entry.name] = entry
+    return entry
+
+
+def unregister_metric(name: str) -> Metric:
+    return _METRICS.pop(metric_info(name).name)
+
+
+def metric_info(name: str) -> Metric:
+    if name not in _METRICS:
+        raise TunelabError(f"unknown metric {name!r}; known: {', '.join(known_metrics())}")
+    return _METRICS[name]
 
 
 def get_metric(name: str) -> TextMetric:
-    if name not in _TEXT_METRICS:
-        raise TunelabError(f"unknown metric {name!r}; known: {', '.join(known_metrics())}")
-    return _TEXT_METRICS[name]
+    entry = metric_info(name)
+    if entry.score is None:
+        raise TunelabError(f"metric {name!r} is computed from the model's logits, not from a prediction")
+    return entry.score
 
 
 def known_metrics() -> list[str]:
-    return [*MODEL_METRICS, *_TEXT_METRICS]
+    return list(_METRICS)
+
+
+def needs_generation(name: str) -> bool:
+    return metric_info(name).needs_generation
+
+
+def lower_is_better(score_name: str) -> bool:
+    """Whether a reported score improves downwards (loss, perplexity), by the metric that reports it."""
+    return any(score_name in m.reports and not m.higher_is_better for m in _METRICS.values())
 
 
 def check_metric_names(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in MODEL_METRICS and n not in _TEXT_METRICS]
+    unknown = [n for n in names if n not in _METRICS]
     if unknown:
         raise TunelabError(f"eval.metrics: unknown metric(s) {', '.join(unknown)}; "
                            f"known: {', '.join(known_metrics())}")
 
 
-register_metric("bleu", lambda p, r: {"bleu-4": bleu4(p, r)})
-register_metric("rouge", rouge)
-register_metric("exact_match", lambda p, r: {"exact_match": exact_match(p, r)})
+register_metric("loss", None, description="mean cross-entropy of the reference answers' tokens",
+                higher_is_better=False, needs_generation=False)
+register_metric("perplexity", None, description="exp(loss)", higher_is_better=False, needs_generation=False)
+register_metric("bleu", lambda p, r: {"bleu-4": bleu4(p, r)}, description="sentence BLEU-4, 0-100",
+                keys=("bleu-4",))
+register_metric("rouge", rouge, description="ROUGE-1/2/L F1, 0-100", keys=("rouge-1", "rouge-2", "rouge-l"))
+register_metric("exact_match", lambda p, r: {"exact_match": exact_match(p, r)},
+                description="normalized prediction == reference, 0 or 1")
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -211,7 +260,7 @@ def score_example(prediction: str, reference: str, metrics: Sequence[str], check
     """All requested text scores of one example (model metrics such as loss are skipped here)."""
     scores: dict[str, float] = {}
     for name in metrics:
-        if name not in MODEL_METRICS:
+        if needs_generation(name):
             scores.update(get_metric(name)(prediction, reference))
     for check in checks:
         scores[check.name] = check(prediction)

@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.evaluation.metrics import lower_is_better
+
 # Order in tables; scores not listed here (checks, custom metrics) follow in the order they appear.
 METRIC_ORDER = ("loss", "perplexity", "eval_tokens", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match")
-LOWER_IS_BETTER = {"loss", "perplexity"}
 # Not quality metrics: shown in tables but never used to pick a winner or rank examples.
 INFO_METRICS = {"eval_tokens", "num_examples", "examples_per_s", "generation_s"}
 # Score used to rank examples (best/worst) and to compare models per example, first one present wins.
@@ -48,7 +49,7 @@ def primary_score(keys) -> str | None:
     for name in PRIMARY_ORDER:
         if name in keys:
             return name
-    quality = [k for k in keys if k not in INFO_METRICS and k not in LOWER_IS_BETTER]
+    quality = [k for k in keys if k not in INFO_METRICS and not lower_is_better(k)]
     return quality[0] if quality else None
 
 
@@ -141,7 +142,7 @@ class ComparisonResult:
         pairs = [(b, o) for b, o in pairs if b is not None and o is not None]
         if not pairs:
             return None
-        sign = -1 if name in LOWER_IS_BETTER else 1
+        sign = -1 if lower_is_better(name) else 1
         better = sum(1 for b, o in pairs if sign * (o - b) > 0)
         worse = sum(1 for b, o in pairs if sign * (o - b) < 0)
         return {"better": better, "worse": worse, "same": len(pairs) - better - worse}
@@ -158,11 +159,11 @@ class ComparisonResult:
                        for i in self.others}
             best = None
             if name not in INFO_METRICS and len(known) > 1 and len(set(known)) > 1:
-                pick = min if name in LOWER_IS_BETTER else max
+                pick = min if lower_is_better(name) else max
                 best = self.models[values.index(pick(known))]
             out.append({"metric": name, "values": values, "base": self.base_model, "changes": changes,
                         "delta": changes.get(self.models[self.tuned]), "counts": self.example_counts(name),
-                        "lower_is_better": name in LOWER_IS_BETTER, "best": best})
+                        "lower_is_better": lower_is_better(name), "best": best})
         return out
 
     def differences(self, key: str | None = None) -> list[dict[str, Any]]:
@@ -170,7 +171,7 @@ class ComparisonResult:
         sorted by improvement (largest first; for a lower-is-better key, the largest drop first)."""
         reference = self.results[self.base].predictions
         key = key or primary_score(reference[0].scores if reference else {})
-        sign = -1 if key in LOWER_IS_BETTER else 1
+        sign = -1 if lower_is_better(key) else 1
         diffs = []
         for i, base in enumerate(reference):
             preds = [r.predictions[i] for r in self.results]
@@ -218,7 +219,7 @@ def format_change(name: str, delta: float | None) -> str:
         return "-"
     text = ("+" if delta >= 0 else "") + format_value(name, delta)
     if delta and name not in INFO_METRICS:
-        better = delta < 0 if name in LOWER_IS_BETTER else delta > 0
+        better = delta < 0 if lower_is_better(name) else delta > 0
         text += " better" if better else " worse"
     return text
 

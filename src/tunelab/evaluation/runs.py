@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.schema import DEFAULT_METHOD
 from tunelab.errors import TunelabError
 from tunelab.evaluation.results import format_value, ordered_metrics, render_text_table
 from tunelab.runs import read
@@ -24,9 +25,11 @@ RUN_METRIC_ORDER = ("global_step", "train_loss", "final_loss", "eval_loss", "eva
                     "eval/tokens")
 # Final metrics shown in the runs list (`runs compare` shows all of them).
 LIST_METRICS = ("train_loss", "final_loss", "eval_loss", "eval/perplexity", "bleu-4", "rouge-l", "exact_match")
-# Method hyperparameters worth a glance, per method name.
-METHOD_KEYS = {"lora": ("r", "alpha"), "dora": ("r", "alpha"), "qlora": ("r", "bits"), "freeze": ("trainable_layers",),
-               "prefix": ("num_virtual_tokens",), "full": ()}
+# Method hyperparameters worth a glance: each registered method's summary_keys (none for an unregistered one).
+def method_keys(name: str) -> tuple[str, ...]:
+    from tunelab.methods import get_method, known_methods
+
+    return get_method(name).summary_keys if name in known_methods() else ()
 
 
 @dataclass
@@ -40,8 +43,8 @@ class RunSummary(RunRecord):
     @property
     def method(self) -> str:
         method = self.config.get("method") or {}
-        name = method.get("name", "lora")
-        params = " ".join(f"{k}={method[k]}" for k in METHOD_KEYS.get(name, ()) if k in method)
+        name = method.get("name", DEFAULT_METHOD)
+        params = " ".join(f"{k}={method[k]}" for k in method_keys(name) if k in method)
         return f"{name} {params}".strip()
 
 

@@ -102,11 +102,21 @@ def _gguf_source_dtype(source_file: Path) -> str | None:
     return _GGUF_FILE_DTYPE.get(file_type, "bfloat16") if file_type is not None else None
 
 
-def load_merged(art: Artifact, dtype: str = "auto"):
-    """(model, tokenizer, kind): the adapter merged into an unquantized base ('merged'), a full model as is
-    ('full'), or the base with a prefix adapter that cannot merge ('prefix', model is the plain base)."""
+def adapter_merges(art: Artifact) -> bool:
+    """Whether the adapter folds into the base: the run's method says so (Method.mergeable); a bare adapter
+    folder is asked through peft (prompt-learning adapters such as prefix tuning cannot merge)."""
+    if art.run_config is not None:
+        from tunelab.methods import get_method
+
+        return get_method(art.run_config.method.name).mergeable
     from peft import PeftConfig
 
+    return not PeftConfig.from_pretrained(str(art.adapter_path)).is_prompt_learning
+
+
+def load_merged(art: Artifact, dtype: str = "auto"):
+    """(model, tokenizer, kind): the adapter merged into an unquantized base ('merged'), a full model as is
+    ('full'), or the base with an adapter that cannot merge ('prefix', model is the plain base)."""
     refuse_prequantized_folder(art.base_path)
     torch_dtype = export_dtype(dtype, art.base_path)
     tokenizer = load_tokenizer(art.model_cfg, path=art.tokenizer_path)
@@ -114,7 +124,7 @@ def load_merged(art: Artifact, dtype: str = "auto"):
     model = load_model(cfg, path=art.base_path, dtype=torch_dtype)
     if art.adapter_path is None:
         return model, tokenizer, "full"
-    if PeftConfig.from_pretrained(str(art.adapter_path)).is_prompt_learning:
+    if not adapter_merges(art):
         return model, tokenizer, "prefix"
     from tunelab.inference.hf import apply_adapter
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -52,3 +52,67 @@ class Engine(Protocol):
     def stream(self, prompt: str, params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         """Yield text as it is produced; stops early when `cancel` is set."""
+
+
+# ------------------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class EngineKind:
+    """One inference backend (`tunelab serve --engine NAME`): how to load it and what it can do.
+
+    `load(model, adapter, *, threads, max_batch_size, **kwargs) -> Engine` checks that the backend can run here
+    (a clear refusal before anything is loaded) and loads a run, adapter, folder, hub id or GGUF.
+    """
+
+    name: str
+    load: Callable[..., Engine]
+    description: str = ""
+    supports_streaming: bool = False  # text streamed as it is generated (False: the whole answer as one event)
+    supports_batching: bool = False  # several requests generated together
+
+
+_ENGINES: dict[str, EngineKind] = {}
+
+
+def register_engine(kind: EngineKind) -> EngineKind:
+    if kind.name in _ENGINES:
+        raise ValueError(f"inference engine {kind.name!r} is already registered")
+    _ENGINES[kind.name] = kind
+    return kind
+
+
+def get_engine(name: str) -> EngineKind:
+    from tunelab.errors import TunelabError
+
+    if name not in _ENGINES:
+        raise TunelabError(f"unknown inference engine {name!r}; known: {', '.join(_ENGINES)}")
+    return _ENGINES[name]
+
+
+def known_engines() -> list[str]:
+    """Registered engine names; the first is the default."""
+    return list(_ENGINES)
+
+
+def engine_kinds() -> list[EngineKind]:
+    return list(_ENGINES.values())
+
+
+def _load_hf(model: str, adapter: str | None = None, *, threads: int | None = None, max_batch_size: int = 8,
+             **kwargs) -> Engine:
+    from tunelab.inference.hf import inference_threads, load_engine
+
+    inference_threads(threads, model)
+    return load_engine(model, adapter=adapter, max_batch_size=max_batch_size, **kwargs)
+
+
+def _load_vllm(model: str, adapter: str | None = None, *, threads: int | None = None, max_batch_size: int = 8,
+               **kwargs) -> Engine:
+    from tunelab.inference.vllm import check_vllm, load_vllm_engine
+
+    check_vllm()
+    return load_vllm_engine(model, adapter, template=kwargs.get("template"))
+
+
+register_engine(EngineKind("hf", _load_hf, "transformers with continuous batching (default)",
+                           supports_streaming=True, supports_batching=True))
+register_engine(EngineKind("vllm", _load_vllm, "vLLM on a CUDA GPU", supports_batching=True))

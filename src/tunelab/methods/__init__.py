@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tunelab.config.schema import MethodSection
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -27,15 +28,48 @@ def _no_load_kwargs(_cfg, _device: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Method:
-    """One tuning method: how to check it can run, extra loading arguments, and how to apply it."""
+    """One tuning method: its config section, what it can do, and how to check, load and apply it.
+
+    Everything outside this package asks the entry, never the method's name: the config accepts `config` under
+    `method:`, the web UI builds its form from it, `tunelab runs` shows `summary_keys`, and training, the speed
+    plan, the memory estimate and export read the capability flags. A new method is one module plus one
+    `register_method` call.
+    """
 
     name: str
     apply: Callable[[Any, Any], Any]  # (model, method_cfg) -> model
+    config: type[MethodSection]  # its section, with `name: Literal["<name>"] = "<name>"`
     check: Callable[[Any, str], None] = _always_available  # raises MethodUnavailableError
     load_kwargs: Callable[[Any, str], dict[str, Any]] = _no_load_kwargs  # extra from_pretrained kwargs
-    supports_packing: bool = True  # prefix tuning passes a KV cache, which turns off packed-sequence detection
-    trains_base_weights: bool = False  # full / freeze: the base weights get gradients and optimizer state
     description: str = ""
+    summary_keys: tuple[str, ...] = ()  # config fields shown next to the name in `tunelab runs`
+    # capabilities
+    is_adapter: bool = False  # the trained weights are a peft adapter saved beside the untouched base
+    mergeable: bool = False  # the adapter folds into the base weights (export writes one merged model)
+    quantized_base: bool = False  # the frozen base is loaded quantized (see base_weight_bytes)
+    trains_base_weights: bool = False  # full / freeze: the base weights get gradients and optimizer state
+    lora_layers: bool = False  # peft LoRA layers on an unquantized base: the LoRA speed levers apply (speed.py)
+    supports_packing: bool = True  # prefix tuning passes a KV cache, which turns off packed-sequence detection
+    supports_gradient_checkpointing: bool = True  # prefix tuning: checkpointed layers drop its past_key_values
+    # memory estimate: bytes per frozen base weight (quantized_base), and how to apply the method to a model on
+    # the meta device when `apply` needs real weights (QLoRA's quantization); default: `apply`
+    base_weight_bytes: Callable[[Any], float] | None = None
+    apply_unquantized: Callable[[Any, Any], Any] | None = None
+
+    def __post_init__(self) -> None:
+        field = self.config.model_fields.get("name")
+        if field is None or field.default != self.name:
+            raise ValueError(f"method {self.name!r}: its config {self.config.__name__} must declare "
+                             f"`name: Literal[{self.name!r}] = {self.name!r}`")
+        unknown = [k for k in self.summary_keys if k not in self.config.model_fields]
+        if unknown:
+            raise ValueError(f"method {self.name!r}: summary_keys {unknown} are not fields of {self.config.__name__}")
+        if self.quantized_base and self.base_weight_bytes is None:
+            raise ValueError(f"method {self.name!r}: quantized_base needs base_weight_bytes")
+        if (self.mergeable or self.lora_layers) and not self.is_adapter:
+            raise ValueError(f"method {self.name!r}: mergeable / lora_layers describe adapters; set is_adapter")
+        if self.is_adapter and self.trains_base_weights:
+            raise ValueError(f"method {self.name!r}: an adapter leaves the base weights frozen")
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -48,6 +82,11 @@ def register_method(method: Method) -> Method:
     return method
 
 
+def unregister_method(name: str) -> Method:
+    """Remove a registered method (tests, plugins reloading); returns its entry."""
+    return _REGISTRY.pop(get_method(name).name)
+
+
 def get_method(name: str) -> Method:
     try:
         return _REGISTRY[name]
@@ -57,6 +96,11 @@ def get_method(name: str) -> Method:
 
 def known_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def method_sections() -> list[type[MethodSection]]:
+    """The config sections `method:` accepts, in registration order (the first ones are the built-ins)."""
+    return [method.config for method in _REGISTRY.values()]
 
 
 def check_method_available(method_cfg, device: str) -> None:

@@ -49,9 +49,11 @@ def apply_freeze(model, cfg):
 
 
 def _methods():
+    from tunelab.config.schema import FreezeConfig
     from tunelab.methods import Method
 
-    return [Method("freeze", apply_freeze, trains_base_weights=True, description="last N layers / named modules")]
+    return [Method("freeze", apply_freeze, FreezeConfig, trains_base_weights=True, summary_keys=("trainable_layers",),
+                   description="last N layers / named modules")]
 
 
 METHODS = _methods()

@@ -10,9 +10,10 @@ def apply_full(model, _cfg):
 
 
 def _methods():
+    from tunelab.config.schema import FullConfig
     from tunelab.methods import Method
 
-    return [Method("full", apply_full, trains_base_weights=True, description="every weight trained")]
+    return [Method("full", apply_full, FullConfig, trains_base_weights=True, description="every weight trained")]
 
 
 METHODS = _methods()

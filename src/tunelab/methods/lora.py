@@ -11,6 +11,8 @@ def peft_lora_config(cfg):
     """tunelab's LoraConfig / DoraConfig / QLoraConfig section -> peft.LoraConfig."""
     from peft import LoraConfig as PeftLoraConfig
 
+    from tunelab.config.schema import DoraConfig
+
     return PeftLoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.r,
@@ -18,7 +20,7 @@ def peft_lora_config(cfg):
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         use_rslora=cfg.rslora,
-        use_dora=cfg.name == "dora",
+        use_dora=isinstance(cfg, DoraConfig),
         modules_to_save=list(cfg.modules_to_save) or None,
     )
 
@@ -51,11 +53,14 @@ def apply_lora(model, cfg):
 
 
 def _methods():
+    from tunelab.config.schema import DoraConfig, LoraConfig
     from tunelab.methods import Method
 
+    adapter = {"summary_keys": ("r", "alpha"), "is_adapter": True, "mergeable": True, "lora_layers": True}
     return [
-        Method("lora", apply_lora, description="low-rank adapters on the chosen linear layers"),
-        Method("dora", apply_lora, description="weight-decomposed LoRA (magnitude + direction)"),
+        Method("lora", apply_lora, LoraConfig, description="low-rank adapters on the chosen linear layers", **adapter),
+        Method("dora", apply_lora, DoraConfig, description="weight-decomposed LoRA (magnitude + direction)",
+               **adapter),
     ]
 
 

@@ -84,6 +84,11 @@ def keep_cpu_weights_trainable(model) -> int:
     return changed
 
 
+def quantized_weight_bytes(cfg) -> float:
+    """Bytes per quantized base weight: the packed values plus their quantization constants."""
+    return cfg.bits / 8 + 0.07
+
+
 def apply_qlora(model, cfg):
     from peft import prepare_model_for_kbit_training
 
@@ -95,11 +100,14 @@ def apply_qlora(model, cfg):
 
 
 def _methods():
+    from tunelab.config.schema import QLoraConfig
     from tunelab.methods import Method
 
     return [
-        Method("qlora", apply_qlora, check=check_qlora, load_kwargs=qlora_load_kwargs,
-               description="LoRA on a 4/8-bit bitsandbytes-quantized base"),
+        Method("qlora", apply_qlora, QLoraConfig, check=check_qlora, load_kwargs=qlora_load_kwargs,
+               description="LoRA on a 4/8-bit bitsandbytes-quantized base", summary_keys=("r", "bits"),
+               is_adapter=True, mergeable=True, quantized_base=True, base_weight_bytes=quantized_weight_bytes,
+               apply_unquantized=apply_lora),
     ]
 
 

@@ -88,16 +88,11 @@ def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None
     cfg = cfg or ServeConfig()
     check_exposure(cfg, allow_no_auth)  # before the heavy imports below: a refusal must come at once
     check_port_free(cfg.host, cfg.port)
-    if engine == "vllm":
-        from tunelab.inference.vllm import check_vllm, load_vllm_engine
+    from tunelab.inference.engine import get_engine
 
-        check_vllm()  # a clear refusal before anything is loaded
-        loaded = load_vllm_engine(model, adapter, template=engine_kwargs.get("template"))
-    else:
-        from tunelab.inference.hf import inference_threads, load_engine
-
-        inference_threads(threads, model)
-        loaded = load_engine(model, adapter=adapter, max_batch_size=cfg.max_batch_size, **engine_kwargs)
+    # the engine's loader refuses clearly before anything is loaded where the backend cannot run
+    loaded = get_engine(engine).load(model, adapter, threads=threads, max_batch_size=cfg.max_batch_size,
+                                     **engine_kwargs)
     from tunelab.serving.app import create_app
 
     app = create_app(loaded, cfg)

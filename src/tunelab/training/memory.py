@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -100,24 +101,23 @@ def count_with_method(model_path: Path, method_cfg, trust_remote_code: bool = Fa
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunelab.methods import apply_method, count_parameters
+    from tunelab.methods import apply_method, count_parameters, get_method
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     if getattr(method_cfg, "init_from", None):  # counts come from the config; the adapter is read later
         method_cfg = method_cfg.model_copy(update={"init_from": None})
-    if method_cfg.name == "qlora":  # quantization needs real weights; the adapter counts are the same
-        from tunelab.methods.lora import apply_lora
-
-        model = apply_lora(model, method_cfg)
+    unquantized = get_method(method_cfg.name).apply_unquantized
+    if unquantized is not None:  # quantization needs real weights; the trainable counts are the same
+        model = unquantized(model, method_cfg)
     else:
         model = apply_method(model, method_cfg)
     trainable, total = count_parameters(model)
     return trainable, total, config
 
 
-def estimate_for_run(cfg, model_path: Path, *, device: str, dtype, mixed_precision: str | None,
+def estimate_for_run(cfg: RunConfig, model_path: Path, *, device: str, dtype, mixed_precision: str | None,
                      tokens_per_step: int) -> MemoryEstimate:
     """The estimate for `cfg` (a RunConfig) on `device`, with weights in `dtype`."""
     import torch
@@ -127,8 +127,8 @@ def estimate_for_run(cfg, model_path: Path, *, device: str, dtype, mixed_precisi
     trainable, total, config = count_with_method(model_path, cfg.method, cfg.model.trust_remote_code)
     method = get_method(cfg.method.name)
     weight_bytes: float = dtype_bytes(dtype)
-    if cfg.method.name == "qlora":  # quantized linears + constants; embeddings and norms stay in 16/32 bits
-        weight_bytes = cfg.method.bits / 8 + 0.07
+    if method.quantized_base:  # quantized linears + constants; embeddings and norms stay in 16/32 bits
+        weight_bytes = method.base_weight_bytes(cfg.method)
     trainable_bytes = dtype_bytes(dtype) if method.trains_base_weights else 4  # peft keeps adapters in fp32
     cast_to = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "", dtype)
     return estimate_memory(

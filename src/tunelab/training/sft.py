@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,14 @@ def open_run(cfg, resume: bool, state):
     return run, cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_name": run.path.name})})
 
 
-def check_combination(cfg) -> None:
+def check_combination(cfg: RunConfig) -> None:
     """Settings that are each valid but cannot work together, refused before anything is loaded."""
-    if cfg.method.name == "prefix" and cfg.train.gradient_checkpointing:
-        # transformers drops past_key_values in checkpointed layers, and the prefix IS a past_key_values
-        raise TunelabError("method prefix cannot train with train.gradient_checkpointing (the recomputed layers "
-                           "would not see the prefix); set train.gradient_checkpointing: false")
+    from tunelab.methods import get_method
+
+    if cfg.train.gradient_checkpointing and not get_method(cfg.method.name).supports_gradient_checkpointing:
+        # e.g. prefix tuning: transformers drops past_key_values in checkpointed layers, and the prefix IS one
+        raise TunelabError(f"method {cfg.method.name} cannot train with train.gradient_checkpointing (the "
+                           "recomputed layers would not see what it trains); set train.gradient_checkpointing: false")
     if cfg.train.early_stopping_patience and not cfg.data.val_size:
         log.warning("train.early_stopping_patience is set but data.val_size is 0: no validation, no early stopping")
 

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tunelab.config.schema import RunConfig
+
 IGNORE = -100
 PACKED_ATTENTION = "sdpa_packed"  # the name registered with transformers' AttentionInterface
-ADAPTER_METHODS = ("lora", "dora")  # methods whose trainable weights are adapters beside a frozen base
 
 
 # ------------------------------------------------------------------------------------------------------------ plan
@@ -54,13 +55,15 @@ class SpeedPlan:
         return "speed: " + (", ".join(x for x in on if x) or "no options")
 
 
-def plan_speed(cfg, device: str, autocast: str | None, packing: bool, processes: int = 1) -> SpeedPlan:
+def plan_speed(cfg: RunConfig, device: str, autocast: str | None, packing: bool, processes: int = 1) -> SpeedPlan:
     """Resolve TrainConfig's speed switches for this run (a RunConfig); options that cannot apply are off.
 
     `processes`: training processes sharing this machine's cores (each gets its share of threads).
     """
+    from tunelab.methods import get_method
+
     t = cfg.train
-    adapters = cfg.method.name in ADAPTER_METHODS
+    adapters = get_method(cfg.method.name).lora_layers  # LoRA layers beside a frozen, unquantized base
     sharded = bool(t.deepspeed or t.fsdp)  # the wrappers own parameter dtypes
     return SpeedPlan(
         threads=cpu_threads(t.threads, processes) if device == "cpu" else None,

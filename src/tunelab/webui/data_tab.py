@@ -19,7 +19,18 @@ if TYPE_CHECKING:
     from tunelab.config.schema import DataConfig
 
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
-FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
+
+
+def format_choices() -> list[str]:
+    from tunelab.data.formats import format_choices as choices
+
+    return choices()
+
+
+def template_choices() -> list[str]:
+    from tunelab.data.templates import template_names
+
+    return ["auto", *template_names()]
 
 
 def registered_names(dataset_dir: str) -> list[str]:
@@ -209,8 +220,9 @@ def build(ui) -> dict[str, Any]:
         refresh = L.make(gr.Button, "data.refresh", prop="value", scale=1)
     with gr.Row():
         model = L.make(gr.Textbox, "data.model", value=ui.default_model, scale=3, elem_id="data-model")
-        template = L.make(gr.Textbox, "data.template", value="auto", elem_id="data-template")
-        fmt = L.make(gr.Dropdown, "data.format", choices=list(FORMATS), value="auto")
+        template = L.make(gr.Dropdown, "data.template", choices=template_choices(), value="auto",
+                          allow_custom_value=True, elem_id="data-template")  # or a .jinja path
+        fmt = L.make(gr.Dropdown, "data.format", choices=format_choices(), value="auto")
         cutoff = L.make(gr.Number, "data.cutoff", value=1024, precision=0, elem_id="data-cutoff")
         train_on = L.make(gr.Dropdown, "data.train_on", choices=list(TRAIN_ON), value="all_assistant")
         count = L.make(gr.Slider, "data.examples", minimum=1, maximum=20, step=1, value=3)

@@ -24,9 +24,8 @@ from tunelab.config.load import ConfigError, config_from_dict, dump_config
 from tunelab.config.schema import RunConfig
 
 FORM_SECTIONS = ("model", "data", "method", "train")
-METHOD_MEMBERS: tuple[type[BaseModel], ...] = get_args(get_args(schema.MethodConfig)[0])
 UNSET = ""  # what an empty optional input means: leave the field out (the schema default applies)
-DEFAULT_METHOD: str = RunConfig.model_fields["method"].default_factory().name
+DEFAULT_METHOD: str = schema.DEFAULT_METHOD
 
 
 @dataclass
@@ -86,6 +85,9 @@ def _default(field) -> Any:
 def _spec(section: str, name: str, field, methods: tuple[str, ...] = ()) -> FieldSpec:
     annotation, optional = _strip_optional(field.annotation)
     kind, choices = _kind(annotation)
+    registry = (field.json_schema_extra or {}).get("registry") if isinstance(field.json_schema_extra, dict) else None
+    if registry and kind == "text":  # a name from a registry (schema.Registered): its names, read now
+        kind, choices = "choice", tuple(schema.registered(registry))
     if kind == "bool" and optional:
         kind, choices = "choice", (True, False)
     return FieldSpec(section, name, kind, _default(field), field.description or "", optional, choices, methods)
@@ -100,12 +102,16 @@ def section_specs(section: str) -> list[FieldSpec]:
 
 
 def method_specs() -> list[FieldSpec]:
-    """`name` (a choice of every method) followed by the union of the methods' fields, each tagged with the
-    methods that have it so the UI shows only the selected method's fields."""
-    names = tuple(m.model_fields["name"].default for m in METHOD_MEMBERS)
-    specs = [FieldSpec("method", "name", "choice", DEFAULT_METHOD, "Tuning method.", choices=names)]
+    """`name` (a choice of every registered method) followed by the union of the methods' fields, each tagged with
+    the methods that have it so the UI shows only the selected method's fields."""
+    from tunelab.methods import get_method
+
+    sections = schema.registered_method_sections()
+    names = tuple(m.model_fields["name"].default for m in sections)
+    hint = "Tuning method: " + "; ".join(f"{n}: {get_method(n).description}" for n in names) + "."
+    specs = [FieldSpec("method", "name", "choice", DEFAULT_METHOD, hint, choices=names)]
     seen: dict[str, FieldSpec] = {}
-    for member in METHOD_MEMBERS:
+    for member in sections:
         tag = member.model_fields["name"].default
         for name, field in member.model_fields.items():
             if name == "name":

@@ -258,7 +258,7 @@ FIELD_ZH: dict[str, str] = {
     "data.clean": "清洗选项（YAML）。",
     "data.cache_dir": "处理后数据的缓存目录（默认 ~/.cache/tunelab/data）。",
     "data.num_proc": "分词使用的进程数。",
-    "method.name": "微调方法：lora、dora、qlora、full、freeze、prefix。",
+    "method.name": "微调方法：下拉列表列出所有已注册的方法。",
     "method.r": "LoRA 秩。",
     "method.alpha": "LoRA 缩放系数 alpha。",
     "method.dropout": "LoRA 输入上的 dropout。",
