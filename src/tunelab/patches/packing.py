@@ -41,10 +41,11 @@ def _refuse_with_cache(module, _args, kwargs) -> None:
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(module.config, "use_cache", False)
-    if use_cache or kwargs.get("past_key_values") is not None:
+    given = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None  # 5.24 renames it `cache`
+    if use_cache or given:
         raise PackedBatchError(
             f"a packed batch (several examples in one row) reached {type(module).__name__} with a KV cache "
-            f"(use_cache={use_cache}, past_key_values given: {kwargs.get('past_key_values') is not None}): "
+            f"(use_cache={use_cache}, cache given: {given}): "
             "transformers then lets the examples attend to each other. Run packed batches with use_cache=False "
             "(model.config.use_cache = False, or use_cache=False in the call); see docs/pitfalls.md #1")
 
