@@ -86,14 +86,14 @@ def test_pad_equal_to_eos_still_trains_the_eos(tokenizers, tiny_models):
     """SmolLM2 ships pad == eos == <|im_end|>: labels never depend on the pad id, so the stop token is learned."""
     from transformers import AutoTokenizer
 
-    from tunelab.data.collate import PaddingCollator
+    from tunelab.data.collate import padding_collator
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
     tokenizer.pad_token = tokenizer.eos_token
     template = resolve_template("auto", tokenizer)
     short, long = (encode_conversation(chat("hi", "yo"), template, tokenizer, 512, "all_assistant"),
                    encode_conversation(MULTI, template, tokenizer, 512, "all_assistant"))
-    batch = PaddingCollator(tokenizer.pad_token_id)([short, long])
+    batch = padding_collator(tokenizer)([short, long])
     eos = tokenizer.eos_token_id
     assert eos == tokenizer.pad_token_id
     assert (batch["labels"][0] == eos).sum() == 1  # its own end of turn, not the padding

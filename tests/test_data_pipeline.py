@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tunelab.config.schema import DataConfig
-from tunelab.data.collate import PackingCollator, PaddingCollator
+from tunelab.data.collate import packing_collator, padding_collator
 from tunelab.data.pipeline import prepare_data
 from tunelab.data.preview import format_example, preview
 from tunelab.data.templates import resolve_template
@@ -111,16 +111,21 @@ def test_mixing_datasets_with_caps_and_a_default_system(tmp_path, llama_tok):
 
 
 # ------------------------------------------------------------------------------------------------------ collators
-def test_padding_and_packing_collators_shapes():
+def test_padding_and_packing_collators_shapes(llama_tok):
     examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
-    padded = PaddingCollator(0, pad_to_multiple_of=4)(examples)
-    assert padded["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
+    padded = padding_collator(llama_tok, pad_to_multiple_of=4)(examples)
+    pad = llama_tok.pad_token_id
+    assert padded["input_ids"].tolist() == [[1, 2, 3, pad], [4, 5, pad, pad]]
     assert padded["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, -100, -100]]
     assert padded["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
-    packed = PackingCollator()(examples)
+    packed = packing_collator()(examples)
     assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5]] and "attention_mask" not in packed
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert packed["labels"].tolist() == [[-100, 2, 3, -100, 5]]
+    assert packed["input_ids"].dtype == packed["labels"].dtype == torch.long
+    # the boundaries explicitly, as flash-attention's varlen kwargs (also read by tunelab's packed attention)
+    assert packed["cu_seq_lens_q"].tolist() == packed["cu_seq_lens_k"].tolist() == [0, 3, 5]
+    assert packed["max_length_q"] == packed["max_length_k"] == 3
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -145,11 +150,12 @@ def test_packed_loss_equals_padded_loss_per_token(tiny_models, family):
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
         return losses[labels != -100]
 
-    padded = per_token(PaddingCollator(tokenizer.pad_token_id)(examples))
-    packed = per_token(PackingCollator()(examples))
+    padded = per_token(padding_collator(tokenizer)(examples))
+    packed_batch = packing_collator()(examples)
+    packed = per_token(packed_batch)
     assert padded.shape == packed.shape and padded.numel() > 20
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
-    wrong = per_token({k: v for k, v in PackingCollator()(examples).items() if k != "position_ids"})
+    wrong = per_token({"input_ids": packed_batch["input_ids"], "labels": packed_batch["labels"]})
     assert not torch.allclose(wrong, padded, atol=1e-3)  # the test can tell cross-attention apart
 
 

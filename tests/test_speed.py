@@ -8,6 +8,7 @@ bf16 frozen base stays close to fp32.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -232,10 +233,10 @@ def test_keep_mask_lanes_are_uniform():
 
 def test_use_fast_dropout_swaps_every_lora_dropout(tiny_llama):
     model = with_lora(load(tiny_llama), dropout=0.05)
-    assert speed.use_fast_dropout(model) == 2 * len(LORA_TARGETS)  # 2 layers x 7 adapted modules
+    assert speed.use_fast_dropout(model, ExitStack()) == 2 * len(LORA_TARGETS)  # 2 layers x 7 adapted modules
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
     model(**packed_batch([5, 6])).loss.backward()
-    assert with_lora(load(tiny_llama), dropout=0.0) and speed.use_fast_dropout(with_lora(load(tiny_llama))) == 0
+    assert speed.use_fast_dropout(with_lora(load(tiny_llama), dropout=0.0), ExitStack()) == 0
 
 
 # --------------------------------------------------------------------------------------------------- bf16 frozen base
@@ -244,7 +245,8 @@ def test_bf16_frozen_base_keeps_adapters_fp32_and_the_loss_close(tiny_llama):
     fp32, mixed = with_lora(load(tiny_llama)), with_lora(load(tiny_llama))
     cast = speed.cast_frozen_weights(mixed, torch.bfloat16)
     assert cast > 0
-    speed.keep_lora_inputs_in_compute_dtype(mixed)
+    undo = ExitStack()  # kept open: closing it would turn peft's input casting back on
+    assert speed.keep_lora_inputs_in_compute_dtype(mixed, undo) > 0
     for name, param in mixed.named_parameters():
         assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
     reference = fp32(**batch).loss
@@ -270,8 +272,9 @@ def test_small_adapter_updates_survive_bf16_autocast(tiny_llama):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             base, rounded = layer.base_layer(x), layer(x)
             assert (rounded == base).float().mean() > 0.5  # most of the update is lost
-            assert speed.keep_adapter_outputs_fp32(model) > 0
-            assert speed.keep_adapter_outputs_fp32(model) > 0  # idempotent: one hook per layer
+            undo = ExitStack()
+            assert speed.keep_adapter_outputs_fp32(model, undo) > 0
+            assert speed.keep_adapter_outputs_fp32(model, undo) > 0  # idempotent: one hook per layer
             kept = layer(x)
     assert kept.dtype == torch.float32
     torch.testing.assert_close(kept - base.float(), wanted, rtol=0.05, atol=1e-6)
@@ -321,7 +324,8 @@ def test_apply_speed_reports_what_applied(tiny_models):
     model = with_lora(load(tiny_models["gemma"]), dropout=0.1)
     plan = speed.SpeedPlan(threads=None, bf16_frozen_base=False, packed_attention=True, sparse_logits=True,
                            fast_dropout=True)
-    applied = speed.apply_speed(model, plan, longest=64)
+    undo = ExitStack()
+    applied = speed.apply_speed(model, plan, undo, longest=64)
     assert not applied.packed_attention  # gemma's sliding-window layers keep the dense mask
     assert applied.fast_dropout and applied.sparse_logits
     json.dumps(applied.__dict__)

@@ -1,76 +1,42 @@
 """Batching encoded examples for training: dynamic padding, or padding-free packing (last step of the data stage).
 
-Packing puts a batch's examples end to end in one row with position_ids restarting at 0 per example and no
-attention_mask; transformers then keeps attention inside each example (flash-attention varlen on GPU, a block-
-causal mask for sdpa/eager). That detection only happens when no KV cache is built: the model must run with
-use_cache=False (Trainer does this; plain loops must do it themselves - LAB-NOTES pitfall 1).
+Both are transformers' own collators, configured for tunelab's examples (`input_ids` and `labels`, -100 on every
+token that is not trained):
+
+- `padding_collator`: DataCollatorForSeq2Seq pads input_ids with the tokenizer's pad token and labels with -100 by
+  position (never derived from pad ids, so pad == eos cannot hide the eos the model learns); attention_mask marks
+  the real tokens.
+- `packing_collator`: DataCollatorWithFlattening puts a batch's examples end to end in one row, sets the first label
+  of every example to -100 (in the flat row the previous example's last token would otherwise be trained to predict
+  it), and emits the example boundaries twice: position_ids restarting at 0 per example (what sdpa/eager use) and
+  flash-attention's `cu_seq_lens_q/k` + `max_length_q/k` (what varlen kernels and tunelab's packed attention use).
+  transformers' sdpa/eager detection of packed rows only happens when no KV cache is built: a model must run packed
+  batches with use_cache=False; tunelab.patches.packing refuses a packed batch otherwise (docs/pitfalls.md #1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
 IGNORE = -100
+BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-class PaddingCollator:
-    """Right-pad input_ids with pad_token_id and labels with -100; attention_mask marks the real tokens.
+def padding_collator(tokenizer, pad_to_multiple_of: int | None = None):
+    """Pad to the longest example of the batch (rounded up to `pad_to_multiple_of`)."""
+    from transformers import DataCollatorForSeq2Seq
 
-    Labels are padded by position, never derived from pad ids, so pad == eos cannot hide the eos the model learns.
-    """
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("PaddingCollator needs a pad_token_id (tunelab.models.load.load_tokenizer sets one)")
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(e["input_ids"]) for e in examples)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        n = len(examples)
-        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, longest), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((n, longest), dtype=torch.long)
-        for row, e in enumerate(examples):
-            k = len(e["input_ids"])
-            input_ids[row, :k] = torch.as_tensor(e["input_ids"], dtype=torch.long)
-            labels[row, :k] = torch.as_tensor(_labels(e), dtype=torch.long)
-            attention_mask[row, :k] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if tokenizer.pad_token_id is None:
+        raise ValueError("padding needs a tokenizer with a pad token (tunelab.models.load.load_tokenizer sets one)")
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of,
+                                  label_pad_token_id=IGNORE, return_tensors="pt")
 
 
-class PackingCollator:
-    """Concatenate examples into one row; position_ids restart per example and no attention_mask is returned.
+def packing_collator():
+    """One packed row per batch, with the example boundaries as position_ids and flash-attention kwargs."""
+    from transformers import DataCollatorWithFlattening
 
-    The first label of every example is set to -100: in the flat row the previous example's last token would
-    otherwise be trained to predict it, a prediction that does not exist in the padded batch.
-    """
-
-    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for e in examples:
-            k = len(e["input_ids"])
-            ids += list(e["input_ids"])
-            labels += [IGNORE] + list(_labels(e))[1:]
-            positions += range(k)
-        return {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-        }
+    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE, return_flash_attn_kwargs=True)
 
 
-def _labels(example: dict) -> Sequence[int]:
-    labels = example.get("labels")
-    return example["input_ids"] if labels is None else labels
-
-
-def make_collator(packing: bool, pad_token_id: int, pad_to_multiple_of: int | None = None):
-    """The collator data.packing asks for."""
-    return PackingCollator() if packing else PaddingCollator(pad_token_id, pad_to_multiple_of)
+def make_collator(packing: bool, tokenizer, pad_to_multiple_of: int | None = None):
+    """The collator training uses: packed rows, or padded batches."""
+    return packing_collator() if packing else padding_collator(tokenizer, pad_to_multiple_of)

@@ -47,14 +47,14 @@ def encode_all(conversations: Sequence[Conversation], template, tokenizer, cutof
 def compute_loss(model, tokenizer, template, conversations: Sequence[Conversation], *, cutoff_len: int = 1024,
                  train_on: str = "all_assistant", batch_size: int = 8) -> LossResult:
     """Loss and perplexity of `model` on `conversations`, batched (similar lengths together, less padding)."""
-    from tunelab.data.collate import PaddingCollator
+    from tunelab.data.collate import padding_collator
 
     encoded = encode_all(conversations, template, tokenizer, cutoff_len, train_on)
     usable = [i for i, e in enumerate(encoded) if e is not None and any(x != -100 for x in e["labels"][1:])]
     if not usable:
         raise DataError(f"none of the {len(conversations)} evaluation examples has a trained token left after "
                         f"encoding (cutoff_len={cutoff_len}, train_on={train_on}); nothing to compute a loss on")
-    collate = PaddingCollator(tokenizer.pad_token_id)
+    collate = padding_collator(tokenizer)
     device = next(model.parameters()).device
     order = sorted(usable, key=lambda i: len(encoded[i]["input_ids"]))
     per_example: list[float | None] = [None] * len(conversations)

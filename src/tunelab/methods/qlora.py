@@ -12,6 +12,7 @@ from typing import Any
 
 from tunelab.errors import MethodUnavailableError
 from tunelab.methods.lora import apply_lora
+from tunelab.patches.bitsandbytes import keep_cpu_weights_trainable
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +66,6 @@ def qlora_load_kwargs(cfg, device: str) -> dict[str, Any]:
             bnb_4bit_compute_dtype=compute_dtype(cfg, device),
         )
     return {"quantization_config": quant, "device_map": {"": device}}
-
-
-def keep_cpu_weights_trainable(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
-
-    On CPUs with AVX-512 BF16, a no-grad eval-mode forward (evaluation, generate) converts Linear4bit weights to
-    an inference-only layout that `.train()` does not undo; backprop then runs through a kernel without autograd
-    and the adapters below stop learning (LAB-NOTES pitfall 2). The flag is a per-layer attribute of bitsandbytes.
-    """
-    import bitsandbytes as bnb
-
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
 
 
 def quantized_weight_bytes(cfg) -> float:

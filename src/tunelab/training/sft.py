@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +27,16 @@ class RunResult:
     status: str = "completed"
 
 
-def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool = True) -> RunResult:
-    """Fine-tune with `cfg` (a RunConfig); `resume` continues this config's run from its last complete checkpoint.
+def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None, echo: bool = True) -> RunResult:
+    """Fine-tune with `cfg`; `resume` continues this config's run from its last complete checkpoint.
 
     `callbacks` are extra transformers TrainerCallbacks; `echo` prints progress on the main process.
     """
+    with ExitStack() as undo:  # hooks and switches the speed options put on the model, undone when training ends
+        return _train(cfg, resume, callbacks, echo, undo)
+
+
+def _train(cfg: RunConfig, resume: bool, callbacks: list | None, echo: bool, undo: ExitStack) -> RunResult:
     from tunelab.data.build import build_sft_data
     from tunelab.methods import check_method_available
     from tunelab.models.load import load_tokenizer, pick_device
@@ -55,7 +61,7 @@ def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool =
     tokenizer, template = data.tokenizer, data.template
     check_memory(cfg, model_path, data, device, precision, say)
     model = load_for_training(cfg, model_path, state.device, precision, say)
-    speed = apply_speed_options(model, plan, cfg, say)
+    speed = apply_speed_options(model, plan, cfg, say, undo)
     if state.is_main_process:
         run.create()
         run.clean_staging()  # what a killed run left half-written
@@ -176,11 +182,15 @@ def load_for_training(cfg, model_path: Path, device, precision: Precision, say):
     return model
 
 
-def apply_speed_options(model, plan, cfg, say):
-    """The speed levers that apply to this model (training/speed.py); returns the plan as applied."""
+def apply_speed_options(model, plan, cfg: RunConfig, say, undo: ExitStack):
+    """The speed levers that apply to this model (training/speed.py); returns the plan as applied. A packed run also
+    gets the guard that refuses packed batches with a KV cache (patches.packing). All undone when `undo` closes."""
+    from tunelab.patches.packing import refuse_packed_batches_with_cache
     from tunelab.training.speed import apply_speed
 
-    applied = apply_speed(model, plan, longest=cfg.data.cutoff_len)
+    if uses_packing(cfg):
+        refuse_packed_batches_with_cache(model, undo)
+    applied = apply_speed(model, plan, undo, longest=cfg.data.cutoff_len)
     say(applied.describe())
     return applied
 
@@ -191,10 +201,10 @@ def uses_packing(cfg) -> bool:
     return cfg.data.packing and get_method(cfg.method.name).supports_packing
 
 
-def make_collator(cfg, tokenizer):
-    from tunelab.data.collate import PackingCollator, PaddingCollator
+def make_collator(cfg: RunConfig, tokenizer):
+    from tunelab.data.collate import make_collator as data_collator
 
-    return PackingCollator() if uses_packing(cfg) else PaddingCollator(tokenizer.pad_token_id)
+    return data_collator(uses_packing(cfg), tokenizer)
 
 
 def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bool, external: list[str],

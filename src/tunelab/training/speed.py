@@ -22,6 +22,7 @@ import functools
 import inspect
 import itertools
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +76,10 @@ def plan_speed(cfg: RunConfig, device: str, autocast: str | None, packing: bool,
     )
 
 
-def apply_speed(model, plan: SpeedPlan, longest: int | None = None) -> SpeedPlan:
+def apply_speed(model, plan: SpeedPlan, undo: ExitStack, longest: int | None = None) -> SpeedPlan:
     """Apply the model-level levers of `plan` to a model ready to train (after the method); returns what applied.
+
+    Hooks, swapped modules and switches of peft layers are undone when `undo` closes (after training).
 
     `longest` is the longest example (cutoff_len): a sliding window at least that long never cuts an example.
     `sparse_logits` is applied by the trainer's loss (trained_token_loss), and only where the model's forward
@@ -84,10 +87,10 @@ def apply_speed(model, plan: SpeedPlan, longest: int | None = None) -> SpeedPlan
     """
     if plan.bf16_frozen_base:
         cast_frozen_weights(model, torch.bfloat16)
-        keep_lora_inputs_in_compute_dtype(model)
-    fp32_out = plan.fp32_adapter_output and keep_adapter_outputs_fp32(model) > 0
+        keep_lora_inputs_in_compute_dtype(model, undo)
+    fp32_out = plan.fp32_adapter_output and keep_adapter_outputs_fp32(model, undo) > 0
     packed = plan.packed_attention and use_packed_attention(model, longest)
-    dropout = plan.fast_dropout and use_fast_dropout(model) > 0
+    dropout = plan.fast_dropout and use_fast_dropout(model, undo) > 0
     sparse = plan.sparse_logits and accepts_logits_to_keep(model)
     return SpeedPlan(plan.threads, plan.bf16_frozen_base, fp32_out, packed, sparse, dropout)
 
@@ -141,40 +144,27 @@ def cast_frozen_weights(model, dtype: torch.dtype) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA path
-def keep_lora_inputs_in_compute_dtype(model) -> int:
+def keep_lora_inputs_in_compute_dtype(model, undo: ExitStack) -> int:
     """Let LoRA layers take their input as it comes (bf16 under autocast) instead of casting it to the fp32 of the
     adapter weights first; autocast then runs the adapter matmuls in bf16 while the fp32 master weights get fp32
     gradients. Saves two full-size activation copies per adapted layer, forward and backward. Returns the count.
 
-    Only valid under autocast (without it a bf16 input meets an fp32 weight). peft documents the switch
-    (`cast_input_dtype_enabled`, see peft.helpers.disable_input_dtype_casting).
+    Only valid under autocast (without it a bf16 input meets an fp32 weight). peft's own switch
+    (`disable_input_dtype_casting`, patches.peft_layers), in force until `undo` closes.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from tunelab.patches.peft_layers import disable_input_casting
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False
-    return len(layers)
+    return disable_input_casting(model, undo)
 
 
-def _fp32_output(_module, _inputs, output):
-    return output.float() if torch.is_tensor(output) and output.dtype in (torch.bfloat16, torch.float16) else output
+def keep_adapter_outputs_fp32(model, undo: ExitStack) -> int:
+    """Make the frozen layer inside every LoRA/DoRA layer return fp32 (a forward hook, patches.peft_layers, removed
+    when `undo` closes), so that peft adds the adapter's output to it in fp32 and the sum stays fp32 (peft casts the
+    sum back to the frozen output's dtype). The next matmul still runs in bf16 under autocast; what changes is that a
+    small adapter update survives into it (see the module docstring). Returns the number of layers."""
+    from tunelab.patches.peft_layers import keep_adapter_outputs_fp32 as hook_outputs
 
-
-def keep_adapter_outputs_fp32(model) -> int:
-    """Make the frozen layer inside every LoRA/DoRA layer return fp32 (a forward hook), so that peft adds the
-    adapter's output to it in fp32 and the sum stays fp32 (peft casts the sum back to the frozen output's dtype).
-    The next matmul still runs in bf16 under autocast; what changes is that a small adapter update survives into
-    it (see the module docstring). Returns the number of layers."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        base = layer.get_base_layer()
-        if not getattr(base, "_tunelab_fp32_output", False):
-            base.register_forward_hook(_fp32_output)
-            base._tunelab_fp32_output = True
-    return len(layers)
+    return hook_outputs(model, undo)
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -223,26 +213,25 @@ class FastDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
-def use_fast_dropout(model) -> int:
-    """Swap the nn.Dropout modules of LoRA adapters (peft's `lora_dropout`) for FastDropout; returns the count."""
-    swapped = 0
-    for module in model.modules():
-        table = getattr(module, "lora_dropout", None)
-        if not isinstance(table, torch.nn.ModuleDict):
-            continue
-        for name, dropout in list(table.items()):
-            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
-                table[name] = FastDropout(dropout.p)
-                swapped += 1
-    return swapped
+def use_fast_dropout(model, undo: ExitStack) -> int:
+    """Swap the nn.Dropout modules of LoRA adapters (peft's `lora_dropout`) for FastDropout until `undo` closes
+    (patches.peft_layers); returns the count."""
+    from tunelab.patches.peft_layers import swap_lora_dropout
+
+    return swap_lora_dropout(model, FastDropout, undo)
 
 
 # ------------------------------------------------------------------------------------------------ packed attention
-def packed_segments(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
+def packed_segments(position_ids: torch.Tensor, cu_seq_lens: torch.Tensor | None = None) -> list[tuple[int, int]] | None:
     """(start, end) of each example in a single packed row, or None when the row holds one sequence.
 
-    An example starts wherever the position does not follow the previous one (the rule transformers uses).
+    The boundaries the packing collator gives (`cu_seq_lens`, flash-attention's cumulative lengths) when present;
+    otherwise an example starts wherever the position does not follow the previous one (the rule transformers uses).
     """
+    if cu_seq_lens is not None and position_ids is not None and position_ids.shape[0] == 1:
+        bounds = [int(b) for b in cu_seq_lens.tolist()]
+        if bounds[-1] == position_ids.shape[1]:  # else not this row's boundaries: infer them instead
+            return list(itertools.pairwise(bounds)) if len(bounds) > 2 else None
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
         return None
     row = position_ids[0]
@@ -264,7 +253,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
 
     segments = None
     if attention_mask is None and query.shape[2] == key.shape[2]:
-        segments = packed_segments(position_ids)
+        segments = packed_segments(position_ids, kwargs.get("cu_seq_lens_q"))
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
@@ -313,27 +302,12 @@ def _causal_bias(n: int, group: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(future.shape, device=device).masked_fill_(future, float("-inf"))
 
 
-def _packed_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
-    """Mask builder paired with packed_sdpa_attention: no mask at all when there is nothing to mask but causality
-    and packing (both handled by the attention function); sdpa's dense mask otherwise (padding, caches)."""
-    from transformers.masking_utils import sdpa_mask
+def register_packed_attention() -> str | None:
+    """Register `sdpa_packed` with transformers (idempotent, patches.attention) and return its name; None when the
+    installed transformers is outside the versions the registration was checked against."""
+    from tunelab.patches.attention import register_attention
 
-    plain = q_length == kv_length and not q_offset and not kv_offset
-    if plain and (attention_mask is None or bool(attention_mask.all())):
-        return None
-    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
-                     q_offset=q_offset, kv_offset=kv_offset, **kwargs)
-
-
-def register_packed_attention() -> str:
-    """Register `sdpa_packed` with transformers (idempotent) and return its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_mask)
-    return PACKED_ATTENTION
+    return PACKED_ATTENTION if register_attention(PACKED_ATTENTION, packed_sdpa_attention) else None
 
 
 def plain_causal_attention(config, longest: int | None = None) -> bool:
@@ -356,7 +330,10 @@ def use_packed_attention(model, longest: int | None = None) -> bool:
     config = _base_config(model)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not plain_causal_attention(config, longest):
         return False
-    _base_model(model).set_attn_implementation(register_packed_attention())
+    name = register_packed_attention()
+    if name is None:
+        return False
+    _base_model(model).set_attn_implementation(name)
     return True
 
 

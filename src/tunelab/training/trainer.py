@@ -15,30 +15,30 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from tunelab.runs.rundir import CHECKPOINT_RE, STAGING
+from tunelab.patches.trainer_checkpoint import StagedCheckpointMixin, check_trainer_internals
+from tunelab.patches.trainer_loss import loss_divisor, own_loss_allowed, scale_for_processes
 from tunelab.training.callbacks import NonFiniteLossError
 from tunelab.training.speed import trained_token_loss
 
 
-class TunelabTrainer(Trainer):
+class TunelabTrainer(StagedCheckpointMixin, Trainer):
+    """The private Trainer methods it relies on are overridden in tunelab.patches (version gated)."""
+
     def __init__(self, *args, keep_checkpoints: int | None = None, sparse_logits: bool = False, **kwargs):
+        check_trainer_internals()
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
         self.sparse_logits = sparse_logits
-        self._staging_root: Path | None = None
 
     # --------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """With `sparse_logits`, the loss from logits at trained positions only (speed.trained_token_loss), the
         same value transformers computes from every position; anything else goes to the Trainer's own loss."""
-        plain = (not self.sparse_logits or "labels" not in inputs or self.label_smoother is not None
-                 or self.compute_loss_func is not None or self.compute_metrics is not None)
-        if plain:
+        if not (self.sparse_logits and own_loss_allowed(self, inputs)):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        count = loss_divisor(self, num_items_in_batch)
         loss, outputs = trained_token_loss(model, inputs, count)
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and count is not None:
-            loss = loss * self.accelerator.num_processes  # as the Trainer does: DDP averages the gradients
+        loss = scale_for_processes(self, loss, count)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------------ NaN guard
@@ -52,12 +52,8 @@ class TunelabTrainer(Trainer):
         return loss
 
     # ------------------------------------------------------------------------------------------ atomic checkpoint
-    def _get_output_dir(self, trial) -> str:
-        if self._staging_root is not None:
-            return str(self._staging_root)
-        return super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
+    def save_checkpoint(self, model, trial) -> None:
+        """Called by the Trainer where it saves a checkpoint (patches.trainer_checkpoint)."""
         root = Path(self.args.output_dir)
         staging = root / STAGING
         name = f"checkpoint-{self.state.global_step}"
@@ -65,11 +61,7 @@ class TunelabTrainer(Trainer):
             shutil.rmtree(staging / name, ignore_errors=True)
             staging.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
-        self._staging_root = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
+        self.write_checkpoint_into(staging, model, trial)
         best = self.state.best_model_checkpoint
         if best and Path(best).parent == staging:  # record where the checkpoint will live, not where it was built
             self.state.best_model_checkpoint = str(root / Path(best).name)
