@@ -3,7 +3,7 @@
 Packing puts a batch's examples end to end in one row with position_ids restarting at 0 per example and no
 attention_mask; transformers then keeps attention inside each example (flash-attention varlen on GPU, a block-
 causal mask for sdpa/eager). That detection only happens when no KV cache is built: the model must run with
-use_cache=False (Trainer does this; plain loops must do it themselves - LAB-NOTES pitfall 1).
+use_cache=False (Trainer does this; plain loops must do it themselves - docs/pitfalls.md #1).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def _methods():
     from tunelab.methods import Method
 
     # The prefix is passed to the model as a KV cache; transformers only detects packed sequences when no cache
-    # is passed (LAB-NOTES pitfall 1), so packed examples would attend to each other: pad instead.
+    # is passed (docs/pitfalls.md #1), so packed examples would attend to each other: pad instead.
     return [Method("prefix", apply_prefix, supports_packing=False, description="P-Tuning v2 / prefix tuning")]
 
 

@@ -72,7 +72,7 @@ def keep_cpu_weights_trainable(model) -> int:
 
     On CPUs with AVX-512 BF16, a no-grad eval-mode forward (evaluation, generate) converts Linear4bit weights to
     an inference-only layout that `.train()` does not undo; backprop then runs through a kernel without autograd
-    and the adapters below stop learning (LAB-NOTES pitfall 2). The flag is a per-layer attribute of bitsandbytes.
+    and the adapters below stop learning (docs/pitfalls.md #2). The flag is a per-layer attribute of bitsandbytes.
     """
     import bitsandbytes as bnb
 
