@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from tunelab.cli.common import Setting, add_override_argument, add_settings, config_from_args, is_override
 
@@ -67,12 +66,9 @@ def params_from_args(args: argparse.Namespace):
 
 def chat_config(args: argparse.Namespace):
     """--config, else the run's config.yaml when MODEL is a run, else the defaults; then flags and overrides."""
-    from tunelab.inference.artifacts import is_run_dir
-
     if args.model and is_override(args.model):
         args.overrides, args.model = [args.model, *args.overrides], None
-    run = Path(args.model).expanduser() if args.model and is_run_dir(Path(args.model).expanduser()) else None
-    return config_from_args(args, default_path=run / "config.yaml" if run else None)
+    return config_from_args(args, args.model)
 
 
 def run(args: argparse.Namespace) -> int:

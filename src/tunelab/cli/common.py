@@ -88,10 +88,19 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def config_from_args(args: argparse.Namespace, default_path: str | Path | None = None) -> RunConfig:
-    """The run config of a command: `config` (or `default_path`: a run's config.yaml), flags, then overrides."""
-    path = getattr(args, "config", None) or default_path
+def config_from_args(args: argparse.Namespace, model: str | None = None) -> RunConfig:
+    """The run config of a command: `config` (else the config.yaml of `model` when it is a run folder), then the
+    flags, then the overrides."""
+    path = getattr(args, "config", None) or run_config_file(model)
     return load_config(path, getattr(args, "overrides", None), flags=flag_values(args))
+
+
+def run_config_file(model: str | None) -> Path | None:
+    """The resolved config.yaml of a run folder (commands given a run start from it); None for anything else."""
+    from tunelab.inference.artifacts import is_run_dir
+
+    path = Path(model).expanduser() if model else None
+    return path / "config.yaml" if path is not None and is_run_dir(path) else None
 
 
 def comma_list(text: str) -> list[str]:

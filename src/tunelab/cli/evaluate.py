@@ -10,6 +10,7 @@ from tunelab.cli.common import Setting, add_override_argument, add_settings, com
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
+    from tunelab.config.schema import EvalConfig
 
 
 SETTINGS = (
@@ -49,11 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_config(args: argparse.Namespace):
     """--config, else the run's config.yaml when MODEL is a run, else the defaults; then flags and overrides."""
-    from tunelab.evaluation.runs import is_run_dir
-
     take_overrides(args)
-    run = Path(args.model) if args.model and is_run_dir(Path(args.model)) else None
-    return config_from_args(args, default_path=run / "config.yaml" if run else None)
+    return config_from_args(args, args.model)
 
 
 def take_overrides(args: argparse.Namespace) -> None:
@@ -65,7 +63,7 @@ def take_overrides(args: argparse.Namespace) -> None:
         args.compare = [c for c in args.compare if not is_override(c)]
 
 
-def eval_config(args: argparse.Namespace, cfg=None):
+def eval_config(args: argparse.Namespace, cfg: RunConfig | None = None) -> EvalConfig:
     """The eval section of the command's config (run_config), with --check added to eval.checks."""
     from tunelab.config.schema import CheckConfig
     from tunelab.errors import TunelabError
@@ -107,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_compare(args: argparse.Namespace, models: list[str], data, run_cfg: RunConfig, cfg) -> int:
+def _run_compare(args: argparse.Namespace, models: list[str], data, run_cfg: RunConfig, cfg: EvalConfig) -> int:
     from tunelab.evaluation.evaluate import compare_models, slug
 
     default = Path("eval") / ("compare-" + "-vs-".join(slug(m) for m in models))

@@ -75,13 +75,9 @@ def run(args: argparse.Namespace) -> int:
 
 def export_config(args: argparse.Namespace):
     """The run's export section (or the defaults), with flags and export.*=... overrides on top."""
-    from tunelab.inference.artifacts import is_run_dir
-
     if args.source and is_override(args.source):  # `tunelab export export.gguf=[f16]` names no source
         args.overrides, args.source = [args.source, *args.overrides], None
-    source = Path(args.source).expanduser() if args.source else None
-    run_config = source / "config.yaml" if source is not None and is_run_dir(source) else None
-    return config_from_args(args, default_path=run_config).export
+    return config_from_args(args, args.source).export
 
 
 def human_size(n: float) -> str:

@@ -37,12 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_config(args: argparse.Namespace):
     """--config, else the run's config.yaml when MODEL is a run, else the defaults; then flags and overrides."""
-    from pathlib import Path
-
-    from tunelab.inference.artifacts import is_run_dir
-
-    run = Path(args.model).expanduser()
-    return config_from_args(args, default_path=run / "config.yaml" if is_run_dir(run) else None)
+    return config_from_args(args, args.model)
 
 
 def serve_config(args: argparse.Namespace):
