@@ -164,10 +164,10 @@ def test_flags_take_help_type_and_default_from_the_schema():
 
 def test_setting_types_follow_the_annotation():
     parser = argparse.ArgumentParser()
-    add_settings(parser, [Setting("--bits", "method.r"), Setting("--gguf", "export.gguf"),
+    add_settings(parser, [Setting("--cutoff", "data.cutoff_len"), Setting("--gguf", "export.gguf"),
                           Setting("--ollama", "export.ollama"), Setting("--dtype", "model.dtype")])
-    args = parser.parse_args(["--bits", "4", "--gguf", "f16", "--gguf", "q8_0", "--ollama"])
-    assert flag_values(args) == {"method.r": 4, "export.gguf": ["f16", "q8_0"], "export.ollama": True}
+    args = parser.parse_args(["--cutoff", "64", "--gguf", "f16", "--gguf", "q8_0", "--ollama"])
+    assert flag_values(args) == {"data.cutoff_len": 64, "export.gguf": ["f16", "q8_0"], "export.ollama": True}
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "int3"])
 
