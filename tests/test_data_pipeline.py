@@ -138,7 +138,7 @@ def test_packed_loss_equals_padded_loss_per_token(tiny_models, family):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[family])
     model = AutoModelForCausalLM.from_pretrained(tiny_models[family], attn_implementation="sdpa").eval()
-    model.config.use_cache = False  # LAB-NOTES pitfall 1: with a cache, packed sequences are not detected
+    model.config.use_cache = False  # docs/pitfalls.md #1: with a cache, packed sequences are not detected
     convs = [Conversation([Message("user", "q " * n), Message("assistant", f"answer {n} " * (n % 3 + 1))])
              for n in (3, 11, 6)]
     examples, _ = encode_batch(convs, resolve_template("auto", tokenizer), tokenizer, 256)

@@ -218,7 +218,7 @@ def adapter_grads(model) -> dict[str, torch.Tensor]:
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_trains_on_cpu_even_after_eval_and_reloads(bits, tiny_llama, tmp_path):
-    """An eval forward before training must not change the gradients (4-bit CPU repacking, LAB-NOTES pitfall 2)."""
+    """An eval forward before training must not change the gradients (4-bit CPU repacking, docs/pitfalls.md #2)."""
     from peft import PeftModel
 
     from tunelab.methods.qlora import keep_cpu_weights_trainable

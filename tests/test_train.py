@@ -200,7 +200,7 @@ def test_memory_estimate_fails_early_and_scales(tiny_llama, tmp_path):
 
 
 def test_memory_estimate_matches_measured_runs():
-    """SmolLM2-135M on this CPU. LoRA r=8 all-linear, fp32, 8 x 512 padded tokens: 12.4 GB peak RSS (LAB-NOTES).
+    """SmolLM2-135M on this CPU. LoRA r=8 all-linear, fp32, 8 x 512 padded tokens: 12.4 GB peak RSS (pitfalls.md #7).
     The demo (LoRA r=16, bf16 autocast, packed, longest micro-batch 880 tokens): 4.5 GB peak RSS over 60 steps."""
     from transformers import AutoConfig
 

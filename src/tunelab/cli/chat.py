@@ -9,41 +9,66 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tunelab.cli.common import Setting, add_override_argument, add_settings, config_from_args, is_override
+
 HELP = "commands: /clear forget the conversation · /system TEXT set the system prompt · /exit quit (or Ctrl-D)"
+
+
+SETTINGS = (
+    Setting("--system", "data.system", note="a run's own data.system when MODEL is a run"),
+    Setting("--device", "model.device"),
+    Setting("--dtype", "model.dtype"),
+    Setting("--threads", "train.threads", note="CPU threads of generation; a run's own train.threads when MODEL is "
+            "a run"),
+)
+# sampling: GenerationParams field -> help; the defaults are GenerationParams' own
+SAMPLING = {"temperature": "0: greedy", "top_p": "nucleus sampling threshold", "top_k": "0: off",
+            "repetition_penalty": "1: off", "max_new_tokens": "longest answer, in tokens", "seed": "sampling seed"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="run folder, adapter, exported or HF folder, hub id or .gguf (default: SmolLM2-135M)")
+    add_override_argument(parser)
     parser.add_argument("--adapter", help="PEFT adapter folder applied on MODEL")
-    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--config", help="run config YAML whose model/data/train sections give the defaults "
+                                         "(default: the run's own config.yaml when MODEL is a run)")
     parser.add_argument("-p", "--prompt", help="answer this one prompt and exit ('-': read it from stdin)")
     parser.add_argument("--template", help="override the recorded chat template (name or .jinja path)")
+    add_settings(parser, SETTINGS)
     add_sampling_arguments(parser)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the weights after loading")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for generation (default: a run's train.threads, else as training does)")
     parser.add_argument("--stats", action="store_true", help="print tokens and tokens/s of each answer to stderr")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0: off")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=None)
+    """One flag per GenerationParams field, typed and defaulted from the dataclass (no default written twice)."""
+    from dataclasses import fields
+
+    from tunelab.inference.engine import GenerationParams
+
+    defaults = GenerationParams()
+    for f in fields(GenerationParams):
+        if f.name not in SAMPLING:
+            continue
+        default = getattr(defaults, f.name)
+        kind = int if f.name == "seed" else type(default)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                            help=f"{SAMPLING[f.name]} (default: {default})")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def params_from_args(args: argparse.Namespace):
     from tunelab.inference.engine import GenerationParams
 
-    return GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=list(args.stop),
-                            seed=args.seed)
+    return GenerationParams(**{name: getattr(args, name) for name in SAMPLING}, stop=list(args.stop))
+
+
+def chat_config(args: argparse.Namespace):
+    """--config, else the run's config.yaml when MODEL is a run, else the defaults; then flags and overrides."""
+    if args.model and is_override(args.model):
+        args.overrides, args.model = [args.model, *args.overrides], None
+    return config_from_args(args, args.model)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,13 +76,14 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.inference.chat import ChatSession
     from tunelab.inference.hf import inference_threads, load_engine
 
+    cfg = chat_config(args)
     interactive = args.prompt is None and sys.stdin.isatty()
     if interactive:
         print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
-    inference_threads(getattr(args, "threads", None), args.model)
-    engine = load_engine(args.model or DEFAULT_MODEL, args.adapter, device=args.device, dtype=args.dtype,
+    inference_threads(cfg.train.threads, args.model)
+    engine = load_engine(args.model or DEFAULT_MODEL, args.adapter, device=cfg.model.device, dtype=cfg.model.dtype,
                          template=args.template, merge=args.merge)
-    session = ChatSession(engine, system=args.system, params=params_from_args(args))
+    session = ChatSession(engine, system=cfg.data.system, params=params_from_args(args))
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         answer(session, text.strip(), args.stats)

@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.cli.common import Setting, add_override_argument, add_settings, comma_list, config_from_args, is_override
+
+if TYPE_CHECKING:
+    from tunelab.config import RunConfig
+    from tunelab.config.schema import EvalConfig
+
+
+SETTINGS = (
+    Setting("--metrics", "eval.metrics", parse=comma_list, metavar="LIST", note="comma-separated"),
+    Setting("--max-samples", "eval.max_samples"),
+    Setting("--batch-size", "eval.batch_size"),
+    Setting("--max-new-tokens", "eval.max_new_tokens"),
+    Setting("--output", "eval.output_dir", metavar="DIR"),
+    Setting("--device", "model.device"),
+    Setting("--dtype", "model.dtype"),
+    Setting("--threads", "train.threads", note="CPU threads of generation; a run's own train.threads when MODEL is "
+            "a run"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="run directory, adapter, merged/HF folder, hub id or .gguf")
+    add_override_argument(parser)
     parser.add_argument("--data", action="append", metavar="FILE",
                         help="evaluation data in any format `tunelab data` reads (repeatable); default: eval.datasets "
                              "of the config, else the run's validation split")
@@ -16,52 +37,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="PEFT adapter folder to apply on MODEL")
     parser.add_argument("--config", help="run config YAML whose eval section gives the defaults "
                                          "(default: the run's own config.yaml when MODEL is a run)")
-    from tunelab.evaluation.metrics import known_metrics
-
-    parser.add_argument("--metrics", help=f"comma-separated, of: {','.join(known_metrics())}")
+    add_settings(parser, SETTINGS)
     parser.add_argument("--check", action="append", default=[], metavar="KIND:PATTERN",
-                        help="extra pass/fail check per prediction, e.g. contains:Paris or regex:^\\d+$ (repeatable)")
-    parser.add_argument("--max-samples", type=int, help="evaluate only the first N examples")
-    parser.add_argument("--batch-size", type=int, help="examples per forward/generate batch")
-    parser.add_argument("--max-new-tokens", type=int, help="longest generated answer")
+                        help="extra pass/fail check per prediction, e.g. contains:Paris or regex:^\\d+$ (repeatable; "
+                             "added to eval.checks)")
     parser.add_argument("--template", help="override the recorded chat template (a name or a .jinja file)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for generation (default: --config's or the run's train.threads, else as "
-                        "training does)")
-    parser.add_argument("--output", metavar="DIR", help="report folder (default: eval.output_dir, else <run>/eval, "
-                                                        "else eval/<model>)")
     parser.add_argument("--lm-eval", metavar="TASKS",
                         help="instead: run lm-evaluation-harness tasks (comma-separated)")
     parser.add_argument("--lm-eval-include", metavar="DIR", help="folder of extra lm-eval task YAMLs (local data)")
     parser.add_argument("--lm-eval-limit", type=float, help="lm-eval: examples per task (or a fraction)")
 
 
-def eval_config(args: argparse.Namespace):
-    """The eval section of --config, else of the run's config.yaml, else the defaults; flags override it."""
-    from tunelab.config import load_config
-    from tunelab.config.schema import CheckConfig, EvalConfig
+def run_config(args: argparse.Namespace):
+    """--config, else the run's config.yaml when MODEL is a run, else the defaults; then flags and overrides."""
+    take_overrides(args)
+    return config_from_args(args, args.model)
+
+
+def take_overrides(args: argparse.Namespace) -> None:
+    """`a.b=c` words that argparse gave to MODEL or --compare (nargs) are overrides."""
+    if args.model and is_override(args.model):
+        args.overrides, args.model = [args.model, *args.overrides], None
+    if args.compare:
+        args.overrides += [c for c in args.compare if is_override(c)]
+        args.compare = [c for c in args.compare if not is_override(c)]
+
+
+def eval_config(args: argparse.Namespace, cfg: RunConfig | None = None) -> EvalConfig:
+    """The eval section of the command's config (run_config), with --check added to eval.checks."""
+    from tunelab.config.schema import CheckConfig
     from tunelab.errors import TunelabError
-    from tunelab.runs.read import read_run_config
-    from tunelab.runs.rundir import is_run_dir
 
-    if args.config:
-        cfg = load_config(args.config).eval
-    elif args.model and is_run_dir(Path(args.model)):
-        cfg = read_run_config(args.model).eval
-    else:
-        cfg = EvalConfig()
-    if args.metrics:
-        from tunelab.evaluation.metrics import check_metric_names
-
-        names = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        check_metric_names(names)  # the config's own check, as a message instead of a traceback
-        cfg.metrics = names
-    for flag, field in (("max_samples", "max_samples"), ("batch_size", "batch_size"),
-                        ("max_new_tokens", "max_new_tokens"), ("output", "output_dir")):
-        if getattr(args, flag) is not None:
-            setattr(cfg, field, getattr(args, flag))
+    cfg = (cfg or run_config(args)).eval
     for spec in args.check:
         kind, sep, pattern = spec.partition(":")
         if not sep or kind not in ("contains", "regex") or not pattern:
@@ -72,48 +79,40 @@ def eval_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from tunelab.errors import TunelabError
+    from tunelab.inference.hf import inference_threads
 
+    run_cfg = run_config(args)
     models = ([args.model] if args.model else []) + (args.compare or [])
     if not models:
         raise TunelabError("name a model or run to evaluate: tunelab eval MODEL_OR_RUN [--data FILE]")
     if args.lm_eval:
-        return _run_lm_eval(args, models)
-    cfg = eval_config(args)
-    _set_threads(args, models[0])
+        return _run_lm_eval(args, models, run_cfg)
+    cfg = eval_config(args, run_cfg)
+    # the engines made below run with this thread count (the same setting and default as training)
+    inference_threads(run_cfg.train.threads, models[0])
     data = args.data
     if args.compare:
         if args.adapter:
             raise TunelabError("--adapter applies to one model; with --compare pass adapter or run folders instead")
-        return _run_compare(args, models, data, cfg)
+        return _run_compare(args, models, data, run_cfg, cfg)
     from tunelab.evaluation.evaluate import evaluate
 
-    result = evaluate(args.model, data, cfg, adapter=args.adapter, template=args.template, device=args.device,
-                      dtype=args.dtype)
+    result = evaluate(args.model, data, cfg, adapter=args.adapter, template=args.template,
+                      device=run_cfg.model.device, dtype=run_cfg.model.dtype)
     print(result.table())
     _print_speed(result.info)
     print(f"\nReports: {result.output_dir} (report.html, report.md, predictions.jsonl, metrics.json)")
     return 0
 
 
-def _set_threads(args: argparse.Namespace, model: str) -> None:
-    """The engines made below run with the thread count set here (the same setting and default as training)."""
-    from tunelab.config import load_config
-    from tunelab.inference.hf import inference_threads
-
-    threads = args.threads
-    if threads is None and args.config:
-        threads = load_config(args.config).train.threads
-    inference_threads(threads, model)
-
-
-def _run_compare(args: argparse.Namespace, models: list[str], data, cfg) -> int:
+def _run_compare(args: argparse.Namespace, models: list[str], data, run_cfg: RunConfig, cfg: EvalConfig) -> int:
     from tunelab.evaluation.evaluate import compare_models, slug
 
     default = Path("eval") / ("compare-" + "-vs-".join(slug(m) for m in models))
     out = Path(cfg.output_dir) if cfg.output_dir else default
     cfg.output_dir = None  # each model's reports go in a subfolder of `out`
-    comparison = compare_models(models, data, cfg, template=args.template, device=args.device, dtype=args.dtype,
-                                output_dir=out)
+    comparison = compare_models(models, data, cfg, template=args.template, device=run_cfg.model.device,
+                                dtype=run_cfg.model.dtype, output_dir=out)
     print(comparison.table())
     key = comparison.differences()[0]["score"] if comparison.results[0].predictions else None
     counts = comparison.example_counts(key) if key else None
@@ -130,7 +129,7 @@ def _print_speed(info: dict) -> None:
               f"({info['examples_per_s']:.2f} examples/s, batch {info['batch_size']})")
 
 
-def _run_lm_eval(args: argparse.Namespace, models: list[str]) -> int:
+def _run_lm_eval(args: argparse.Namespace, models: list[str], cfg: RunConfig) -> int:
     import json
 
     from tunelab.errors import TunelabError
@@ -142,11 +141,11 @@ def _run_lm_eval(args: argparse.Namespace, models: list[str]) -> int:
     limit = args.lm_eval_limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    results = run_lm_eval(models[0], tasks, limit=limit, batch_size=args.batch_size or 8,
+    results = run_lm_eval(models[0], tasks, limit=limit, batch_size=cfg.eval.batch_size,
                           include=args.lm_eval_include)
     print(harness_table(results))
-    if args.output:
-        out = Path(args.output)
+    if cfg.eval.output_dir:
+        out = Path(cfg.eval.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "lm_eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"\nWritten: {out / 'lm_eval.json'}")

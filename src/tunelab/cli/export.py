@@ -7,24 +7,33 @@ import argparse
 import sys
 from pathlib import Path
 
+from tunelab.cli.common import Setting, add_override_argument, add_settings, comma_list, config_from_args, is_override
+
 SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
 KIND_TEXT = {"merged": "adapter merged into the base", "full": "full model (no adapter)",
              "prefix": "base + prefix adapter (prefix tuning cannot be merged)"}
 
 
+SETTINGS = (
+    Setting("--out", "export.output_dir", note="must be new or empty; default <run>/export or <folder>-export"),
+    Setting("--gguf", "export.gguf", parse=lambda text: comma_list(text.lower()), metavar="TYPES",
+            note="comma-separated, e.g. f16,q4_0"),
+    Setting("--ollama", "export.ollama"),
+    Setting("--dtype", "export.dtype"),
+    Setting("--max-shard-size", "export.max_shard_size"),
+    Setting("--quantize", "export.quantize"),
+    Setting("--converter-dir", "export.converter_dir"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", help="run folder, adapter folder, or model folder/hub id/.gguf")
+    add_override_argument(parser)
     parser.add_argument("--adapter", help="adapter folder to merge into SOURCE (a base model)")
-    parser.add_argument("--out", help="output folder (default: <run>/export or <folder>-export); must be new or empty")
+    add_settings(parser, SETTINGS)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --out (a previous export) atomically: the old folder stays until "
                              "the new export is complete")
-    parser.add_argument("--gguf", help="comma-separated GGUF types: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (e.g. f16,q4_0)")
-    parser.add_argument("--ollama", action="store_true", default=None, help="write an Ollama Modelfile")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="merged weights dtype")
-    parser.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 2GB")
-    parser.add_argument("--quantize", choices=["none", "int8", "bnb8", "bnb4"], help="post-merge quantized copy")
-    parser.add_argument("--converter-dir", help="llama.cpp checkout with convert_hf_to_gguf.py")
     parser.add_argument("--verify", action="store_true", help="reload each GGUF with transformers and compare answers")
     parser.add_argument("--prompt", default=SAMPLE_PROMPT, help="question for the sample answer")
     parser.add_argument("--no-sample", action="store_true", help="skip the sample answer")
@@ -48,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from tunelab.export.pipeline import export_model
 
-    result = export_model(args.source, export_config(args), adapter=args.adapter, out=args.out, verify=args.verify,
+    cfg = export_config(args)
+    result = export_model(args.source, cfg, adapter=args.adapter, out=cfg.output_dir, verify=args.verify,
                           overwrite=args.overwrite, table=not args.no_table)
     ok = print_summary(result)
     if args.push_to_hub:
@@ -64,19 +74,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export_config(args: argparse.Namespace):
-    """The run's export section (or the defaults), with the flags given on the command line on top."""
-    from tunelab.config.schema import ExportConfig
-    from tunelab.runs.read import read_run_config
-    from tunelab.runs.rundir import is_run_dir
-
-    source = Path(args.source).expanduser()
-    cfg = read_run_config(source).export if is_run_dir(source) else ExportConfig()
-    updates = {"dtype": args.dtype, "max_shard_size": args.max_shard_size, "quantize": args.quantize,
-               "ollama": args.ollama, "converter_dir": args.converter_dir}
-    if args.gguf is not None:
-        updates["gguf"] = [t.strip().lower() for t in args.gguf.split(",") if t.strip()]
-    data = {**cfg.model_dump(), **{k: v for k, v in updates.items() if v is not None}}
-    return ExportConfig(**data)
+    """The run's export section (or the defaults), with flags and export.*=... overrides on top."""
+    if args.source and is_override(args.source):  # `tunelab export export.gguf=[f16]` names no source
+        args.overrides, args.source = [args.source, *args.overrides], None
+    return config_from_args(args, args.source).export
 
 
 def human_size(n: float) -> str:

@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse argv; `key=value` overrides may also come after options (`tunelab serve M --port 1 serve.host=::1`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def quiet_third_party() -> None:
     """Keep the console for tunelab's own output: optional backends (torchao without its CUDA kernels, torch's
     pytree notices) and deprecation notices of libraries say nothing the user can act on. `-v` shows them."""
@@ -65,12 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # `key=value` overrides may come after options (`tunelab data preview CFG -n 3 data.cutoff_len=64`)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides or []) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_command_line(parser, argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 1

@@ -1,7 +1,17 @@
-"""Read a run config: YAML file + `a.b=c` overrides -> validated RunConfig, with every error reported at once."""
+"""Read a run config: YAML file + flags + `a.b=c` overrides -> validated RunConfig, every error reported at once.
+
+The one precedence rule, lowest first (README, "Configuration"):
+
+    schema default < environment variable < config file < command-line flag < a.b=c override
+
+An environment variable only stands in for a setting nobody wrote (`from_environment`); a flag is a short alias
+of one config key (cli/common.py) and an override names the key itself, so the most explicit one wins.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +28,27 @@ class ConfigError(ValueError):
         self.problems = problems
         head = f"invalid config {source}" if source else "invalid config"
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# environment variable -> the setting it stands in for when neither the config nor the command line gives one
+ENVIRONMENT: dict[str, str] = {
+    "TUNELAB_DATA_CACHE": "data.cache_dir",
+    "TUNELAB_CACHE": "model.cache_dir (also where the GGUF converter and llama-quantize are cached)",
+    "OMP_NUM_THREADS": "train.threads (and the threads of chat, eval, serve and the web UI)",
+    "TUNELAB_WEBUI_PASSWORD": "tunelab webui --password",
+    "TUNELAB_API_KEY": "serve.api_key_env's default: more accepted API keys, added to serve.api_keys",
+}
+
+
+def from_environment(value: Any, variable: str) -> Any:
+    """`value` when it was set (config file, flag or override), else the environment variable, else None."""
+    if value is not None and value != "":
+        return value
+    return os.environ.get(variable) or None
+
+
+class Added(list):
+    """A flag value that extends the config's list instead of replacing it (`tunelab serve --api-key`)."""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -114,8 +145,10 @@ def config_from_dict(data: dict, source: str | None = None) -> RunConfig:
         raise ConfigError(format_errors(e), source) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (or the defaults when path is None) and apply `a.b=c` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                flags: Mapping[str, Any] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when path is None), then `flags` (dotted key -> value, already typed;
+    an `Added` list extends the config's list), then the `a.b=c` overrides: later layers win."""
     data: dict = {}
     source = None
     if path is not None:
@@ -131,8 +164,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError([f"expected a mapping of sections at the top level, got {type(loaded).__name__}"], source)
         data = loaded or {}
         data = _resolve_relative_paths(data, p.parent)
+    data = apply_settings(data, dict(flags or {}))
     data = apply_overrides(data, list(overrides or []))
     return config_from_dict(data, source)
+
+
+def apply_settings(data: dict, settings: dict[str, Any]) -> dict:
+    """Set dotted keys to typed values (no YAML parsing: `--model-name 123` stays the string "123")."""
+    for key, value in settings.items():
+        keys = key.split(".")
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        if isinstance(value, Added):
+            value = [*(node.get(keys[-1]) or []), *value]
+        node[keys[-1]] = list(value) if isinstance(value, list) else value
+    return data
 
 
 def _resolve_relative_paths(data: dict, base: Path) -> dict:

@@ -373,7 +373,7 @@ class ExportConfig(Section):
 # ----------------------------------------------------------------------------------------------------------- serve
 class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Bind address; loopback unless you ask for more.")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     model_name: str | None = Field(None, description="Name reported by /v1/models (default: the run or model name).")
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer tokens; empty: none needed.")
     api_key_env: str = Field("TUNELAB_API_KEY", description="Environment variable holding more API keys (comma-separated).")

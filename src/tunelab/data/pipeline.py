@@ -22,6 +22,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.load import from_environment
 from tunelab.config.schema import DataConfig
 from tunelab.data.clean import clean_conversations
 from tunelab.data.encode import encode_batch, flatten_examples
@@ -52,9 +53,8 @@ class PreparedData:
 
 
 def cache_root(cfg: DataConfig) -> Path:
-    """$TUNELAB_DATA_CACHE, else data.cache_dir, else ~/.cache/tunelab/data (the environment wins so a test suite
-    or a cluster job can redirect every cache at once)."""
-    root = os.environ.get("TUNELAB_DATA_CACHE") or cfg.cache_dir or Path.home() / ".cache" / "tunelab" / "data"
+    """data.cache_dir, else $TUNELAB_DATA_CACHE, else ~/.cache/tunelab/data (config/load.py's precedence rule)."""
+    root = from_environment(cfg.cache_dir, "TUNELAB_DATA_CACHE") or Path.home() / ".cache" / "tunelab" / "data"
     return Path(root).expanduser()
 
 

@@ -79,7 +79,7 @@ def compute_loss(model, tokenizer, template, conversations: Sequence[Conversatio
 
 
 def _forward(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # use_cache=False: with a cache the model skips the packed-sequence detection (LAB-NOTES pitfall 1) and a
+    # use_cache=False: with a cache the model skips the packed-sequence detection (docs/pitfalls.md #1) and a
     # cache is wasted work for a single forward anyway.
     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     logits = model(**inputs, use_cache=False).logits

@@ -18,7 +18,7 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.inference.engine import Completion, GenerationParams, StreamEvent
 from tunelab.inference.scheduler import Request, Scheduler
-from tunelab.inference.stopping import safe_prefix
+from tunelab.inference.stopping import StopStrings, safe_prefix
 from tunelab.inference.template import load_template
 from tunelab.models.load import end_of_turn_tokens, load_model, load_tokenizer, pick_device
 from tunelab.runs.artifacts import Artifact, resolve_artifact
@@ -50,6 +50,7 @@ class HFEngine:
         # a fast tokenizer call first sets padding/truncation on the shared Rust tokenizer: a count_tokens on
         # another thread (the server counts while it generates) could unset the padding of a batch mid-call
         self._tokenizer_lock = threading.Lock()
+        self._stop_strings = StopStrings(tokenizer)  # built in the submitting thread, not the generation loop
         self.scheduler = Scheduler(self.model, tokenizer, self.stop_ids, max_batch_size, threads)
         self.threads = self.scheduler.threads
 
@@ -72,7 +73,12 @@ class HFEngine:
     def stream(self, prompt: str, params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
         """Yield text deltas as tokens arrive; the last event carries the Completion. Closing the iterator or
-        setting `cancel` stops generation after the current token."""
+        setting `cancel` stops generation after the current token.
+
+        Not transformers' TextIteratorStreamer: it serves one `generate` call (the scheduler's batch is shared
+        and continuous), and it flushes text up to the last space, so it shows the start of a stop string that
+        the final answer then cuts off ("Sure. ###" for the stop "### Human:"); here `safe_prefix` holds that back,
+        so the deltas always add up to the final text (tests/test_inference_stopping.py)."""
         steps: queue.SimpleQueue = queue.SimpleQueue()
         abandon = threading.Event()
         request = self._submit(prompt, params, cancel=(abandon,) if cancel is None else (cancel, abandon), on_token=steps.put)
@@ -103,7 +109,9 @@ class HFEngine:
         room = self.max_context - len(ids)
         if room < 1:
             raise TunelabError(f"prompt has {len(ids)} tokens; the model accepts {self.max_context} in all")
-        request = Request(ids, params, min(params.max_new_tokens, room), self._stops(params), cancel, on_token)
+        stops = self._stops(params)
+        request = Request(ids, params, min(params.max_new_tokens, room), stops, cancel, on_token,
+                          stop_check=self._stop_strings.criteria(stops))
         return self.scheduler.submit(request)
 
     def _partial_text(self, ids: list[int]) -> str:

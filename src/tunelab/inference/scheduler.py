@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.inference.engine import Completion, GenerationParams
-from tunelab.inference.stopping import find_stop
+from tunelab.inference.stopping import ends_with_stop, find_stop
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class Request:
     stops: list[str]
     cancel: tuple[threading.Event, ...] = ()  # any of them set: the row leaves at the next token
     on_token: Callable[[list[int]], None] | None = None
+    stop_check: object | None = None  # transformers StopStringCriteria for `stops` (stopping.StopStrings)
     done: threading.Event = field(default_factory=threading.Event)
     result: Completion | None = None
     error: BaseException | None = None
@@ -214,7 +215,7 @@ class Scheduler:
         for i, r in enumerate(rows):
             token = _pick(logits[i:i + 1].float(), r)
             r.out.append(token)
-            if token in self.stop_ids or r.stops and find_stop(self._decode_text(r.out), r.stops) >= 0:
+            if token in self.stop_ids or ends_with_stop(r.stop_check, r.out):
                 r.hit_stop = True
             if r.on_token is not None:
                 r.on_token(list(r.out))

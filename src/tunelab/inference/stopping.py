@@ -1,67 +1,55 @@
 """Where a generated sequence ends (end-of-turn token, stop string, length, cancel) and what text it shows.
 
-One StoppingCriteria serves batched generation and streaming, so both cut the text at the same place:
-`generate` and `stream` return identical text for the same prompt (tested).
+Stop strings are detected by transformers' `StopStringCriteria` (it finds a stop string completed by the newest
+token, overhangs on either end included, without decoding the sequence); `find_stop` then cuts the text where the
+stop string starts, which the criteria does not report. `safe_prefix` holds back streamed text that may still
+become a stop string: the library has no counterpart (tests/test_inference_stopping.py shows what transformers'
+TextIteratorStreamer would show instead).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
-from transformers import StoppingCriteria
 
 
-class StopWatch(StoppingCriteria):
-    """Per-row stop detection: records how many generated tokens each row keeps and why it ended.
+class StopStrings:
+    """One tokenizer's `StopStringCriteria`, built once per set of stop strings (~0.1-0.2 s for a 49k vocabulary,
+    even when transformers' own cache hits, so never on the generation thread per request) and kept for reuse."""
 
-    transformers stops a row at its eos ids by itself but does not say why; stop strings may span tokens, so
-    they are looked for in the decoded text of each row after every step.
-    """
-
-    def __init__(self, tokenizer, prompt_len: int, batch: int, stop_ids: set[int], stop_strings: Sequence[str],
-                 cancel: Sequence[threading.Event] = (), on_step: Callable[[list[int]], None] | None = None):
+    def __init__(self, tokenizer, capacity: int = 64):
         self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-        self.stop_ids = stop_ids
-        self.stop_strings = [s for s in stop_strings if s]
-        self.cancel = [c for c in cancel if c is not None]
-        self.on_step = on_step
-        self.kept: list[int | None] = [None] * batch  # generated tokens that count, once the row has ended
-        self.hit_stop = [False] * batch
+        self.capacity = capacity
+        self._built: OrderedDict[tuple[str, ...], object] = OrderedDict()
+        # transformers keeps its token tables in a module-level OrderedDict mutated without a lock
+        self._lock = threading.Lock()
 
-    def cancelled(self) -> bool:
-        return any(c.is_set() for c in self.cancel)
+    def criteria(self, stops: Sequence[str]):
+        """The criteria for `stops` (None when there are none); call from the thread that submits a request."""
+        from transformers import StopStringCriteria
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_len:].tolist()
-        for i, row in enumerate(new):
-            if self.kept[i] is not None:
-                continue
-            if row[-1] in self.stop_ids or self.stop_strings and find_stop(self.decode(row), self.stop_strings) >= 0:
-                self.kept[i], self.hit_stop[i] = len(row), True
-        if self.on_step is not None:
-            self.on_step(new[0])
-        stop_all = self.cancelled()
-        return torch.tensor([stop_all or k is not None for k in self.kept], device=input_ids.device)
+        key = tuple(sorted({s for s in stops if s}))
+        if not key:
+            return None
+        with self._lock:
+            if key not in self._built:
+                self._built[key] = StopStringCriteria(self.tokenizer, list(key))
+                if len(self._built) > self.capacity:
+                    self._built.popitem(last=False)
+            self._built.move_to_end(key)
+            return self._built[key]
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def finish(self, row: int, ids: list[int]) -> tuple[str, int, str]:
-        """(text, completion tokens, finish_reason) of one row, given all the ids generate returned for it."""
-        kept = self.kept[row]
-        count = kept if kept is not None else len(ids)
-        text_ids = ids[:count]
-        if text_ids and text_ids[-1] in self.stop_ids and kept is not None:
-            text_ids = text_ids[:-1]  # the end-of-turn token ends the answer but is not part of it
-        text = self.decode(text_ids)
-        cut = find_stop(text, self.stop_strings)
-        if cut >= 0:
-            text = text[:cut]
-        reason = "stop" if self.hit_stop[row] or self.cancelled() else "length"
-        return text, count, reason
+def ends_with_stop(criteria, generated: list[int]) -> bool:
+    """Whether the newest generated token completes a stop string. Only the generated ids are passed: with the
+    prompt in front, a stop string spanning the prompt's end and the first token (prompt "...\n", stop "\nUser",
+    first token "User") would end an answer before it began (tested)."""
+    if criteria is None or not generated:
+        return False
+    return bool(criteria(torch.tensor([generated[-criteria.maximum_token_len:]]), None)[0])
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int:

@@ -31,7 +31,7 @@ def _methods():
     from tunelab.methods import Method
 
     # The prefix is passed to the model as a KV cache; transformers only detects packed sequences when no cache
-    # is passed (LAB-NOTES pitfall 1), so packed examples would attend to each other: pad instead. Checkpointed
+    # is passed (docs/pitfalls.md #1), so packed examples would attend to each other: pad instead. Checkpointed
     # layers drop past_key_values, and the prefix IS past_key_values. peft cannot fold a prefix into the weights.
     return [Method("prefix", apply_prefix, PrefixConfig, description="P-Tuning v2 / prefix tuning",
                    summary_keys=("num_virtual_tokens",), is_adapter=True, supports_packing=False,

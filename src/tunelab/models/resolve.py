@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tunelab.config.load import from_environment
 from tunelab.config.schema import DEFAULT_MODEL, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
-    root = cache_dir or os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab"
+    root = from_environment(cache_dir, "TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab"
     return Path(root)
 
 

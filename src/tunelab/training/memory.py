@@ -3,7 +3,7 @@
 The model is built on the meta device (no memory, a fraction of a second) and the method applied to it, so the
 trainable / total counts are exact; activations follow the usual per-token accounting of a decoder block
 (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"), calibrated on
-SmolLM2-135M on CPU (LAB-NOTES: LoRA, fp32, 8 x 512 tokens padded: 12.4 GB peak RSS).
+SmolLM2-135M on CPU (docs/pitfalls.md #7: LoRA, fp32, 8 x 512 tokens padded: 12.4 GB peak RSS).
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ class Precision:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run ~3-4x faster than fp32 there (LAB-NOTES, Hardware)."""
+    """AVX-512 BF16 or AMX: bf16 matmuls run ~3-4x faster than fp32 there (docs/pitfalls.md #8)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -176,7 +176,7 @@ def load_for_training(cfg, model_path: Path, device, precision: Precision, say):
     set_seed(cfg.train.seed)  # adapter / prefix initialisation draws random numbers: same seed, same start
     extra = method_load_kwargs(cfg.method, str(device))
     model = load_model(cfg.model, model_path, dtype=precision.dtype, **extra)
-    model.config.use_cache = False  # a KV cache in training disables packed-sequence detection (LAB-NOTES 1)
+    model.config.use_cache = False  # a KV cache in training disables packed detection (docs/pitfalls.md #1)
     model = apply_method(model, cfg.method)
     say(f"method {cfg.method.name}: {describe_parameters(*count_parameters(model))}")
     return model
