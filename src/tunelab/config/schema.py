@@ -42,12 +42,18 @@ class ModelConfig(Section):
 class DatasetSpec(Section):
     path: str | None = Field(None, description="A file (json, jsonl, csv, parquet, txt), a folder, or a glob.")
     name: str | None = Field(None, description="A dataset registered in `data.dataset_dir`/dataset_info.json.")
-    format: Literal["auto", "alpaca", "sharegpt", "openai", "text"] = Field(
-        "auto", description="Record format; auto detects it from the first record's keys."
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "text", "trl", "kto"] = Field(
+        "auto", description="Record format; auto detects it from the first record's keys. Preference data (stages "
+        "other than sft) also reads trl (prompt/chosen/rejected) and kto (prompt/completion/label)."
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Column mapping as in LLaMA-Factory (prompt, query, response, history, messages, system, tools).",
+        description="Column mapping as in LLaMA-Factory (prompt, query, response, history, messages, system, tools; "
+        "preference data: chosen, rejected, completion, kto_tag).",
+    )
+    ranking: bool = Field(
+        False, description="A preference dataset (chosen/rejected replies, LLaMA-Factory's `ranking: true`): read by "
+        "the alignment stages and preference evaluation, refused by supervised fine-tuning."
     )
     tags: dict[str, str] = Field(
         default_factory=dict,
