@@ -111,9 +111,10 @@ def _clean(examples: list[PreferenceExample], cfg: DataConfig, seen: set) -> tup
     whole examples (same prompt and replies), across datasets."""
     wrapped = {}
     for ex in examples:
-        conv = Conversation([*ex.prompt.messages, *ex.replies()], tools=ex.prompt.tools, source=ex.source)
-        if ex.label is not None:  # the same completion labelled both ways is two examples, not a duplicate
-            conv.messages.append(Message("label", str(ex.label)))
+        tools = ex.prompt.tools
+        if ex.label is not None:  # in the duplicate key only: one completion labelled both ways is two examples
+            tools = [*(tools or []), {"kto_label": ex.label}]
+        conv = Conversation([*ex.prompt.messages, *ex.replies()], tools=tools, source=ex.source)
         wrapped[id(conv)] = (conv, ex)
     kept, report = clean_conversations([conv for conv, _ in wrapped.values()], cfg.clean, seen)
     return [wrapped[id(conv)][1] for conv in kept], report
