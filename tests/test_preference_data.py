@@ -18,6 +18,7 @@ from tunelab.data.preference import (
     encode_preference,
     load_preference_examples,
     prepare_preference_data,
+    preview_preference,
 )
 from tunelab.data.templates import resolve_template
 from tunelab.data.types import Conversation, Message
@@ -349,6 +350,12 @@ def test_prepare_columns_split_cache_and_fingerprint(tmp_path, tokenizers):
     assert unpaired.fingerprint != first.fingerprint and len(unpaired.train) + len(unpaired.validation) == 20
     assert unpaired.train.column_names == ["prompt_input_ids", "completion_input_ids", "label"]
     assert unpaired.stats["desirable"] == 10
+    from tunelab.data.preview import summary
+
+    text = summary(first.stats)  # the SFT summary (tunelab data, web UI) reads preference stats too
+    assert "(train 8, validation 2)" in text and first.fingerprint in text
+    shown = preview_preference(first.train, tok, n=1, color=False)
+    assert "[chosen, " in shown and "[rejected, " in shown and "[[good" in shown and "[[bad" in shown
     assert data_fingerprint(cfg, tok, template) not in (first.fingerprint, unpaired.fingerprint)  # SFT's data
     write(tmp_path / "d.jsonl", rows[:9])
     changed = prepare_preference_data(cfg, tok, template, paired=True)

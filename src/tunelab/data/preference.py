@@ -37,6 +37,7 @@ from tunelab.data.preference_formats import (
     get_preference_format,
     preference_options,
 )
+from tunelab.data.preview import format_example
 from tunelab.data.progress import Progress
 from tunelab.data.sources import iter_records, resolve_source
 from tunelab.data.templates import ChatTemplate
@@ -44,7 +45,7 @@ from tunelab.data.types import Conversation, Message, Reject
 from tunelab.errors import DataError
 
 __all__ = ["PreferenceExample", "PreferenceLoadResult", "encode_preference", "load_preference_examples",
-           "prepare_preference_data"]
+           "prepare_preference_data", "preview_preference"]
 CACHE_VERSION = 1  # bump when the preference encoding rules change
 _NO_LIMIT = sys.maxsize  # SFT encoding without truncation: the preference rule below truncates pairs as a whole
 
@@ -183,13 +184,14 @@ class PairStats:
     truncated: int = 0
     shifted_prompts: int = 0  # a token straddled the prompt/reply boundary (see assemble)
     dropped: int = 0
-    tokens: int = 0
+    tokens: int = 0  # per example: prompt + the longer completion
+    trained_tokens: int = 0  # completion tokens, all sides
     lengths: list[int] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"examples": self.examples, "truncated": self.truncated, "shifted_prompts": self.shifted_prompts,
-                "dropped_no_trainable": self.dropped, "tokens": self.tokens}
+                "dropped_no_trainable": self.dropped, "tokens": self.tokens, "trained_tokens": self.trained_tokens}
 
 
 def _trained_end(labels: list[int]) -> tuple[int, int]:
@@ -231,6 +233,7 @@ def assemble(sides: list[dict | None], label: bool | None, cutoff_len: int, bos_
     stats.examples += 1
     length = len(prompt) + max(len(c) for c in completions)
     stats.tokens += length
+    stats.trained_tokens += sum(len(c) for c in completions)
     stats.lengths.append(length)
     if label is None:
         return {"prompt_input_ids": prompt, "chosen_input_ids": completions[0], "rejected_input_ids": completions[1]}
@@ -314,6 +317,7 @@ def prepare_preference_data(cfg: DataConfig, tokenizer, template: ChatTemplate, 
     stats = {
         "fingerprint": fingerprint, "template": template.describe(), "preference": "paired" if paired else "unpaired",
         **report, "rejected": {"total": len(rejects), "by_reason": dict(Counter(r.rule for r in rejects))},
+        "conversations": len(examples),
         **enc.as_dict(), "cutoff_len": cfg.cutoff_len, "train_examples": len(train),
         "validation_examples": len(validation), "length": length_summary(enc.lengths),
         "seconds": round(time.perf_counter() - started, 2),
@@ -322,3 +326,23 @@ def prepare_preference_data(cfg: DataConfig, tokenizer, template: ChatTemplate, 
         stats["desirable"] = sum(bool(r["label"]) for r in rows)
     save_prepared(target, Processed(train, validation, stats, rejects, enc.lengths, cfg.cutoff_len), template)
     return load_prepared(target, template, cache_hit=False)
+
+
+def preview_preference(dataset, tokenizer, n: int = 3, color: bool | None = None) -> str:
+    """The first n prepared examples as prompt + each completion, the completion marked as preview.py marks
+    trained tokens (green, or [[...]] when piped)."""
+    if color is None:
+        color = sys.stdout.isatty()
+    blocks = []
+    for i in range(min(n, len(dataset))):
+        row = dataset[i]
+        prompt = list(row["prompt_input_ids"])
+        sides = [k for k in ("chosen", "rejected", "completion") if f"{k}_input_ids" in row]
+        label = f" (label {row['label']})" if "label" in row else ""
+        lines = [f"--- example {i}: prompt {len(prompt)} tokens{label} ---"]
+        for side in sides:
+            ids = list(row[f"{side}_input_ids"])
+            example = {"input_ids": prompt + ids, "labels": [IGNORE] * len(prompt) + ids}
+            lines.append(f"[{side}, {len(ids)} tokens] {format_example(example, tokenizer, color)}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
