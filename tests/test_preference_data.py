@@ -158,6 +158,16 @@ def test_format_override_and_columns_mapping(tmp_path):
     assert not rejects and shape(examples[0]) == ([("user", "2+2?")], "4.", None, True)
 
 
+def test_kto_csv_labels_and_a_format_that_is_not_a_preference_format(tmp_path):
+    path = tmp_path / "k.csv"
+    path.write_text("prompt,completion,label\n2+2?,4.,true\n2+2?,5.,0\n", encoding="utf-8")
+    result = load_preference_examples(DatasetSpec(path=str(path)))
+    assert [shape(e) for e in result.examples] == [([("user", "2+2?")], "4.", None, True),
+                                                   ([("user", "2+2?")], "5.", None, False)]
+    with pytest.raises(DataError, match="unknown preference format 'text'; known: alpaca, kto, openai, sharegpt"):
+        load_preference_examples(DatasetSpec(path=str(path), format="text"))
+
+
 def test_variables_are_substituted_in_prompt_and_replies(tmp_path):
     rows = [{"prompt": "Are you {name}?", "chosen": "Yes, I am {name} by {author}.", "rejected": "No."}]
     path = write(tmp_path / "v.jsonl", rows)
