@@ -211,10 +211,10 @@ def assemble(sides: list[dict | None], label: bool | None, cutoff_len: int, bos_
     shifted_prompts). A completion is the trained span, end-of-turn included (tokens the template adds after it,
     such as a newline, are not part of what SFT trains and are dropped).
 
-    Truncation, when prompt + the longer completion exceeds cutoff_len: the completions keep their first
-    max(cutoff_len - prompt length, cutoff_len // 2) tokens (never fewer than they have up to that, so no reply is
-    dropped), and the prompt keeps its end (its first token too when it is bos), so the reply still follows the
-    turn it answers. Both replies are cut at the same length; the prompt stays identical.
+    Truncation, when prompt + the longer completion exceeds cutoff_len: each completion keeps its first
+    max(cutoff_len - prompt length, cutoff_len // 2) tokens (a shorter one is kept whole, so no reply is ever
+    dropped), and the prompt keeps its end in the room left (plus its first token when that is bos), so the reply
+    still follows the turn it answers. Both replies are cut at the same length; the prompt stays identical.
     """
     stats = stats if stats is not None else PairStats()
     if any(s is None for s in sides):
