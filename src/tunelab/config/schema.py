@@ -26,7 +26,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Registries whose names a config field accepts. Each lives in the stage that owns the concept and is read at
 # validation time (deferred imports), so an entry registered by user code is accepted like a built-in one.
 REGISTRIES = {
-    "format": ("tunelab.data.formats", "format_choices", "record format"),
+    "format": ("tunelab.data.preference_formats", "dataset_format_choices", "record format"),
     "metric": ("tunelab.evaluation.metrics", "known_metrics", "metric"),
 }
 
@@ -96,11 +96,17 @@ class DatasetSpec(Section):
     name: str | None = Field(None, description="A dataset registered in `data.dataset_dir`/dataset_info.json.")
     format: Registered("format") = Field(
         "auto", description="Record format: auto (detected from the first record's keys) or a registered format "
-        "(tunelab.data.formats: alpaca, sharegpt, openai, text, ...).",
+        "(tunelab.data.formats: alpaca, sharegpt, openai, text, ...). Preference data (stages other than sft) also "
+        "reads trl (prompt/chosen/rejected) and kto (prompt/completion/label).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Column mapping as in LLaMA-Factory (prompt, query, response, history, messages, system, tools).",
+        description="Column mapping as in LLaMA-Factory (prompt, query, response, history, messages, system, tools; "
+        "preference data: chosen, rejected, completion, kto_tag).",
+    )
+    ranking: bool = Field(
+        False, description="A preference dataset (chosen/rejected replies, LLaMA-Factory's `ranking: true`): read by "
+        "the alignment stages and preference evaluation, refused by supervised fine-tuning."
     )
     tags: dict[str, str] = Field(
         default_factory=dict,

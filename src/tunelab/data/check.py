@@ -20,9 +20,10 @@ def data_problems(cfg: RunConfig, include_eval: bool = True) -> list[str]:
     empty = ("data.datasets: empty; add at least one dataset (a path, a folder, a glob, or a name registered in "
              "data.dataset_dir)")
     problems = [] if data.datasets else [empty]
-    problems += _spec_problems("data.datasets", data.datasets, data.dataset_dir)
+    aligning = getattr(cfg, "stage", "sft") != "sft"  # alignment stages read preference data (data/preference.py)
+    problems += _spec_problems("data.datasets", data.datasets, data.dataset_dir, aligning)
     if include_eval:
-        problems += _spec_problems("eval.datasets", cfg.eval.datasets, data.dataset_dir)
+        problems += _spec_problems("eval.datasets", cfg.eval.datasets, data.dataset_dir, aligning)
     problems += _template_problems(data.template, data.enable_thinking)
     return problems
 
@@ -35,12 +36,13 @@ def check_data(cfg: RunConfig, source: str | None = None, include_eval: bool = T
         raise ConfigError(problems, source)
 
 
-def _spec_problems(where: str, specs: list[DatasetSpec], dataset_dir: str | None) -> list[str]:
+def _spec_problems(where: str, specs: list[DatasetSpec], dataset_dir: str | None,
+                   preference: bool = False) -> list[str]:
     problems = []
     for i, spec in enumerate(specs):
         at = f"{where}[{i}] ({spec.path if spec.path is not None else spec.name})"
         try:
-            files = resolve_source(spec, dataset_dir).files
+            files = resolve_source(spec, dataset_dir, preference or spec.ranking).files
         except TunelabError as e:
             problems.append(f"{at}: {e}")
             continue

@@ -81,8 +81,11 @@ def _file_digest(path: Path) -> list:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns, h.hexdigest()]
 
 
-def data_fingerprint(cfg: DataConfig, tokenizer, template: ChatTemplate) -> str:
-    files = [_file_digest(p) for spec in cfg.datasets for p in source_files(spec, cfg.dataset_dir)]
+def data_fingerprint(cfg: DataConfig, tokenizer, template: ChatTemplate, preference: str | None = None) -> str:
+    """What the processed data depends on; `preference` ("paired"/"unpaired", preference.py) keys an alignment
+    stage's data apart from the SFT data of the same config."""
+    files = [_file_digest(p) for spec in cfg.datasets
+             for p in source_files(spec, cfg.dataset_dir, preference is not None)]
     parts = {
         "version": CACHE_VERSION,
         "config": cfg.model_dump(mode="json", exclude=_NOT_OUTPUT),
@@ -90,6 +93,8 @@ def data_fingerprint(cfg: DataConfig, tokenizer, template: ChatTemplate) -> str:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": [template.jinja, list(template.stop_strings), sorted(template.special_tokens.items())],
     }
+    if preference is not None:
+        parts["preference"] = preference
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
@@ -159,20 +164,23 @@ def split_examples(examples: list[dict], val_size: float, seed: int) -> tuple[li
 
 
 def to_dataset(examples: list[dict]):
-    """Lists of token ids -> datasets.Dataset, built as Arrow arrays directly (5-10x faster than from_dict)."""
+    """Examples -> datasets.Dataset, built as Arrow arrays directly (5-10x faster than from_dict). The columns are
+    the first example's keys: lists of token ids (input_ids, labels; preference data's prompt/chosen/rejected ids)
+    or scalars (KTO's label)."""
     import numpy as np
     import pyarrow as pa
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    lengths = np.fromiter((len(e["input_ids"]) for e in examples), dtype=np.int64, count=len(examples))
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), type=pa.int64())
-
     def column(key: str):
+        if not isinstance(examples[0][key], list):
+            return pa.array([e[key] for e in examples])
+        lengths = np.fromiter((len(e[key]) for e in examples), dtype=np.int64, count=len(examples))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), type=pa.int64())
         flat = np.fromiter(chain.from_iterable(e[key] for e in examples), dtype=np.int32, count=int(lengths.sum()))
         return pa.LargeListArray.from_arrays(offsets, pa.array(flat)).cast(pa.list_(pa.int32()))
 
-    table = pa.table({"input_ids": column("input_ids"), "labels": column("labels")})
+    table = pa.table({key: column(key) for key in examples[0]})
     return Dataset(InMemoryTable(table))
 
 
@@ -215,7 +223,7 @@ def prepare_data(cfg: DataConfig, tokenizer, template: ChatTemplate, *, progress
     target = cache_root(cfg) / fingerprint
     rejects_file = target.parent / "rejects" / f"{fingerprint}.jsonl"  # survives a failed run, unlike target
     if not force and (target / "stats.json").is_file():
-        return _reuse(target, template, cfg, rejects_file)
+        return reuse_prepared(target, template, cfg, rejects_file)
     started = time.perf_counter()
     with Progress(enabled=progress) as bar:
         conversations, rejects, report = load_all(cfg, bar)
@@ -238,11 +246,23 @@ def prepare_data(cfg: DataConfig, tokenizer, template: ChatTemplate, *, progress
         "train_examples": len(train), "validation_examples": len(validation), "length": length_summary(enc.lengths),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _save(target, train, validation, stats, template, rejects, enc.lengths, cfg.cutoff_len)
+    save_prepared(target, Processed(train, validation, stats, rejects, enc.lengths, cfg.cutoff_len), template)
     return load_prepared(target, template, cache_hit=False)
 
 
-def _reuse(target: Path, template: ChatTemplate, cfg: DataConfig, rejects_file: Path) -> PreparedData:
+@dataclass
+class Processed:
+    """What one prepare writes to its cache folder."""
+
+    train: list[dict]
+    validation: list[dict]
+    stats: dict
+    rejects: list[Reject]
+    lengths: list[int]  # tokens per example, for the histogram
+    cutoff_len: int
+
+
+def reuse_prepared(target: Path, template: ChatTemplate, cfg: DataConfig, rejects_file: Path) -> PreparedData:
     """The cached result, after the reject checks (strict and max_reject_ratio may differ from the run that wrote it)."""
     prepared = load_prepared(target, template)
     lines = Path(prepared.stats["rejects_file"]).read_text(encoding="utf-8").splitlines()
@@ -250,20 +270,19 @@ def _reuse(target: Path, template: ChatTemplate, cfg: DataConfig, rejects_file: 
     return prepared
 
 
-def _save(target: Path, train: list[dict], validation: list[dict], stats: dict, template: ChatTemplate,
-          rejects: list[Reject], lengths: list[int], cutoff_len: int) -> None:
+def save_prepared(target: Path, data: Processed, template: ChatTemplate) -> None:
     """Write to a temporary folder and rename it into place, so a crash never leaves a half cache behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         with _quiet_datasets():
-            to_dataset(train).save_to_disk(str(tmp / "train"))
-            if validation:
-                to_dataset(validation).save_to_disk(str(tmp / "validation"))
+            to_dataset(data.train).save_to_disk(str(tmp / "train"))
+            if data.validation:
+                to_dataset(data.validation).save_to_disk(str(tmp / "validation"))
         (tmp / "chat_template.jinja").write_text(template.jinja, encoding="utf-8")
-        write_rejects(rejects, tmp / "rejects.jsonl")
-        write_histogram(lengths, cutoff_len, tmp / "lengths.png")
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_rejects(data.rejects, tmp / "rejects.jsonl")
+        write_histogram(data.lengths, data.cutoff_len, tmp / "lengths.png")
+        (tmp / "stats.json").write_text(json.dumps(data.stats, indent=2, ensure_ascii=False), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -68,9 +68,14 @@ def read_registry(dataset_dir: str | Path) -> dict:
     return registry
 
 
-def resolve_source(spec: DatasetSpec, dataset_dir: str | Path | None) -> DatasetSource:
+def resolve_source(spec: DatasetSpec, dataset_dir: str | Path | None, preference: bool = False) -> DatasetSource:
+    """Where a dataset's records are and how to read them; `preference` (alignment stages) accepts the
+    ranking/KTO datasets supervised fine-tuning refuses."""
+    if spec.ranking and not preference:
+        raise DataError(f"dataset {spec.path or spec.name!r} has ranking: true (chosen/rejected answers, for the "
+                        "alignment stages); supervised fine-tuning needs one answer per prompt")
     if spec.name is not None:
-        source = _from_registry(spec.name, dataset_dir)
+        source = _from_registry(spec.name, dataset_dir, preference)
     else:
         source = DatasetSource(spec.path, _expand_path(spec.path))
     if spec.format != "auto":
@@ -84,7 +89,7 @@ def resolve_source(spec: DatasetSpec, dataset_dir: str | Path | None) -> Dataset
     return source
 
 
-def _from_registry(name: str, dataset_dir: str | Path | None) -> DatasetSource:
+def _from_registry(name: str, dataset_dir: str | Path | None, preference: bool = False) -> DatasetSource:
     if dataset_dir is None:
         raise DataError(f"dataset {name!r} is given by name but data.dataset_dir is not set (the folder holding "
                         f"{REGISTRY_FILE})")
@@ -100,23 +105,31 @@ def _from_registry(name: str, dataset_dir: str | Path | None) -> DatasetSource:
         raise DataError(f"{where} has no file_name" + (f" (only {hub[0]}: {entry[hub[0]]!r}); download it and add a "
                                                         "local file_name" if hub else ""))
     columns = dict(entry.get("columns") or {})
-    _refuse_unsupported(where, entry, columns)
-    formatting = entry.get("formatting", LF_DEFAULT_FORMATTING)
-    if formatting not in known_formats():
+    _refuse_unsupported(where, entry, columns, preference)
+    formatting = entry.get("formatting", "auto" if preference else LF_DEFAULT_FORMATTING)  # preference: detected
+    known = _preference_format_choices() if preference else known_formats()
+    if formatting not in known:
         raise DataError(f"{where}: formatting {formatting!r} is not supported; expected one of the registered "
-                        f"formats: {', '.join(known_formats())}")
+                        f"formats: {', '.join(known)}")
     files = _expand_path(str(Path(dataset_dir) / entry["file_name"]))
-    is_text = set(columns) == {"prompt"} or all(SUFFIXES.get(f.suffix) == "text" for f in files)
+    is_text = not preference and (set(columns) == {"prompt"} or all(SUFFIXES.get(f.suffix) == "text" for f in files))
     fmt = TEXT_FORMAT if formatting == LF_DEFAULT_FORMATTING and is_text else formatting
     return DatasetSource(name, files, fmt, FormatOptions(columns, dict(entry.get("tags") or {})),
                          entry.get("num_samples"))
 
 
-def _refuse_unsupported(where: str, entry: dict, columns: dict) -> None:
-    if entry.get("ranking") or "chosen" in columns or "rejected" in columns:
+def _preference_format_choices() -> list[str]:
+    from tunelab.data.preference_formats import dataset_format_choices
+
+    return dataset_format_choices()
+
+
+def _refuse_unsupported(where: str, entry: dict, columns: dict, preference: bool = False) -> None:
+    preference_data = entry.get("ranking") or "chosen" in columns or "rejected" in columns
+    if preference_data and not preference:
         raise DataError(f"{where} is a preference dataset (ranking: chosen/rejected answers) for DPO-style "
                         "training; supervised fine-tuning needs one answer per prompt")
-    if "kto_tag" in columns:
+    if "kto_tag" in columns and not preference:
         raise DataError(f"{where} is a KTO dataset (good/bad labels per answer); supervised fine-tuning would "
                         "learn the bad answers too")
     media = [k for k in ("images", "videos", "audios") if k in columns]
@@ -149,9 +162,9 @@ def _is_saved_dataset(p: Path) -> bool:
     return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())
 
 
-def source_files(spec: DatasetSpec, dataset_dir: str | Path | None) -> list[Path]:
+def source_files(spec: DatasetSpec, dataset_dir: str | Path | None, preference: bool = False) -> list[Path]:
     """Every file a dataset reads (for the cache fingerprint), registry included."""
-    files = resolve_source(spec, dataset_dir).files
+    files = resolve_source(spec, dataset_dir, preference).files
     if spec.name is not None:
         files = [Path(dataset_dir) / REGISTRY_FILE, *files]
     out = []
