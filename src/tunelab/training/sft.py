@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -231,11 +232,7 @@ def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bo
 
 def build_trainer(cfg, run, model, tokenizer, data, device: str, precision: Precision, callbacks, echo: bool,
                   checkpoint: Path | None = None, sparse_logits: bool = False):
-    from transformers import EarlyStoppingCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from tunelab.training.callbacks import MonitorCallback, RunStatusCallback
-    from tunelab.training.trackers import start_trackers, tensorboard_callback
+    from tunelab.training.trackers import start_trackers
     from tunelab.training.trainer import TunelabTrainer
 
     main = _is_main()
@@ -249,16 +246,28 @@ def build_trainer(cfg, run, model, tokenizer, data, device: str, precision: Prec
         data_collator=make_collator(cfg, tokenizer), processing_class=tokenizer,
         keep_checkpoints=cfg.train.save_total_limit, sparse_logits=sparse_logits,
     )
+    add_monitoring(trainer, cfg, run, echo, checkpoint, callbacks)
+    return trainer
+
+
+def add_monitoring(trainer, cfg: RunConfig, run, echo: bool, checkpoint: Path | None, callbacks) -> None:
+    """tunelab's progress bar + console line + metrics.jsonl, run.json updates, TensorBoard, early stopping and the
+    caller's callbacks, instead of transformers' printer; every stage's trainer (SFT's, TRL's) gets the same."""
+    from transformers import EarlyStoppingCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tunelab.training.callbacks import MonitorCallback, RunStatusCallback
+    from tunelab.training.trackers import tensorboard_callback
+
     for default in (ProgressCallback, PrinterCallback):  # replaced by MonitorCallback (bar + line + JSONL)
         trainer.remove_callback(default)
     extra = [MonitorCallback(run.metrics, echo=echo), RunStatusCallback(run)]
-    if main:
+    if _is_main():
         extra.append(tensorboard_callback(run.tb, purge_step=checkpoint_step(checkpoint) + 1 if checkpoint else None))
-    if args.load_best_model_at_end:
+    if trainer.args.load_best_model_at_end:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     for callback in extra + list(callbacks or []):
         trainer.add_callback(callback)
-    return trainer
 
 
 def _provenance(model_path: Path) -> dict | None:
@@ -394,6 +403,8 @@ def summarize(trainer, output, run) -> dict:
                "runtime_s": output.metrics.get("train_runtime"), "tokens_seen": trainer.state.num_input_tokens_seen}
     speeds = [h["train_tokens_per_second"] for h in history if "train_tokens_per_second" in h]
     metrics["tokens_per_s"] = speeds[-1] if speeds else None  # input tokens per second of this session
+    for record in history:  # alignment stages: the last value of TRL's rewards/*, logps/* (and eval_rewards/*)
+        metrics.update({k: v for k, v in record.items() if "/" in k})
     return metrics
 
 

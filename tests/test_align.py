@@ -1,0 +1,310 @@
+"""Alignment stages (dpo, orpo, simpo, kto, rm) on TRL through tunelab's recipe, on tiny models.
+
+The preference data comes from a small in-test stand-in for data/preference.py that follows its contract (prompt ids
+= the conversation rendered up to where the reply's trained span starts, completion ids = exactly the tokens SFT
+trains on for that reply), built with tunelab's own encoder, so these tests do not depend on that module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from tunelab.config import load_config
+from tunelab.errors import TunelabError
+
+PAIRS = [  # (question, chosen: short and right, rejected: long-winded and wrong)
+    ("What colour is the sky?", "Blue.", "Well, let me think about it for a while, it might be green or red."),
+    ("How many legs has a cat?", "Four.", "Cats are animals and animals vary a great deal, perhaps seven?"),
+    ("What is two plus two?", "Four.", "Arithmetic is a deep subject and the answer could be five."),
+    ("天空是什么颜色？", "蓝色。", "嗯，让我想一想，这个问题很复杂，也许是绿色或者红色吧。"),
+    ("Name a fruit.", "An apple.", "There are so many fruits in the world that naming one is hard: a chair."),
+    ("What is the capital of France?", "Paris.", "France has many cities and towns, so maybe it is Berlin."),
+    ("一周有几天？", "七天。", "这要看情况，不同的人有不同的看法，大概是十天左右吧。"),
+    ("What do bees make?", "Honey.", "Bees are insects that do many things during the day, like cheese."),
+]
+
+
+# ------------------------------------------------------------------------------------------ data stand-in
+def encode_reply(conv_messages, reply, template, tokenizer, cutoff_len):
+    """(prompt ids, reply ids) with tunelab's encoder: the reply ids are the trained span of the last turn."""
+    from tunelab.data.encode import encode_conversation
+    from tunelab.data.types import Conversation, Message
+
+    conv = Conversation([*conv_messages, Message("assistant", reply)])
+    encoded = encode_conversation(conv, template, tokenizer, cutoff_len, "last_assistant")
+    first = next(i for i, label in enumerate(encoded["labels"]) if label != -100)
+    return encoded["input_ids"][:first], encoded["input_ids"][first:]
+
+
+def fake_prepare_preference_data(cfg, tokenizer, template, *, paired: bool, progress=False, force=False):
+    import datasets
+
+    from tunelab.data.pipeline import PreparedData
+    from tunelab.data.types import Message
+
+    rows = []
+    for question, chosen, rejected in PAIRS:
+        messages = [Message("user", question)]
+        prompt, chosen_ids = encode_reply(messages, chosen, template, tokenizer, cfg.data_cutoff)
+        prompt_r, rejected_ids = encode_reply(messages, rejected, template, tokenizer, cfg.data_cutoff)
+        assert prompt == prompt_r, "the contract: chosen and rejected prompts are token-identical"
+        if paired:
+            rows.append({"prompt_input_ids": prompt, "chosen_input_ids": chosen_ids,
+                         "rejected_input_ids": rejected_ids, "source": question})
+        else:  # as TRL does for KTO: a pair becomes one desirable and one undesirable example
+            rows.append({"prompt_input_ids": prompt, "completion_input_ids": chosen_ids, "label": True})
+            rows.append({"prompt_input_ids": prompt, "completion_input_ids": rejected_ids, "label": False})
+    train = datasets.Dataset.from_list(rows)
+    stats = {"examples": len(rows), "rejects": 0}
+    return PreparedData(train=train, validation=None, stats=stats, fingerprint=f"fake-{len(rows)}",
+                        cache_dir=Path("."))
+
+
+@pytest.fixture(autouse=True)
+def preference_stub(monkeypatch):
+    module = types.ModuleType("tunelab.data.preference")
+
+    def prepare(cfg, tokenizer, template, *, paired, progress=False, force=False):
+        cfg = types.SimpleNamespace(data_cutoff=cfg.cutoff_len)
+        return fake_prepare_preference_data(cfg, tokenizer, template, paired=paired)
+
+    module.prepare_preference_data = prepare
+    monkeypatch.setitem(sys.modules, "tunelab.data.preference", module)
+
+
+def make_config(model: Path, tmp_path: Path, stage: str, *overrides: str):
+    (tmp_path / "prefs.jsonl").write_text("{}\n", encoding="utf-8")  # read by the stand-in loader: never parsed
+    base = [
+        f"stage={stage}", f"model.name={model}", f"data.datasets=[{{path: {tmp_path / 'prefs.jsonl'}}}]",
+        "data.cutoff_len=64", f"train.output_dir={tmp_path / 'runs'}", f"train.run_name={stage}",
+        "train.max_steps=6", "train.batch_size=4", "train.logging_steps=1", "train.save_steps=3",
+        "train.lr=5e-3", "train.scheduler=constant", "method.r=8", "method.dropout=0.0", "train.report_to=[]",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if '"loss"' in line]
+
+
+def run_stage(cfg, **kwargs):
+    from tunelab.training.stages import get_stage
+
+    return get_stage(cfg.stage).run(cfg, echo=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_stage_and_align_fields_are_validated(tiny_llama, tmp_path):
+    with pytest.raises(Exception, match="unknown stage 'dpoo'.*known stages: dpo, kto, orpo, rm, sft, simpo"):
+        make_config(tiny_llama, tmp_path, "dpoo")
+    with pytest.raises(Exception, match="bta"):
+        make_config(tiny_llama, tmp_path, "dpo", "align.bta=0.2")
+    with pytest.raises(Exception, match="loss_type"):
+        make_config(tiny_llama, tmp_path, "dpo", "align.loss_type=sigmoidd")
+    cfg = make_config(tiny_llama, tmp_path, "dpo", "align.beta=0.2", "align.loss_type=ipo")
+    assert (cfg.align.beta, cfg.align.loss_type) == (0.2, "ipo")
+
+
+def test_stage_registry_lists_each_stage_with_its_data_kind():
+    from tunelab.training.stages import get_stage, known_stages
+
+    assert known_stages() == ["dpo", "kto", "orpo", "rm", "sft", "simpo"]
+    assert get_stage("dpo").data == "paired" and get_stage("dpo").needs_reference
+    assert get_stage("kto").data == "unpaired"
+    assert not get_stage("orpo").needs_reference and not get_stage("simpo").needs_reference
+    assert "rewards/accuracies" in get_stage("dpo").metric_keys
+    with pytest.raises(TunelabError, match="known stages"):
+        get_stage("ppo")
+
+
+def test_combinations_refused_before_loading(tiny_llama, tmp_path):
+    with pytest.raises(TunelabError, match="batch_size must be at least 2"):
+        run_stage(make_config(tiny_llama, tmp_path, "kto", "train.batch_size=1"))
+    with pytest.raises(TunelabError, match="dpo only"):
+        run_stage(make_config(tiny_llama, tmp_path, "orpo", "align.loss_type=ipo"))
+    with pytest.raises(TunelabError, match="prefix is not supported"):
+        run_stage(make_config(tiny_llama, tmp_path, "dpo", "method={name: prefix}"))
+
+
+# ------------------------------------------------------------------------------------------------- stages
+@pytest.mark.parametrize("stage,extra", [
+    ("dpo", ()), ("dpo", ("align.loss_type=ipo",)), ("dpo", ("align.loss_type=hinge",)),
+    ("dpo", ("align.loss_type=robust", "align.label_smoothing=0.1")), ("orpo", ()), ("simpo", ()),
+    ("kto", ()), ("rm", ()),
+])
+def test_each_stage_learns_the_toy_preferences(tiny_llama, tmp_path, stage, extra):
+    result = run_stage(make_config(tiny_llama, tmp_path, stage, *extra))
+    logged = records(result.run_dir)
+    losses = [r["loss"] for r in logged]
+    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+    assert logged[-1]["rewards/margins"] > 0  # the chosen replies now score above the rejected ones
+    if stage != "kto":  # KTO has no pairs, so no pairwise accuracy
+        assert logged[-1]["rewards/accuracies"] >= 0.5
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["status"] == "completed" and run["stage"] == stage
+    assert "rewards/margins" in run["metrics"]
+    assert (result.final_dir / "adapter_config.json").is_file()
+    assert not (result.final_dir / "ref").exists()  # only the trained adapter is saved
+
+
+# -------------------------------------------------------------------------------------------- the reference
+@pytest.fixture()
+def captured(monkeypatch):
+    """The trainer each run builds, kept for inspection after training."""
+    import tunelab.training.align_trainers as align_trainers
+
+    built = []
+    original = align_trainers.build_align_trainer
+
+    def build(setup):
+        built.append(original(setup))
+        return built[-1]
+
+    monkeypatch.setattr(align_trainers, "build_align_trainer", build)
+    return built
+
+
+def sequence_logps(model, rows, collator) -> torch.Tensor:
+    """Summed log-probs of the chosen then rejected replies, computed independently of TRL."""
+    batch = collator(rows)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].bool()
+    per_token = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (per_token * mask).sum(-1)
+
+
+def reference_logps(trainer, rows) -> torch.Tensor:
+    chosen, rejected = trainer.compute_ref_log_probs(trainer.model, trainer.data_collator(rows))
+    return torch.cat([chosen, rejected]).float()
+
+
+def load_base(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def test_data_reaches_trl_as_tunelab_encoded_it(tiny_llama, tmp_path, captured):
+    """TRL's own tokenization (its chat template) is skipped: the ids TRL trains on are the stand-in's ids."""
+    from tunelab.data.templates import resolve_template
+    from tunelab.models.load import load_tokenizer
+
+    cfg = make_config(tiny_llama, tmp_path, "dpo", "train.max_steps=1")
+    run_stage(cfg)
+    trainer = captured[0]
+    tokenizer = load_tokenizer(cfg.model)
+    template = resolve_template("auto", tokenizer)
+    from tunelab.data.types import Message
+
+    prompt, chosen = encode_reply([Message("user", PAIRS[0][0])], PAIRS[0][1], template, tokenizer, 64)
+    row = next(r for r in trainer.train_dataset if r["prompt_ids"] == prompt)
+    assert row["chosen_ids"] == chosen
+    batch = trainer.data_collator([row])
+    assert batch["input_ids"][0, : len(prompt) + len(chosen)].tolist() == prompt + chosen
+    assert tokenizer.decode(chosen).startswith("Blue.")
+
+
+def test_reference_is_the_base_with_the_adapter_disabled(tiny_llama, tmp_path, captured):
+    cfg = make_config(tiny_llama, tmp_path, "dpo", "train.max_steps=3")
+    run_stage(cfg)
+    trainer = captured[0]
+    assert trainer.ref_model is None  # no second model
+    assert set(trainer.model.peft_config) == {"default"}  # and no copy of the adapter either
+    rows = [trainer.train_dataset[i] for i in range(3)]
+    expected = sequence_logps(load_base(tiny_llama), rows, trainer.data_collator)
+    assert torch.allclose(reference_logps(trainer, rows), expected, atol=2e-2, rtol=1e-3)
+    trained = sequence_logps(trainer.model, rows, trainer.data_collator)
+    assert not torch.allclose(trained, expected, atol=1e-2)  # the policy itself moved
+
+
+def test_frozen_base_weights_stay_frozen(tiny_llama, tmp_path, captured):
+    run_stage(make_config(tiny_llama, tmp_path, "dpo", "train.max_steps=2", "train.mixed_precision=no"))
+    model = captured[0].model
+    base = dict(load_base(tiny_llama).named_parameters())
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(param.detach().float(), base[key].detach().float()), name
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert b and any(p.abs().sum() > 0 for p in b)  # the adapter did train (B starts at 0)
+
+
+@pytest.mark.parametrize("method", ["freeze", "full", "dora"])
+def test_methods_compose_with_dpo(method, tiny_llama, tmp_path, captured):
+    section = {"freeze": "method={name: freeze, trainable_layers: 1}", "full": "method={name: full}",
+               "dora": "method={name: dora, r: 4, dropout: 0.0}"}[method]
+    result = run_stage(make_config(tiny_llama, tmp_path, "dpo", "train.max_steps=2", "train.mixed_precision=no",
+                                   section))
+    trainer = captured[0]
+    base = dict(load_base(tiny_llama).named_parameters())
+    if method == "dora":
+        assert trainer.ref_model is None and (result.final_dir / "adapter_config.json").is_file()
+        return
+    assert trainer.ref_model is not None  # full/freeze: the reference is a frozen second copy
+    for name, param in trainer.ref_model.named_parameters():
+        assert torch.equal(param, base[name]) and not param.requires_grad
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), base[n])}
+    if method == "freeze":
+        assert changed and all(".layers.1." in n for n in changed), changed  # only the last layer trained
+    else:
+        assert any("layers.0" in n for n in changed)
+    assert (result.final_dir / "model.safetensors").is_file()
+
+
+def write_sft_data(folder: Path) -> Path:
+    rows = [{"instruction": q, "input": "", "output": c} for q, c, _ in PAIRS]
+    path = folder / "sft.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+class ProbeReference(TrainerCallback):
+    """Reference log-probs of the first rows, computed by the running trainer after its last step."""
+
+    def __init__(self, built: list):
+        self.built, self.rows, self.logps = built, None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            trainer = self.built[0]
+            self.rows = [trainer.train_dataset[i] for i in range(3)]
+            self.logps = reference_logps(trainer, self.rows)
+
+
+def test_init_from_an_sft_run_keeps_the_sft_model_as_reference(tiny_llama, tmp_path, captured):
+    from peft import PeftModel
+
+    from tunelab.training.sft import train
+
+    sft_cfg = load_config(None, [
+        f"model.name={tiny_llama}", f"data.datasets=[{{path: {write_sft_data(tmp_path)}}}]", "data.cutoff_len=64",
+        f"train.output_dir={tmp_path / 'runs'}", "train.run_name=sft", "train.max_steps=3", "train.batch_size=4",
+        "train.lr=5e-3", "method.r=8", "method.dropout=0.0", "train.report_to=[]"])
+    sft = train(sft_cfg, echo=False)
+    probe = ProbeReference(captured)
+    cfg = make_config(tiny_llama, tmp_path, "dpo", "train.max_steps=3", f"method.init_from={sft.run_dir}")
+    result = run_stage(cfg, callbacks=[probe])
+    trainer = captured[0]
+    sft_model = PeftModel.from_pretrained(load_base(tiny_llama), str(sft.final_dir))
+    expected = sequence_logps(sft_model, probe.rows, trainer.data_collator)
+    base = sequence_logps(load_base(tiny_llama), probe.rows, trainer.data_collator)
+    assert not torch.allclose(expected, base, atol=1e-1)  # the SFT adapter matters...
+    assert torch.allclose(probe.logps, expected, atol=2e-2, rtol=1e-3)  # ...and the reference IS the SFT model
+    trained = PeftModel.from_pretrained(load_base(tiny_llama), str(result.final_dir))
+    assert not torch.allclose(sequence_logps(trained, probe.rows, trainer.data_collator), expected, atol=1e-3)
+    assert "ref" not in trainer.accelerator.unwrap_model(trainer.model).peft_config  # dropped before final/
+    assert not (result.final_dir / "ref").exists()
+    assert json.loads((result.run_dir / "run.json").read_text())["init_from"] == str(sft.run_dir)
