@@ -80,7 +80,8 @@ def preference_stub(monkeypatch):
 
 
 def make_config(model: Path, tmp_path: Path, stage: str, *overrides: str):
-    (tmp_path / "prefs.jsonl").write_text("{}\n", encoding="utf-8")  # read by the stand-in loader: never parsed
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "prefs.jsonl").write_text("{}\n", encoding="utf-8")  # the stand-in loader never parses it
     base = [
         f"stage={stage}", f"model.name={model}", f"data.datasets=[{{path: {tmp_path / 'prefs.jsonl'}}}]",
         "data.cutoff_len=64", f"train.output_dir={tmp_path / 'runs'}", f"train.run_name={stage}",
@@ -308,3 +309,108 @@ def test_init_from_an_sft_run_keeps_the_sft_model_as_reference(tiny_llama, tmp_p
     assert "ref" not in trainer.accelerator.unwrap_model(trainer.model).peft_config  # dropped before final/
     assert not (result.final_dir / "ref").exists()
     assert json.loads((result.run_dir / "run.json").read_text())["init_from"] == str(sft.run_dir)
+
+
+# ------------------------------------------------------------------------------------------ runs and guards
+class InterruptAt(TrainerCallback):
+    """Ctrl-C (SIGINT to this process) during step `step`, as a user at the terminal would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_resume_gives_the_same_curve(tiny_llama, tmp_path):
+    uninterrupted = records(run_stage(make_config(tiny_llama, tmp_path / "a", "dpo", "train.max_steps=4",
+                                                  "train.save_steps=2")).run_dir)
+    cfg = make_config(tiny_llama, tmp_path / "b", "dpo", "train.max_steps=4", "train.save_steps=2")
+    stopped = run_stage(cfg, callbacks=[InterruptAt(2)])
+    assert stopped.status == "stopped" and (stopped.run_dir / "checkpoints" / "checkpoint-2").is_dir()
+    resumed = run_stage(cfg, resume=True)
+    assert resumed.status == "completed"
+    curve = records(resumed.run_dir)
+    assert [r["step"] for r in curve] == [1, 2, 3, 4]
+    for key in ("loss", "rewards/margins", "rewards/chosen"):
+        assert [r[key] for r in curve] == pytest.approx([r[key] for r in uninterrupted], rel=1e-4, abs=1e-6), key
+
+
+class PoisonAdapter(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+
+def test_nan_guard_stops_an_alignment_run(tiny_llama, tmp_path):
+    cfg = make_config(tiny_llama, tmp_path, "dpo", "train.max_steps=5", "train.save_steps=1")
+    with pytest.raises(TunelabError, match="loss became nan at step 3"):
+        run_stage(cfg, callbacks=[PoisonAdapter(step=2)])
+    run = json.loads((tmp_path / "runs" / "dpo" / "run.json").read_text())
+    assert run["status"] == "failed" and run["last_good_checkpoint"].endswith("checkpoint-1")
+
+
+def test_memory_estimate_counts_the_reference_forward(tiny_llama, tmp_path, capsys):
+    from tunelab.training.align import check_alignment_memory, reference_model_needed
+    from tunelab.training.sft import Precision
+    from tunelab.training.stages import get_stage
+
+    class Data:
+        train = fake_prepare_preference_data(types.SimpleNamespace(data_cutoff=64), *_template(tiny_llama),
+                                             paired=True).train.rename_columns(
+            {"prompt_input_ids": "prompt_ids", "chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"})
+
+    def estimate(stage, *extra):
+        cfg = make_config(tiny_llama, tmp_path, stage, *extra)
+        check_alignment_memory(cfg, get_stage(stage), tiny_llama, Data, "cpu", Precision(torch.float32, None), print)
+        return capsys.readouterr().out
+
+    assert "reference" in estimate("dpo") and "reference" not in estimate("orpo")
+    assert "reference" not in estimate("dpo", "align.reference_free=true")
+    lora = float(estimate("dpo").split("reference ")[1].split(" ")[0].rstrip(";"))
+    full = float(estimate("dpo", "method={name: full}").split("reference ")[1].split(" ")[0].rstrip(";"))
+    assert full > lora  # full fine-tuning keeps a second copy of the weights for the reference
+    assert reference_model_needed(make_config(tiny_llama, tmp_path, "dpo", "method={name: full}"))
+    assert not reference_model_needed(make_config(tiny_llama, tmp_path, "dpo", "method={name: full}",
+                                                  "align.precompute_ref_log_probs=true"))
+    with pytest.raises(TunelabError, match="max_memory_gb"):
+        estimate("dpo", "train.max_memory_gb=0.01")
+
+
+def _template(model_dir: Path):
+    from tunelab.config.schema import ModelConfig
+    from tunelab.data.templates import resolve_template
+    from tunelab.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name=str(model_dir)))
+    return tokenizer, resolve_template("auto", tokenizer)
+
+
+def test_reference_free_dpo_needs_no_reference(tiny_llama, tmp_path, captured):
+    result = run_stage(make_config(tiny_llama, tmp_path, "dpo", "align.reference_free=true", "train.max_steps=2"))
+    trainer = captured[0]
+    assert trainer.ref_model is None and trainer.train_dataset["ref_chosen_logps"] == [0.0] * len(PAIRS)
+    chosen = records(result.run_dir)[0]
+    assert chosen["rewards/chosen"] == pytest.approx(0.1 * chosen["logps/chosen"], rel=1e-4)  # beta * policy logp
+
+
+def test_cli_train_dispatches_on_the_stage(tiny_llama, tmp_path, capsys):
+    import yaml
+
+    from tunelab.cli.main import main
+
+    cfg = make_config(tiny_llama, tmp_path, "orpo", "train.max_steps=2")
+    path = tmp_path / "orpo.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "reward_acc" in out and "training done: 2 steps" in out
+    assert json.loads((tmp_path / "runs" / "orpo" / "run.json").read_text())["stage"] == "orpo"

@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.config.schema import RunConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,16 +47,16 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return launch(args, cfg)
     from tunelab.training.callbacks import StopBeforeTraining
-    from tunelab.training.sft import train
+    from tunelab.training.stages import get_stage
 
     with StopBeforeTraining():  # SIGTERM outside the training loop exits 130 too, like Ctrl-C
-        result = train(cfg, resume=args.resume)
+        result = get_stage(cfg.stage).run(cfg, resume=args.resume)  # sft, dpo, orpo, simpo, kto, rm
     if int(os.environ.get("RANK", "0")) == 0:
         print_next_steps(result, cfg)
     return 130 if result.status == "stopped" else 0  # 130: the shell's code for "stopped by Ctrl-C"
 
 
-def print_next_steps(result, cfg) -> None:
+def print_next_steps(result, cfg: RunConfig) -> None:
     if result.status == "stopped":
         step = result.metrics.get("global_step")
         print(f"\nstopped at step {step}; checkpoint saved in {result.run_dir / 'checkpoints'}")
@@ -64,11 +68,14 @@ def print_next_steps(result, cfg) -> None:
     print(f"\ntraining done: {metrics.get('global_step')} steps" + (f", final loss {loss:.4f}" if loss else ""))
     print(f"{what}: {result.final_dir}")
     print(f"run folder: {result.run_dir} (metrics.jsonl, loss.png, tb/)")
+    if cfg.stage == "rm":  # a value head scores replies; it does not chat
+        print(f"next: tunelab eval {result.run_dir}")
+        return
     print(f"next: tunelab chat {result.run_dir}")
     print(f"      tunelab eval {result.run_dir}")
 
 
-def launch(args: argparse.Namespace, cfg) -> int:
+def launch(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Re-run this command under torchrun with N processes (accelerate's --cpu would silently run one)."""
     from tunelab.training.rundir import select_run_dir
     from tunelab.training.speed import usable_cores

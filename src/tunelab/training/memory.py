@@ -11,8 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.config.schema import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +131,7 @@ def count_with_method(model_path: Path, method_cfg, trust_remote_code: bool = Fa
     return trainable, total, config
 
 
-def estimate_for_run(cfg, model_path: Path, *, device: str, dtype, mixed_precision: str | None,
+def estimate_for_run(cfg: RunConfig, model_path: Path, *, device: str, dtype, mixed_precision: str | None,
                      tokens_per_step: int) -> MemoryEstimate:
     """The estimate for `cfg` (a RunConfig) on `device`, with weights in `dtype`."""
     import torch

@@ -26,7 +26,7 @@ class RunResult:
     status: str = "completed"
 
 
-def train(cfg, resume: bool = False, callbacks: list | None = None, echo: bool = True) -> RunResult:
+def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None, echo: bool = True) -> RunResult:
     """Fine-tune with `cfg` (a RunConfig); `resume` continues this config's run from its last complete checkpoint.
 
     `callbacks` are extra transformers TrainerCallbacks; `echo` prints progress on the main process.
@@ -84,7 +84,7 @@ def distributed_state(device: str):
     return PartialState(cpu=device == "cpu")
 
 
-def open_run(cfg, resume: bool, state):
+def open_run(cfg: RunConfig, resume: bool, state):
     """Choose the run folder (the same on every rank; created once the run is sure to start), and the config
     naming it."""
     from accelerate.utils import broadcast_object_list
@@ -98,7 +98,7 @@ def open_run(cfg, resume: bool, state):
     return run, cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_name": run.path.name})})
 
 
-def check_combination(cfg) -> None:
+def check_combination(cfg: RunConfig) -> None:
     """Settings that are each valid but cannot work together, refused before anything is loaded."""
     if cfg.method.name == "prefix" and cfg.train.gradient_checkpointing:
         # transformers drops past_key_values in checkpointed layers, and the prefix IS a past_key_values
@@ -123,7 +123,7 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def plan_precision(cfg, device: str) -> Precision:
+def plan_precision(cfg: RunConfig, device: str) -> Precision:
     import torch
 
     from tunelab.methods import get_method
@@ -150,7 +150,7 @@ def longest_example(data) -> int:
     return int(longest) if longest else max(len(ids) for ids in data.train["input_ids"])
 
 
-def check_memory(cfg, model_path: Path, data, device: str, precision: Precision, say) -> None:
+def check_memory(cfg: RunConfig, model_path: Path, data, device: str, precision: Precision, say) -> None:
     """Print the estimate and refuse a run that cannot fit, before the weights are loaded."""
     from tunelab.training.memory import check_fits, estimate_for_run
 
@@ -162,7 +162,7 @@ def check_memory(cfg, model_path: Path, data, device: str, precision: Precision,
     check_fits(estimate, cfg.train.max_memory_gb, device)
 
 
-def load_for_training(cfg, model_path: Path, device, precision: Precision, say):
+def load_for_training(cfg: RunConfig, model_path: Path, device, precision: Precision, say):
     from transformers import set_seed
 
     from tunelab.methods import apply_method, count_parameters, describe_parameters, method_load_kwargs
@@ -186,19 +186,19 @@ def apply_speed_options(model, plan, cfg, say):
     return applied
 
 
-def uses_packing(cfg) -> bool:
+def uses_packing(cfg: RunConfig) -> bool:
     from tunelab.methods import get_method
 
     return cfg.data.packing and get_method(cfg.method.name).supports_packing
 
 
-def make_collator(cfg, tokenizer):
+def make_collator(cfg: RunConfig, tokenizer):
     from tunelab.data.collate import PackingCollator, PaddingCollator
 
     return PackingCollator() if uses_packing(cfg) else PaddingCollator(tokenizer.pad_token_id)
 
 
-def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bool, external: list[str],
+def training_arguments(cfg: RunConfig, run, device: str, precision: Precision, has_eval: bool, external: list[str],
                        echo: bool):
     from transformers import TrainingArguments
 
@@ -230,7 +230,7 @@ def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bo
     )
 
 
-def build_trainer(cfg, run, model, tokenizer, data, device: str, precision: Precision, callbacks, echo: bool,
+def build_trainer(cfg: RunConfig, run, model, tokenizer, data, device: str, precision: Precision, callbacks, echo: bool,
                   checkpoint: Path | None = None, sparse_logits: bool = False):
     from tunelab.training.trackers import start_trackers
     from tunelab.training.trainer import TunelabTrainer
@@ -313,7 +313,7 @@ def resume_point(run, resume: bool, state, say) -> Path | None:
     return checkpoint
 
 
-def fit(trainer, run, tokenizer, checkpoint: Path | None, state, cfg) -> RunResult:
+def fit(trainer, run, tokenizer, checkpoint: Path | None, state, cfg: RunConfig) -> RunResult:
     """Train (from `checkpoint` when resuming), save final/, record the outcome in run.json. Ctrl-C or SIGTERM
     stops after the current step with a checkpoint saved (status "stopped"; no final/)."""
     from tunelab.training.callbacks import GracefulStop, NonFiniteLossError
