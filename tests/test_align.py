@@ -161,7 +161,7 @@ def test_each_stage_learns_the_toy_preferences(tiny_llama, tmp_path, stage, extr
 @pytest.fixture()
 def captured(monkeypatch):
     """The trainer each run builds, kept for inspection after training."""
-    import tunelab.training.align_trainers as align_trainers
+    from tunelab.training import align_trainers
 
     built = []
     original = align_trainers.build_align_trainer
@@ -219,8 +219,9 @@ def test_data_reaches_trl_as_tunelab_encoded_it(tiny_llama, tmp_path, captured):
 
 def test_reference_is_the_base_with_the_adapter_disabled(tiny_llama, tmp_path, captured):
     cfg = make_config(tiny_llama, tmp_path, "dpo", "train.max_steps=3")
-    run_stage(cfg)
+    result = run_stage(cfg)
     trainer = captured[0]
+    assert json.loads((result.run_dir / "run.json").read_text())["reference"] == "disabled-adapter"
     assert trainer.ref_model is None  # no second model
     assert set(trainer.model.peft_config) == {"default"}  # and no copy of the adapter either
     rows = [trainer.train_dataset[i] for i in range(3)]
@@ -255,6 +256,7 @@ def test_methods_compose_with_dpo(method, tiny_llama, tmp_path, captured):
         assert trainer.ref_model is None and (result.final_dir / "adapter_config.json").is_file()
         return
     assert trainer.ref_model is not None  # full/freeze: the reference is a frozen second copy
+    assert json.loads((result.run_dir / "run.json").read_text())["reference"] == "separate-model"
     for name, param in trainer.ref_model.named_parameters():
         assert torch.equal(param, base[name]) and not param.requires_grad
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), base[n])}
@@ -308,7 +310,8 @@ def test_init_from_an_sft_run_keeps_the_sft_model_as_reference(tiny_llama, tmp_p
     assert not torch.allclose(sequence_logps(trained, probe.rows, trainer.data_collator), expected, atol=1e-3)
     assert "ref" not in trainer.accelerator.unwrap_model(trainer.model).peft_config  # dropped before final/
     assert not (result.final_dir / "ref").exists()
-    assert json.loads((result.run_dir / "run.json").read_text())["init_from"] == str(sft.run_dir)
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["init_from"] == str(sft.run_dir) and run["reference"] == "frozen-adapter"
 
 
 # ------------------------------------------------------------------------------------------ runs and guards
@@ -359,7 +362,7 @@ def test_nan_guard_stops_an_alignment_run(tiny_llama, tmp_path):
 
 
 def test_memory_estimate_counts_the_reference_forward(tiny_llama, tmp_path, capsys):
-    from tunelab.training.align import check_alignment_memory, reference_model_needed
+    from tunelab.training.align import AlignRun, check_alignment_memory, reference_model_needed
     from tunelab.training.sft import Precision
     from tunelab.training.stages import get_stage
 
@@ -370,7 +373,7 @@ def test_memory_estimate_counts_the_reference_forward(tiny_llama, tmp_path, caps
 
     def estimate(stage, *extra):
         cfg = make_config(tiny_llama, tmp_path, stage, *extra)
-        check_alignment_memory(cfg, get_stage(stage), tiny_llama, Data, "cpu", Precision(torch.float32, None), print)
+        check_alignment_memory(AlignRun(cfg, get_stage(stage), tiny_llama, "cpu", Precision(torch.float32, None)), Data)
         return capsys.readouterr().out
 
     assert "reference" in estimate("dpo") and "reference" not in estimate("orpo")

@@ -27,7 +27,6 @@ from tunelab.training.sft import (
     open_run,
     plan_precision,
     resume_point,
-    training_arguments,
 )
 from tunelab.training.stages import Stage, get_stage
 
@@ -88,14 +87,16 @@ def train_alignment(cfg: RunConfig, stage: Stage, resume: bool = False, callback
         template = resolve_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
         apply_template(tokenizer, template)
         data = prepare_stage_data(cfg, tokenizer, template, stage)
-    check_alignment_memory(cfg, stage, model_path, data, device, precision, say)
-    model = load_policy(cfg, stage, model_path, state.device, precision, tokenizer, say)
+    check_alignment_memory(AlignRun(cfg, stage, model_path, device, precision, say), data)
+    model = load_policy(AlignRun(cfg, stage, model_path, state.device, precision, say), tokenizer)
     speed = apply_speed_options(model, plan, cfg, say)
     if state.is_main_process:
         run.create()
         run.clean_staging()
     state.wait_for_everyone()
     checkpoint = resume_point(run, resume, state, say)
+    reference = describe_reference(cfg, stage)
+    say(f"reference: {reference.detail}")
     from tunelab.training.align_trainers import AlignSetup, build_align_trainer
 
     trainer = build_align_trainer(AlignSetup(cfg, stage, run, model, tokenizer, data, device, precision, model_path,
@@ -109,8 +110,20 @@ def train_alignment(cfg: RunConfig, stage: Stage, resume: bool = False, callback
                    model_path=str(model_path), model_source=_provenance(model_path), method=cfg.method.name,
                    template=template.name, data_fingerprint=data.fingerprint,
                    started_at=time.strftime("%Y-%m-%dT%H:%M:%S"), world_size=state.num_processes,
-                   init_from=init_source(cfg))
+                   init_from=init_source(cfg), reference=reference.kind)
     return fit(trainer, run, tokenizer, checkpoint, state, cfg)
+
+
+@dataclass
+class AlignRun:
+    """What the setup steps of an alignment run share."""
+
+    cfg: RunConfig
+    stage: Stage
+    model_path: Path
+    device: object  # "cpu", "cuda" or the process's torch device
+    precision: Precision
+    say: object = print  # prints on the main process only
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -177,11 +190,12 @@ def longest_sequence(dataset) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- memory
-def check_alignment_memory(cfg: RunConfig, stage: Stage, model_path: Path, data, device: str, precision: Precision,
-                           say) -> None:
+def check_alignment_memory(run: AlignRun, data) -> None:
     """The SFT estimate for the worst micro-batch (chosen and rejected rows of the longest pairs, or KTO's
     completion + KL rows) plus the reference forward; refuses a run that cannot fit."""
     from tunelab.training.memory import check_fits, estimate_for_run, reference_memory
+
+    cfg, stage, model_path, device, precision = run.cfg, run.stage, run.model_path, str(run.device), run.precision
 
     rows = 2  # chosen + rejected rows (kto: the completion + its KL row; rm: both scored sequences)
     longest = min(cfg.data.cutoff_len, longest_sequence(data.train))
@@ -194,7 +208,7 @@ def check_alignment_memory(cfg: RunConfig, stage: Stage, model_path: Path, data,
         layers = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).num_hidden_layers
         reference = reference_memory(estimate, layers, separate_copy=reference_model_needed(cfg))
         estimate = dataclasses.replace(estimate, reference=reference)
-    say(estimate.describe())
+    run.say(estimate.describe())
     check_fits(estimate, cfg.train.max_memory_gb, device)
 
 
@@ -207,26 +221,27 @@ def reference_model_needed(cfg: RunConfig) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def load_policy(cfg: RunConfig, stage: Stage, model_path: Path, device, precision: Precision, tokenizer, say):
+def load_policy(run: AlignRun, tokenizer):
     """The model to train: the causal LM with its method (as for SFT), or for `rm` a value-head model."""
     from tunelab.training.sft import load_for_training
 
-    if stage.name != "rm":
-        return load_for_training(cfg, model_path, device, precision, say)
-    return load_reward_model(cfg, model_path, device, precision, tokenizer, say)
+    if run.stage.name != "rm":
+        return load_for_training(run.cfg, run.model_path, run.device, run.precision, run.say)
+    return load_reward_model(run, tokenizer)
 
 
-def load_reward_model(cfg: RunConfig, model_path: Path, device, precision: Precision, tokenizer, say):
+def load_reward_model(run: AlignRun, tokenizer):
     """AutoModelForSequenceClassification with one label (the reward) on the same weights; LoRA's task type is
     then SEQ_CLS (methods/lora.py), which trains and saves the new `score` head beside the adapter."""
     from transformers import AutoModelForSequenceClassification, set_seed
 
     from tunelab.methods import apply_method, count_parameters, describe_parameters, method_load_kwargs
 
+    cfg, device = run.cfg, run.device
     set_seed(cfg.train.seed)
     extra = method_load_kwargs(cfg.method, str(device))
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=1, dtype=precision.dtype, attn_implementation=cfg.model.attn_implementation,
+        run.model_path, num_labels=1, dtype=run.precision.dtype, attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code, **extra)
     if "quantization_config" not in extra and "device_map" not in extra:
         model.to(device)
@@ -236,7 +251,7 @@ def load_reward_model(cfg: RunConfig, model_path: Path, device, precision: Preci
     if method.name == "freeze":  # the new head must learn whatever layers are frozen
         method = method.model_copy(update={"trainable_modules": [*method.trainable_modules, "score"]})
     model = apply_method(model, method)
-    say(f"method {cfg.method.name} (reward model): {describe_parameters(*count_parameters(model))}")
+    run.say(f"method {cfg.method.name} (reward model): {describe_parameters(*count_parameters(model))}")
     return model
 
 

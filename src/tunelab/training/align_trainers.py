@@ -90,12 +90,13 @@ class TunelabORPOTrainer(TunelabTrainer, ORPOTrainer):
         return pair_row(feature) if "prompt_ids" in feature else super().tokenize_row(feature, model)
 
 
-class TunelabRewardTrainer(TunelabTrainer, RewardTrainer):
-    RENAMES = {"accuracy": "rewards/accuracies", "margin": "rewards/margins"}  # the names the other stages log
+REWARD_RENAMES = {"accuracy": "rewards/accuracies", "margin": "rewards/margins"}  # the names the other stages log
 
+
+class TunelabRewardTrainer(TunelabTrainer, RewardTrainer):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         for metrics in self._metrics.values():
-            for old, new in self.RENAMES.items():
+            for old, new in REWARD_RENAMES.items():
                 if old in metrics:
                     metrics[new] = metrics.pop(old)
         super().log(logs, start_time)
@@ -128,8 +129,8 @@ def trl_arguments(config_class, base, **extra):
 
 def stage_arguments(setup: AlignSetup):
     """The TRL config of the stage, from the SFT training arguments plus the `align` section."""
-    from tunelab.training.trackers import start_trackers
     from tunelab.training.sft import _is_main
+    from tunelab.training.trackers import start_trackers
 
     cfg, a = setup.cfg, setup.cfg.align
     external = [n for n in cfg.train.report_to if n != "tensorboard"]
@@ -166,10 +167,11 @@ TRAINERS = {"dpo": TunelabDPOTrainer, "kto": TunelabKTOTrainer, "simpo": Tunelab
 def build_align_trainer(setup: AlignSetup):
     cfg, stage = setup.cfg, setup.stage
     args = stage_arguments(setup)
-    kwargs = dict(model=setup.model, args=args, train_dataset=setup.data.train, eval_dataset=setup.data.validation,
-                  processing_class=setup.tokenizer, keep_checkpoints=cfg.train.save_total_limit)
+    kwargs = {"model": setup.model, "args": args, "train_dataset": setup.data.train,
+              "eval_dataset": setup.data.validation, "processing_class": setup.tokenizer,
+              "keep_checkpoints": cfg.train.save_total_limit}
     if stage.name in ("dpo", "kto") and not cfg.align.reference_free and reference_model_needed(cfg):
-        kwargs["ref_model"] = load_reference(cfg, setup.model_path, setup.precision, setup.device)
+        kwargs["ref_model"] = load_reference(cfg, setup.model_path, setup.precision)
     if stage.name == "dpo":
         kwargs["reference_free"] = cfg.align.reference_free
     trainer = TRAINERS[stage.name](**kwargs)
@@ -180,7 +182,7 @@ def build_align_trainer(setup: AlignSetup):
     return trainer
 
 
-def load_reference(cfg: RunConfig, model_path: Path, precision: Precision, device: str):
+def load_reference(cfg: RunConfig, model_path: Path, precision: Precision):
     """full/freeze: the frozen starting weights as a second model, loaded the way the policy was."""
     from tunelab.models.load import load_model
 
