@@ -417,3 +417,22 @@ def test_cli_train_dispatches_on_the_stage(tiny_llama, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reward_acc" in out and "training done: 2 steps" in out
     assert json.loads((tmp_path / "runs" / "orpo" / "run.json").read_text())["stage"] == "orpo"
+
+
+def test_completion_only_log_probs_give_the_same_curve(tiny_llama, tmp_path):
+    """train.sparse_logits: TRL's fused lm_head skips prompt and padding positions on CPU too, same losses."""
+    import trl.trainer.utils as trl_utils
+
+    from tunelab.training.align_trainers import completion_only_log_probs
+
+    with completion_only_log_probs(True):
+        assert trl_utils._use_triton(torch.device("cpu"))
+    assert not trl_utils._use_triton(torch.device("cpu"))  # restored after the loss call
+    curves = {}
+    for sparse in ("true", "false"):
+        cfg = make_config(tiny_llama, tmp_path / sparse, "dpo", "train.max_steps=3", f"train.sparse_logits={sparse}",
+                          "train.mixed_precision=no")
+        curves[sparse] = records(run_stage(cfg).run_dir)
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        assert [r[key] for r in curves["true"]] == pytest.approx([r[key] for r in curves["false"]], rel=1e-4,
+                                                                 abs=1e-5), key

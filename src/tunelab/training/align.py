@@ -75,8 +75,10 @@ def train_alignment(cfg: RunConfig, stage: Stage, resume: bool = False, callback
     precision = plan_precision(cfg, device)
     state = distributed_state(device)
     plan = plan_speed(cfg, device, precision.autocast, False, state.num_processes)
-    # TRL computes its own log-probs (DPO/KTO: a chunked fused lm_head) and pads chosen/rejected in one batch
-    plan = dataclasses.replace(plan, sparse_logits=False, packed_attention=False)
+    # TRL pads chosen and rejected rows in one batch (no packing); sparse_logits: TRL's fused lm_head on completion
+    # positions only (align_trainers.completion_only_log_probs; DPO and KTO)
+    plan = dataclasses.replace(plan, sparse_logits=plan.sparse_logits and stage.name in ("dpo", "kto"),
+                               packed_attention=False)
     if plan.threads:
         set_threads(plan.threads)
     run, cfg = open_run(cfg, resume, state)
@@ -100,7 +102,7 @@ def train_alignment(cfg: RunConfig, stage: Stage, resume: bool = False, callback
     from tunelab.training.align_trainers import AlignSetup, build_align_trainer
 
     trainer = build_align_trainer(AlignSetup(cfg, stage, run, model, tokenizer, data, device, precision, model_path,
-                                             callbacks, echo, checkpoint))
+                                             callbacks, echo, checkpoint, sparse_logits=speed.sparse_logits))
     if state.is_main_process:
         from tunelab.training.sft import _env, _provenance
 

@@ -11,6 +11,7 @@ ids rendered by tunelab's template and masking) instead of applying its own chat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -37,8 +38,42 @@ def is_tokenized(dataset, columns: tuple[str, ...]) -> bool:
     return dataset is not None and set(columns) <= set(dataset.column_names)
 
 
+# ------------------------------------------------------------------------------------- completion-only log-probs
+@contextlib.contextmanager
+def completion_only_log_probs(enabled: bool):
+    """While active, TRL's fused lm_head (DPO, KTO) projects only the positions whose label is trained.
+
+    TRL 1.16 (trl/trainer/utils.py `_fused_forward`) scores only those positions where Triton runs (CUDA, XPU) and
+    every position elsewhere, prompt and padding included, masking the results afterwards; on CPU that is a 49k-column
+    projection per prompt token thrown away. The compact path is plain torch (an index, then `masked_scatter`) and
+    gives the same log-probs; its kernel choice is made separately (trl/kernels/chunked_logprob.py), so CPU keeps
+    the torch kernel. Scoped to the loss call and gated on the TRL version whose code this was checked against.
+    """
+    import trl
+    import trl.trainer.utils as trl_utils
+
+    if not enabled or not trl.__version__.startswith("1.16.") or not hasattr(trl_utils, "_use_triton"):
+        yield
+        return
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True  # noqa: ARG005 - read only by _fused_forward's `compact` choice
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+class CompletionOnlyLogProbs:
+    """Mixin for TRL trainers using the fused lm_head: the loss (and its reference forward) scores completions only
+    when the run's `train.sparse_logits` is on."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with completion_only_log_probs(self.sparse_logits):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
 # -------------------------------------------------------------------------------------------------------- trainers
-class TunelabDPOTrainer(TunelabTrainer, DPOTrainer):
+class TunelabDPOTrainer(CompletionOnlyLogProbs, TunelabTrainer, DPOTrainer):
     def __init__(self, *args, reference_free: bool = False, **kwargs):
         self.reference_free = reference_free  # read by _precompute_ref_logps, called inside DPOTrainer.__init__
         super().__init__(*args, **kwargs)
@@ -55,7 +90,7 @@ class TunelabDPOTrainer(TunelabTrainer, DPOTrainer):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
 
-class TunelabKTOTrainer(TunelabTrainer, KTOTrainer):
+class TunelabKTOTrainer(CompletionOnlyLogProbs, TunelabTrainer, KTOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if not is_tokenized(dataset, UNPAIRED_COLUMNS):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -117,6 +152,7 @@ class AlignSetup:
     callbacks: list | None = None
     echo: bool = True
     checkpoint: Path | None = None
+    sparse_logits: bool = False  # DPO/KTO: the fused lm_head scores completion positions only
 
 
 def trl_arguments(config_class, base, **extra):
@@ -169,7 +205,7 @@ def build_align_trainer(setup: AlignSetup):
     args = stage_arguments(setup)
     kwargs = {"model": setup.model, "args": args, "train_dataset": setup.data.train,
               "eval_dataset": setup.data.validation, "processing_class": setup.tokenizer,
-              "keep_checkpoints": cfg.train.save_total_limit}
+              "keep_checkpoints": cfg.train.save_total_limit, "sparse_logits": setup.sparse_logits}
     if stage.name in ("dpo", "kto") and not cfg.align.reference_free and reference_model_needed(cfg):
         kwargs["ref_model"] = load_reference(cfg, setup.model_path, setup.precision)
     if stage.name == "dpo":
