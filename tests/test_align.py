@@ -436,3 +436,53 @@ def test_completion_only_log_probs_give_the_same_curve(tiny_llama, tmp_path):
     for key in ("loss", "rewards/margins", "logps/chosen"):
         assert [r[key] for r in curves["true"]] == pytest.approx([r[key] for r in curves["false"]], rel=1e-4,
                                                                  abs=1e-5), key
+
+
+@pytest.mark.parametrize("stage,method", [
+    ("rm", "freeze"), ("rm", "full"), ("rm", "dora"), ("kto", "full"), ("orpo", "freeze"), ("simpo", "full"),
+    ("dpo", "qlora"), ("kto", "qlora"),
+])
+def test_every_stage_composes_with_the_methods(stage, method, tiny_llama, tmp_path, captured):
+    section = {"freeze": "method={name: freeze, trainable_layers: 1}", "full": "method={name: full}",
+               "dora": "method={name: dora, r: 4, dropout: 0.0}", "qlora": "method={name: qlora, r: 4, dropout: 0.0}"}
+    if method == "qlora":
+        from tunelab.methods import check_method_available
+        from tunelab.errors import MethodUnavailableError
+
+        try:
+            check_method_available(make_config(tiny_llama, tmp_path, stage, section[method]).method, "cpu")
+        except MethodUnavailableError as e:
+            pytest.skip(str(e))
+    result = run_stage(make_config(tiny_llama, tmp_path, stage, "train.max_steps=2", section[method]))
+    assert result.status == "completed"
+    assert [r["step"] for r in records(result.run_dir)] == [1, 2]
+    model = captured[0].accelerator.unwrap_model(captured[0].model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if stage == "rm":
+        assert any("score" in n for n in trainable)  # the new value head always trains
+    if method == "freeze":
+        assert all(".layers.1." in n or "score" in n for n in trainable), trainable
+    needs_copy = stage in ("dpo", "kto") and method in ("full", "freeze")
+    assert (getattr(captured[0], "ref_model", None) is not None) == needs_copy
+
+
+def test_reward_model_reloads_from_final_with_its_value_head(tiny_llama, tmp_path, captured):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    result = run_stage(make_config(tiny_llama, tmp_path, "rm"))
+    trainer = captured[0]
+    config = json.loads((result.final_dir / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(rows)
+    live = trainer.accelerator.unwrap_model(trainer.model).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1, dtype=torch.float32)
+    base.config.pad_token_id = trainer.processing_class.pad_token_id
+    reloaded = PeftModel.from_pretrained(base, str(result.final_dir)).eval()
+    with torch.no_grad():
+        expected = live(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        scores = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(scores, expected, atol=2e-2)  # the live base was bf16 (train.bf16_frozen_base)
+    chosen, rejected = scores.squeeze(-1).chunk(2)
+    assert (chosen > rejected).float().mean() >= 0.75  # it learned to prefer the chosen replies
