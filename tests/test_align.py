@@ -446,8 +446,8 @@ def test_every_stage_composes_with_the_methods(stage, method, tiny_llama, tmp_pa
     section = {"freeze": "method={name: freeze, trainable_layers: 1}", "full": "method={name: full}",
                "dora": "method={name: dora, r: 4, dropout: 0.0}", "qlora": "method={name: qlora, r: 4, dropout: 0.0}"}
     if method == "qlora":
-        from tunelab.methods import check_method_available
         from tunelab.errors import MethodUnavailableError
+        from tunelab.methods import check_method_available
 
         try:
             check_method_available(make_config(tiny_llama, tmp_path, stage, section[method]).method, "cpu")

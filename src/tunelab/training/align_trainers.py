@@ -56,7 +56,7 @@ def completion_only_log_probs(enabled: bool):
         yield
         return
     original = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: True  # noqa: ARG005 - read only by _fused_forward's `compact` choice
+    trl_utils._use_triton = lambda device: True  # read only by _fused_forward's `compact` choice
     try:
         yield
     finally:
