@@ -417,6 +417,11 @@ def test_cli_train_dispatches_on_the_stage(tiny_llama, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reward_acc" in out and "training done: 2 steps" in out
     assert json.loads((tmp_path / "runs" / "orpo" / "run.json").read_text())["stage"] == "orpo"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "orpo" / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/rewards/accuracies", "train/rewards/margins", "train/loss"} <= tags, tags
 
 
 def test_completion_only_log_probs_give_the_same_curve(tiny_llama, tmp_path):
