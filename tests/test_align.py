@@ -150,6 +150,7 @@ def test_each_stage_learns_the_toy_preferences(tiny_llama, tmp_path, stage, extr
     assert len(losses) == cfg.train.max_steps and all(map(torch.isfinite, torch.tensor(losses)))
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
     assert logged[-1]["rewards/margins"] > 0  # the chosen replies now score above the rejected ones
+    assert logged[-1]["tokens_per_s"] > 0  # every stage counts its tokens (orpo/simpo have no input_ids)
     if stage != "kto":  # KTO has no pairs, so no pairwise accuracy
         assert logged[-1]["rewards/accuracies"] >= 0.5
     run = json.loads((result.run_dir / "run.json").read_text())

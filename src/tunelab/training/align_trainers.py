@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -115,12 +116,25 @@ def pair_row(feature: dict) -> dict:
     return row
 
 
-class TunelabCPOTrainer(TunelabTrainer, CPOTrainer):
+class PairTokenCount:
+    """CPO/ORPO batches hold chosen_*/rejected_* tensors and no input_ids, so transformers counts no tokens (no
+    tokens/s); count both sequences' real tokens, as DPO's attention_mask does, so the stages compare."""
+
+    def _track_num_input_tokens(self, inputs):
+        if self.args.include_num_input_tokens_seen == "no" or "chosen_attention_mask" not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        count = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+        count = torch.as_tensor(count, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
+        return None
+
+
+class TunelabCPOTrainer(PairTokenCount, TunelabTrainer, CPOTrainer):
     def tokenize_row(self, feature, model=None):
         return pair_row(feature) if "prompt_ids" in feature else super().tokenize_row(feature, model)
 
 
-class TunelabORPOTrainer(TunelabTrainer, ORPOTrainer):
+class TunelabORPOTrainer(PairTokenCount, TunelabTrainer, ORPOTrainer):
     def tokenize_row(self, feature, model=None):
         return pair_row(feature) if "prompt_ids" in feature else super().tokenize_row(feature, model)
 
