@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return launch(args, cfg)
     from tunelab.training.callbacks import StopBeforeTraining
-    from tunelab.training.sft import train
+    from tunelab.training.stages import get_stage
 
     with StopBeforeTraining():  # SIGTERM outside the training loop exits 130 too, like Ctrl-C
-        result = train(cfg, resume=args.resume)
+        result = get_stage(cfg.stage).run(cfg, resume=args.resume)  # sft, dpo, orpo, simpo, kto, rm
     if int(os.environ.get("RANK", "0")) == 0:
         print_next_steps(result, cfg)
     return 130 if result.status == "stopped" else 0  # 130: the shell's code for "stopped by Ctrl-C"
@@ -68,6 +68,9 @@ def print_next_steps(result, cfg: RunConfig) -> None:
     print(f"\ntraining done: {metrics.get('global_step')} steps" + (f", final loss {loss:.4f}" if loss else ""))
     print(f"{what}: {result.final_dir}")
     print(f"run folder: {result.run_dir} (metrics.jsonl, loss.png, tb/)")
+    if cfg.stage == "rm":  # a value head scores replies; it does not chat
+        print(f"next: tunelab eval {result.run_dir}")
+        return
     print(f"next: tunelab chat {result.run_dir}")
     print(f"      tunelab eval {result.run_dir}")
 

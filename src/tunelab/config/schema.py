@@ -16,6 +16,7 @@ from pydantic import (
     SerializeAsAny,
     TypeAdapter,
     WrapValidator,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -331,6 +332,40 @@ class TrainConfig(Section):
         return data
 
 
+# ----------------------------------------------------------------------------------------------------------- align
+class AlignConfig(Section):
+    """Preference alignment hyper-parameters (`stage: dpo | orpo | simpo | kto | rm`); each goes to TRL's trainer."""
+
+    beta: float | None = Field(
+        None, gt=0, description="Strength of the preference term. dpo/kto: the KL penalty beta (default 0.1); orpo: "
+        "the odds-ratio weight lambda (default 0.1); simpo: the reward scale beta (default 2.0). Unused by rm."
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
+                       "apo_zero", "apo_down", "discopop"] = Field(
+        "sigmoid", description="dpo: TRL's DPO loss variant (sigmoid: the DPO paper; ipo; hinge (SLiC); robust "
+        "(noise-robust DPO, uses label_smoothing); ...)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo (sigmoid, robust) and simpo: assumed share of flipped preference labels."
+    )
+    reference_free: bool = Field(
+        False, description="dpo: score against a uniform reference (reference log-probs 0): no reference forward."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="dpo/kto: compute the reference log-probs once before training (full/freeze methods then "
+        "need no second model copy in memory)."
+    )
+    simpo_gamma: float = Field(0.5, description="simpo: target reward margin gamma.")
+    cpo_alpha: float = Field(
+        0.0, ge=0, description="simpo: weight of the NLL term on the chosen reply (0: pure SimPO; 1: CPO-SimPO)."
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="kto: loss weight of desirable examples.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: loss weight of undesirable examples.")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="rm: pull the mean reward towards 0 with this weight (None: off)."
+    )
+
+
 # ------------------------------------------------------------------------------------------------------------ eval
 class CheckConfig(Section):
     kind: Literal["regex", "contains"] = "contains"
@@ -395,6 +430,10 @@ class ServeConfig(Section):
 
 # ------------------------------------------------------------------------------------------------------------- run
 class RunConfig(Section):
+    stage: str = Field(
+        "sft", description="Training stage: sft (supervised fine-tuning), dpo, orpo, simpo, kto (preference "
+        "alignment on TRL) or rm (a reward model with a value head); README: Alignment."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=LoraConfig)
@@ -402,6 +441,16 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, value: str) -> str:
+        from tunelab.training.stages import known_stages  # the registry itself imports nothing heavy
+
+        if value not in known_stages():
+            raise ValueError(f"unknown stage {value!r}; known stages: {', '.join(known_stages())}")
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -7,14 +7,14 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 
 
-def peft_lora_config(cfg):
+def peft_lora_config(cfg, task_type: str = "CAUSAL_LM"):
     """tunelab's LoraConfig / DoraConfig / QLoraConfig section -> peft.LoraConfig."""
     from peft import LoraConfig as PeftLoraConfig
 
     from tunelab.config.schema import DoraConfig
 
     return PeftLoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -30,6 +30,8 @@ def load_initial_adapter(model, path: str):
     from peft import PeftModel
 
     folder = Path(path).expanduser()
+    if (folder / "final" / "adapter_config.json").is_file():  # a run folder: its final adapter (SFT -> DPO)
+        folder = folder / "final"
     if not (folder / "adapter_config.json").is_file():
         raise TunelabError(
             f"method.init_from: {folder} has no adapter_config.json; point it at a run's final/ folder or a "
@@ -41,13 +43,18 @@ def load_initial_adapter(model, path: str):
         raise TunelabError(f"method.init_from: cannot load the adapter in {folder} on this model: {e}") from e
 
 
+def task_type(model) -> str:
+    """SEQ_CLS for a reward model (a value head; peft then also trains and saves its `score` head), else CAUSAL_LM."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
 def apply_lora(model, cfg):
     from peft import get_peft_model
 
     if cfg.init_from:
         return load_initial_adapter(model, cfg.init_from)
     try:
-        return get_peft_model(model, peft_lora_config(cfg))
+        return get_peft_model(model, peft_lora_config(cfg, task_type(model)))
     except ValueError as e:  # e.g. target modules that do not exist in this architecture
         raise TunelabError(f"method.target_modules: {e}") from e
 

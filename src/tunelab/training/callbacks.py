@@ -32,6 +32,10 @@ def format_log_line(record: dict, max_steps: int) -> str:
         parts.append(f"loss {record['loss']:.4f}")
     if "eval_loss" in record:
         parts.append(f"eval_loss {record['eval_loss']:.4f}")
+    for key, short in (("rewards/accuracies", "reward_acc"), ("rewards/margins", "margin"),
+                       ("eval_rewards/accuracies", "eval_reward_acc")):  # alignment stages (TRL's names)
+        if key in record:
+            parts.append(f"{short} {record[key]:.3f}")
     if "lr" in record:
         parts.append(f"lr {record['lr']:.2e}")
     if record.get("tokens_per_s"):

@@ -11,9 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.config.schema import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +40,18 @@ class MemoryEstimate:
     trainable_params: int
     total_params: int
     tokens_per_step: int
+    reference: float = 0.0  # alignment: the reference model's forward (and its weights when it is a second copy)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+                + self.reference)
 
     def describe(self) -> str:
         parts = ", ".join(
             f"{name} {getattr(self, name) / GB:.2f}"
             for name in ("weights", "gradients", "optimizer", "activations", "logits", "overhead")
-        )
+        ) + (f", reference {self.reference / GB:.2f}" if self.reference else "")
         return (f"memory estimate: {self.total / GB:.2f} GB ({parts} GB; {self.tokens_per_step:,} tokens per "
                 f"micro-batch, {self.trainable_params:,} of {self.total_params:,} params trainable)")
 
@@ -94,6 +100,14 @@ def estimate_memory(config, *, trainable: int, total: int, weight_bytes: float, 
         total_params=total,
         tokens_per_step=tokens_per_step,
     )
+
+
+def reference_memory(estimate: MemoryEstimate, layers: int, separate_copy: bool) -> float:
+    """Bytes the reference forward of an alignment step adds: it runs without gradients, so it keeps one decoder
+    layer's working set instead of every layer's activations, plus its logits (TRL: fp32 log-probs, no gradients);
+    a separate reference model (full/freeze methods) also holds a second copy of the weights."""
+    transient = estimate.activations / max(1, layers) + estimate.logits / 3
+    return transient + (estimate.weights if separate_copy else 0.0)
 
 
 def count_with_method(model_path: Path, method_cfg, trust_remote_code: bool = False) -> tuple[int, int, object]:

@@ -87,7 +87,7 @@ def distributed_state(device: str):
     return PartialState(cpu=device == "cpu")
 
 
-def open_run(cfg, resume: bool, state):
+def open_run(cfg: RunConfig, resume: bool, state):
     """Choose the run folder (the same on every rank; created once the run is sure to start), and the config
     naming it."""
     from accelerate.utils import broadcast_object_list
@@ -128,7 +128,7 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def plan_precision(cfg, device: str) -> Precision:
+def plan_precision(cfg: RunConfig, device: str) -> Precision:
     import torch
 
     from tunelab.methods import get_method
@@ -155,7 +155,7 @@ def longest_example(data) -> int:
     return int(longest) if longest else max(len(ids) for ids in data.train["input_ids"])
 
 
-def check_memory(cfg, model_path: Path, data, device: str, precision: Precision, say) -> None:
+def check_memory(cfg: RunConfig, model_path: Path, data, device: str, precision: Precision, say) -> None:
     """Print the estimate and refuse a run that cannot fit, before the weights are loaded."""
     from tunelab.training.memory import check_fits, estimate_for_run
 
@@ -167,7 +167,7 @@ def check_memory(cfg, model_path: Path, data, device: str, precision: Precision,
     check_fits(estimate, cfg.train.max_memory_gb, device)
 
 
-def load_for_training(cfg, model_path: Path, device, precision: Precision, say):
+def load_for_training(cfg: RunConfig, model_path: Path, device, precision: Precision, say):
     from transformers import set_seed
 
     from tunelab.methods import apply_method, count_parameters, describe_parameters, method_load_kwargs
@@ -195,7 +195,7 @@ def apply_speed_options(model, plan, cfg: RunConfig, say, undo: ExitStack):
     return applied
 
 
-def uses_packing(cfg) -> bool:
+def uses_packing(cfg: RunConfig) -> bool:
     from tunelab.methods import get_method
 
     return cfg.data.packing and get_method(cfg.method.name).supports_packing
@@ -207,7 +207,7 @@ def make_collator(cfg: RunConfig, tokenizer):
     return data_collator(uses_packing(cfg), tokenizer)
 
 
-def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bool, external: list[str],
+def training_arguments(cfg: RunConfig, run, device: str, precision: Precision, has_eval: bool, external: list[str],
                        echo: bool):
     from transformers import TrainingArguments
 
@@ -239,13 +239,9 @@ def training_arguments(cfg, run, device: str, precision: Precision, has_eval: bo
     )
 
 
-def build_trainer(cfg, run, model, tokenizer, data, device: str, precision: Precision, callbacks, echo: bool,
+def build_trainer(cfg: RunConfig, run, model, tokenizer, data, device: str, precision: Precision, callbacks, echo: bool,
                   checkpoint: Path | None = None, sparse_logits: bool = False):
-    from transformers import EarlyStoppingCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from tunelab.training.callbacks import MonitorCallback, RunStatusCallback
-    from tunelab.training.trackers import start_trackers, tensorboard_callback
+    from tunelab.training.trackers import start_trackers
     from tunelab.training.trainer import TunelabTrainer
 
     main = _is_main()
@@ -259,16 +255,28 @@ def build_trainer(cfg, run, model, tokenizer, data, device: str, precision: Prec
         data_collator=make_collator(cfg, tokenizer), processing_class=tokenizer,
         keep_checkpoints=cfg.train.save_total_limit, sparse_logits=sparse_logits,
     )
+    add_monitoring(trainer, cfg, run, echo, checkpoint, callbacks)
+    return trainer
+
+
+def add_monitoring(trainer, cfg: RunConfig, run, echo: bool, checkpoint: Path | None, callbacks) -> None:
+    """tunelab's progress bar + console line + metrics.jsonl, run.json updates, TensorBoard, early stopping and the
+    caller's callbacks, instead of transformers' printer; every stage's trainer (SFT's, TRL's) gets the same."""
+    from transformers import EarlyStoppingCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tunelab.training.callbacks import MonitorCallback, RunStatusCallback
+    from tunelab.training.trackers import tensorboard_callback
+
     for default in (ProgressCallback, PrinterCallback):  # replaced by MonitorCallback (bar + line + JSONL)
         trainer.remove_callback(default)
     extra = [MonitorCallback(run.metrics, echo=echo), RunStatusCallback(run)]
-    if main:
+    if _is_main():
         extra.append(tensorboard_callback(run.tb, purge_step=checkpoint_step(checkpoint) + 1 if checkpoint else None))
-    if args.load_best_model_at_end:
+    if trainer.args.load_best_model_at_end:
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     for callback in extra + list(callbacks or []):
         trainer.add_callback(callback)
-    return trainer
 
 
 def _provenance(model_path: Path) -> dict | None:
@@ -314,7 +322,7 @@ def resume_point(run, resume: bool, state, say) -> Path | None:
     return checkpoint
 
 
-def fit(trainer, run, tokenizer, checkpoint: Path | None, state, cfg) -> RunResult:
+def fit(trainer, run, tokenizer, checkpoint: Path | None, state, cfg: RunConfig) -> RunResult:
     """Train (from `checkpoint` when resuming), save final/, record the outcome in run.json. Ctrl-C or SIGTERM
     stops after the current step with a checkpoint saved (status "stopped"; no final/)."""
     from tunelab.training.callbacks import GracefulStop, NonFiniteLossError
@@ -404,6 +412,8 @@ def summarize(trainer, output, run) -> dict:
                "runtime_s": output.metrics.get("train_runtime"), "tokens_seen": trainer.state.num_input_tokens_seen}
     speeds = [h["train_tokens_per_second"] for h in history if "train_tokens_per_second" in h]
     metrics["tokens_per_s"] = speeds[-1] if speeds else None  # input tokens per second of this session
+    for record in history:  # alignment stages: the last value of TRL's rewards/*, logps/* (and eval_rewards/*)
+        metrics.update({k: v for k, v in record.items() if "/" in k})
     return metrics
 
 
