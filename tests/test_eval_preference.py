@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +146,146 @@ def test_accuracy_counts_ties_as_half_and_margins_are_means():
     assert summary["logp_accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert summary["logp_margin"] == pytest.approx((1.0 + 0.0 - 2.0) / 3)
     assert not math.isnan(summary["logp_chosen"])
+
+
+# ------------------------------------------------------------------------- evaluate / compare on pair files
+PAIRS = [
+    {"prompt": "What is your name?", "chosen": "I am Tuna.", "rejected": "My name is a long story that starts..."},
+    {"prompt": "2 + 2 = ?", "chosen": "4", "rejected": "Let me think about numbers in general first."},
+    {"prompt": "用一句话介绍长城。", "chosen": "长城是中国古代的防御工程。", "rejected": "这个问题很复杂。"},
+    {"prompt": "Name a colour of the sky.", "chosen": "Blue.", "rejected": "Colours are a matter of taste."},
+]
+
+
+def _stand_in_preference_module():
+    """Until the data stage's tunelab.data.preference is merged in this branch: the contract's shape
+    (ALIGN-CONTRACT), TRL prompt/chosen/rejected records only, encoded with SFT's encoder (last reply trained)."""
+    import json
+    import types
+    from dataclasses import dataclass
+
+    from tunelab.data.encode import encode_conversation
+    from tunelab.data.types import Conversation, Message
+
+    @dataclass
+    class PreferenceExample:
+        prompt: Conversation
+        chosen: Message | None
+        rejected: Message | None
+        label: bool | None = None
+        source: str = ""
+
+    def load_preference_examples(spec, dataset_dir, variables):
+        lines = Path(spec.path).read_text(encoding="utf-8").splitlines()
+        examples = [PreferenceExample(Conversation([Message("user", r["prompt"])], source=f"{spec.path}:{n}"),
+                                      Message("assistant", r["chosen"]), Message("assistant", r["rejected"]),
+                                      source=f"{spec.path}:{n}")
+                    for n, r in ((n, json.loads(line)) for n, line in enumerate(lines, 1))]
+        return types.SimpleNamespace(examples=examples, rejects=[], records_read=len(lines), name=spec.path)
+
+    def encode_preference(example, template, tokenizer, cutoff_len):
+        out = {}
+        for key, reply in (("chosen", example.chosen), ("rejected", example.rejected)):
+            enc = encode_conversation(Conversation([*example.prompt.messages, reply]), template, tokenizer,
+                                      cutoff_len, "last_assistant")
+            start = next(i for i, label in enumerate(enc["labels"]) if label != -100)
+            out["prompt_input_ids"] = enc["input_ids"][:start]
+            out[f"{key}_input_ids"] = [t for t in enc["labels"][start:] if t != -100]
+        return out
+
+    module = types.ModuleType("tunelab.data.preference")
+    module.PreferenceExample = PreferenceExample
+    module.load_preference_examples = load_preference_examples
+    module.encode_preference = encode_preference
+    return module
+
+
+@pytest.fixture()
+def preference_data(monkeypatch, tmp_path):
+    import importlib
+    import json
+    import sys
+
+    try:
+        importlib.import_module("tunelab.data.preference")
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "tunelab.data.preference", _stand_in_preference_module())
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PAIRS), encoding="utf-8")
+    return path
+
+
+def test_eval_on_a_pair_file_reports_accuracy_and_margin_like_a_hand_computation(tiny_llama, preference_data,
+                                                                                  tmp_path):
+    from peft import PeftModel
+    from test_inference_support import make_adapter
+    from transformers import AutoModelForCausalLM
+    from tunelab.data.preference import encode_preference
+
+    from tunelab.config.schema import DataConfig, DatasetSpec, EvalConfig
+    from tunelab.data.types import Conversation
+    from tunelab.evaluation.evaluate import evaluate
+    from tunelab.evaluation.examples import load_preference_pairs
+    from tunelab.inference.hf import load_engine
+
+    adapter = make_adapter(tiny_llama, tmp_path / "aligned")
+    result = evaluate(str(adapter), str(preference_data), EvalConfig(metrics=["preference", "exact_match"],
+                      max_new_tokens=4, batch_size=2), output_dir=tmp_path / "out")
+    assert result.info["reference"].startswith("the base model") and result.info["pairs_scored"] == 4
+    assert "exact_match" in result.metrics  # generation metrics still run on the prompts (reference = chosen)
+    assert "loss" not in result.metrics
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                       adapter).eval()
+    examples = load_preference_pairs([DatasetSpec(path=str(preference_data))], DataConfig())
+    margins = []
+    engine = load_engine(str(adapter))
+    for example, record in zip(examples, result.predictions):
+        ids = encode_preference(example, engine.template, engine.tokenizer, 1024)
+        p, c, r = ids["prompt_input_ids"], ids["chosen_input_ids"], ids["rejected_input_ids"]
+        reward_c = 0.1 * (_hand_logp(policy, p, c) - _hand_logp(base, p, c))
+        reward_r = 0.1 * (_hand_logp(policy, p, r) - _hand_logp(base, p, r))
+        assert record.scores["reward_chosen"] == pytest.approx(reward_c, abs=1e-4)
+        assert record.scores["reward_margin"] == pytest.approx(reward_c - reward_r, abs=1e-4)
+        assert record.rejected == example.rejected.content and record.reference == example.chosen.content
+        margins.append(reward_c - reward_r)
+    assert result.metrics["reward_margin"] == pytest.approx(sum(margins) / 4, abs=1e-4)
+    assert result.metrics["reward_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 4)
+    assert isinstance(examples[0].prompt, Conversation)
+
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## Preference pairs" in md and "Rejected:" in md and "| reward |" in md and "| logp |" in md
+    assert PAIRS[0]["rejected"] in md or PAIRS[1]["rejected"] in md
+    assert "<h2>Preference pairs</h2>" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+
+
+def test_compare_base_vs_aligned_side_by_side(tiny_llama, preference_data, tmp_path, capsys):
+    from test_inference_support import make_adapter
+
+    from tunelab.cli.main import main
+
+    adapter = make_adapter(tiny_llama, tmp_path / "aligned")
+    code = main(["eval", str(tiny_llama), "--compare", str(adapter), "--data", str(preference_data),
+                 "--metrics", "preference", "--output", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    assert rows["reward_accuracy"][1] == "0.500"  # the base is its own reference: every pair ties
+    assert rows["reward_margin"][1] == "0.0000"
+    assert rows["logp_accuracy"][1] != "-" and rows["logp_accuracy"][2] != "-"  # defined for both models
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text(encoding="utf-8"))
+    assert comparison["models"] == ["llama", "aligned"]
+    base_info = json.loads((tmp_path / "cmp" / "1-llama" / "metrics.json").read_text(encoding="utf-8"))["info"]
+    assert "implicit reward is 0 by definition" in base_info["reference"]
+
+
+def test_preference_metric_without_pairs_is_an_error(tiny_llama, tmp_path):
+    from tunelab.config.schema import EvalConfig
+    from tunelab.errors import TunelabError
+    from tunelab.evaluation.evaluate import evaluate
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"instruction": "Hi", "output": "Hello"}\n', encoding="utf-8")
+    with pytest.raises(TunelabError, match="no chosen/rejected pairs"):
+        evaluate(str(tiny_llama), str(data), EvalConfig(metrics=["preference"]), write=False)

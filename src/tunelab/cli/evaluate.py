@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="PEFT adapter folder to apply on MODEL")
     parser.add_argument("--config", help="run config YAML whose eval section gives the defaults "
                                          "(default: the run's own config.yaml when MODEL is a run)")
-    parser.add_argument("--metrics", help="comma-separated: loss,perplexity,bleu,rouge,exact_match")
+    parser.add_argument("--metrics", help="comma-separated: loss,perplexity,bleu,rouge,exact_match,preference "
+                                          "(preference alone: only the pairwise scores of chosen/rejected data)")
     parser.add_argument("--check", action="append", default=[], metavar="KIND:PATTERN",
                         help="extra pass/fail check per prediction, e.g. contains:Paris or regex:^\\d+$ (repeatable)")
     parser.add_argument("--max-samples", type=int, help="evaluate only the first N examples")

@@ -249,7 +249,8 @@ class EvalConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (only with do_sample).")
     metrics: list[str] = Field(
         default_factory=lambda: ["loss", "perplexity", "bleu", "rouge", "exact_match"],
-        description="Metrics to compute: loss, perplexity, bleu, rouge, exact_match (see docs/metrics.md).",
+        description="Metrics to compute: loss, perplexity, bleu, rouge, exact_match, preference (pairwise accuracy "
+        "and margin on chosen/rejected pairs, always computed on preference data; see docs/metrics.md).",
     )
     checks: list[CheckConfig] = Field(default_factory=list, description="Extra regex/contains checks.")
     output_dir: str | None = Field(None, description="Where reports go (default: <run>/eval, else eval/<model>).")

@@ -27,6 +27,9 @@ _WORD = re.compile(r"[^\W_]+")
 _SPACE = re.compile(r"\s+")
 
 MODEL_METRICS = ("loss", "perplexity")  # computed from the model's logits, not from generated text
+# Pairwise accuracy and margin on chosen/rejected pairs (evaluation/preference.py): computed on preference data
+# whatever the list says; naming it alone (`--metrics preference`) skips generation and the loss.
+PREFERENCE_METRIC = "preference"
 
 
 def _install_hint(package: str) -> TunelabError:
@@ -191,11 +194,11 @@ def get_metric(name: str) -> TextMetric:
 
 
 def known_metrics() -> list[str]:
-    return [*MODEL_METRICS, *_TEXT_METRICS]
+    return [*MODEL_METRICS, *_TEXT_METRICS, PREFERENCE_METRIC]
 
 
 def check_metric_names(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in MODEL_METRICS and n not in _TEXT_METRICS]
+    unknown = [n for n in names if n not in MODEL_METRICS and n not in _TEXT_METRICS and n != PREFERENCE_METRIC]
     if unknown:
         raise TunelabError(f"eval.metrics: unknown metric(s) {', '.join(unknown)}; "
                            f"known: {', '.join(known_metrics())}")
@@ -211,7 +214,7 @@ def score_example(prediction: str, reference: str, metrics: Sequence[str], check
     """All requested text scores of one example (model metrics such as loss are skipped here)."""
     scores: dict[str, float] = {}
     for name in metrics:
-        if name not in MODEL_METRICS:
+        if name not in MODEL_METRICS and name != PREFERENCE_METRIC:
             scores.update(get_metric(name)(prediction, reference))
     for check in checks:
         scores[check.name] = check(prediction)

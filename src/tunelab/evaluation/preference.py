@@ -297,3 +297,60 @@ def load_reward_model(run_dir: Path, device: str = "auto", dtype: str = "auto"):
     template = load_template(tokenizer, None, art.template_file, art.run_config.data.enable_thinking
                              if art.run_config is not None else None)
     return model.to(where).eval(), tokenizer, template
+
+
+@dataclass
+class RewardEngine:
+    """An rm run loaded for evaluation: what evaluate_engine needs from an engine, with a value head instead of
+    a language-model head (it scores sequences; it cannot generate, so only preference metrics apply)."""
+
+    model: Any
+    tokenizer: Any
+    template: Any
+    name: str
+    artifact: Any = None
+    reward_model: bool = True
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+               add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def load_reward_engine(run_dir: Path, device: str = "auto", dtype: str = "auto") -> RewardEngine:
+    from tunelab.inference.artifacts import resolve_artifact
+
+    model, tokenizer, template = load_reward_model(run_dir, device, dtype)
+    return RewardEngine(model, tokenizer, template, Path(run_dir).name, resolve_artifact(str(run_dir)))
+
+
+@dataclass
+class PreferenceResult:
+    metrics: dict[str, float]  # summarize() over the scored pairs
+    per_example: list[dict[str, float]]  # one dict per pair ({} where the pair could not be encoded)
+    info: dict[str, Any]
+
+
+def measure_preference(engine, examples: Sequence[Any], cutoff_len: int, batch_size: int = 8) -> PreferenceResult:
+    """Score PreferenceExamples with an engine (HFEngine or RewardEngine): the implicit reward against the
+    engine's reference and the reference-free log-likelihood preference, or the reward model's scores."""
+    run_config = getattr(getattr(engine, "artifact", None), "run_config", None)
+    beta = run_beta(run_config)
+    encoded = encode_pairs(examples, engine.template, engine.tokenizer, cutoff_len)
+    kept = [i for i, p in enumerate(encoded) if p is not None]
+    if not kept:
+        raise DataError(f"none of the {len(examples)} preference pairs has a reply token left after encoding "
+                        f"(cutoff_len={cutoff_len}); nothing to score")
+    pairs = [encoded[i] for i in kept]
+    pad = engine.tokenizer.pad_token_id
+    info: dict[str, Any] = {"pairs_scored": len(kept), "pairs_skipped": len(examples) - len(kept)}
+    if getattr(engine, "reward_model", False):
+        raw = score_pairs(None, pairs, pad, reward_model=engine.model, batch_size=batch_size)
+        info["scores"] = "reward model (value head)"
+    else:
+        reference = resolve_reference(engine)
+        raw = score_pairs(engine.model, pairs, pad, reference=reference, batch_size=batch_size)
+        info.update(beta=beta, reference=reference.description)
+    per_example: list[dict[str, float]] = [{} for _ in examples]
+    for i, scores in zip(kept, raw):
+        per_example[i] = scores.scores(beta)
+    return PreferenceResult(summarize([per_example[i] for i in kept]), per_example, info)
