@@ -121,6 +121,33 @@ def test_a_model_without_reference_has_zero_implicit_reward_and_ties(causal):
     assert "logp_accuracy" in summary  # the reference-free preference is still defined
 
 
+def test_a_reference_free_run_is_measured_against_log_probs_of_zero(causal):
+    pair = _pairs()[1]
+    s = score_pairs(causal, [pair], 0, reference=Reference("uniform"))[0].scores(BETA)
+    assert s["reward_chosen"] == pytest.approx(BETA * _hand_logp(causal, pair.prompt_ids, pair.chosen_ids), abs=1e-4)
+
+
+def test_resolve_reference_follows_the_run(tiny_llama, causal, tmp_path):
+    from types import SimpleNamespace
+
+    from tunelab.config.schema import RunConfig
+    from tunelab.evaluation.preference import init_adapter_path, resolve_reference, run_beta
+
+    policy = _lora(causal, seed=4)
+    (tmp_path / "runs" / "sft" / "final").mkdir(parents=True)
+    policy.save_pretrained(tmp_path / "runs" / "sft" / "final")
+    plain = SimpleNamespace(model=policy, artifact=SimpleNamespace(run_config=RunConfig(), run_dir=None))
+    assert resolve_reference(plain).kind == "adapter_disabled"
+    chained = RunConfig.model_validate({"method": {"name": "lora", "init_from": "runs/sft"}})
+    engine = SimpleNamespace(model=policy, artifact=SimpleNamespace(run_config=chained,
+                                                                     run_dir=tmp_path / "runs" / "dpo"))
+    reference = resolve_reference(engine)  # relative init_from: found beside the run
+    assert reference.kind == "init_adapter" and reference.adapter == tmp_path / "runs" / "sft" / "final"
+    assert init_adapter_path(tmp_path / "runs" / "sft") == tmp_path / "runs" / "sft" / "final"
+    base = SimpleNamespace(model=causal, artifact=None)
+    assert resolve_reference(base).kind == "none" and run_beta(None) == 0.1
+
+
 def test_reward_model_scores_match_the_value_head_on_the_last_token(tiny_llama):
     from transformers import AutoModelForSequenceClassification
 

@@ -83,3 +83,18 @@ def test_live_curves_plot_reward_accuracy_beside_the_loss():
     assert {r["series"] for r in curve_rows(history, "zh")} >= {"奖励准确率", "训练集"}
     sft = curve_rows([{"step": 1, "loss": 2.0}], "en")
     assert sft == [{"step": 1, "loss": 2.0, "series": "train"}]  # an SFT run shows its loss only
+
+
+def test_a_free_string_stage_is_offered_as_the_registered_stages(monkeypatch):
+    import sys
+    import types
+
+    class _StrStage(RunConfig):
+        stage: str = Field("sft", description="Training stage (validated against the stage registry).")
+
+    registry = types.ModuleType("tunelab.training.stages")
+    registry.known_stages = lambda: ["dpo", "sft"]
+    monkeypatch.setitem(sys.modules, "tunelab.training.stages", registry)
+    monkeypatch.setattr(form, "RunConfig", _StrStage)
+    (stage,) = form.section_specs(form.RUN_SECTION)
+    assert stage.kind == "choice" and stage.choices == ("dpo", "sft")

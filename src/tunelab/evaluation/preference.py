@@ -153,7 +153,8 @@ def sequence_rewards(model, rows: Sequence[list[int]], pad_token_id: int, batch_
 
 @dataclass
 class Reference:
-    """What the implicit reward is measured against: `kind` is adapter_disabled, init_adapter, model or none."""
+    """What the implicit reward is measured against: `kind` is adapter_disabled, init_adapter, model, uniform
+    (log-probs 0) or none (the model itself)."""
 
     kind: str
     adapter: Path | None = None  # init_adapter: the adapter the run started from
@@ -177,6 +178,8 @@ class Reference:
                 policy.set_adapter(active)
         elif self.kind == "model":
             yield self.model
+        elif self.kind == "uniform":
+            yield None
         else:
             raise TunelabError("this model has no reference to measure an implicit reward against")
 
@@ -191,7 +194,8 @@ def score_pairs(model, pairs: Sequence[PreferencePair], pad_token_id: int, *, re
             policy = completion_logps(model, rows, pad_token_id, batch_size * 2)
             if reference is not None and reference.kind != "none":
                 with reference.active(model) as ref_model, _eval_mode(ref_model):
-                    ref = completion_logps(ref_model, rows, pad_token_id, batch_size * 2)
+                    ref = completion_logps(ref_model, rows, pad_token_id, batch_size * 2) if ref_model is not None \
+                        else [(0.0, len(ids)) for _, ids in rows]  # uniform reference: log-probs 0
     if reward_model is not None:
         with _eval_mode(reward_model), torch.inference_mode():
             rewards = sequence_rewards(reward_model, [a + b for a, b in rows], pad_token_id, batch_size * 2)
@@ -230,19 +234,22 @@ def run_stage(run_config) -> str:
 
 
 def run_beta(run_config) -> float:
-    align = getattr(run_config, "align", None)
-    beta = getattr(align, "beta", None)
-    return float(beta) if beta is not None else DEFAULT_BETA
+    """The run's align.beta where it is DPO's KL strength (dpo, kto); else TRL's DPO default. (orpo's beta is an
+    odds-ratio weight and simpo's a reward scale: neither is the beta of the implicit reward.)"""
+    beta = getattr(getattr(run_config, "align", None), "beta", None)
+    return float(beta) if beta is not None and run_stage(run_config) in ("dpo", "kto") else DEFAULT_BETA
 
 
 def resolve_reference(engine) -> Reference:
     """The model an engine's implicit reward is measured against (see the module docstring)."""
     artifact = getattr(engine, "artifact", None)
     run_config = getattr(artifact, "run_config", None)
+    if getattr(getattr(run_config, "align", None), "reference_free", False) and run_stage(run_config) == "dpo":
+        return Reference("uniform", description="uniform (align.reference_free: the run's reference log-probs are 0)")
     if hasattr(engine.model, "disable_adapter"):
         init_from = getattr(getattr(run_config, "method", None), "init_from", None)
         if init_from:
-            adapter = init_adapter_path(Path(init_from))
+            adapter = init_adapter_path(Path(init_from), getattr(artifact, "run_dir", None))
             return Reference("init_adapter", adapter=adapter,
                              description=f"the base model with the adapter the run started from ({adapter})")
         return Reference("adapter_disabled", description="the base model (the run's adapter disabled)")
@@ -253,9 +260,11 @@ def resolve_reference(engine) -> Reference:
                      "definition (every pair ties: accuracy 0.5, margin 0)")
 
 
-def init_adapter_path(path: Path) -> Path:
-    """`init_from` may name a run (its final/ adapter) or an adapter folder."""
-    for candidate in (path / "final", path):
+def init_adapter_path(path: Path, run_dir: Path | None = None) -> Path:
+    """`init_from` may name a run (its final/ adapter) or an adapter folder; a relative path is tried from here,
+    then beside the run (runs/<sft> next to runs/<dpo>)."""
+    roots = [path] if path.is_absolute() or run_dir is None else [path, Path(run_dir).parent / path.name]
+    for candidate in (c for root in roots for c in (root / "final", root)):
         if (candidate / "adapter_config.json").is_file():
             return candidate
     raise TunelabError(f"method.init_from {path}: no adapter there (adapter_config.json in it or in its final/); "
@@ -263,14 +272,13 @@ def init_adapter_path(path: Path) -> Path:
 
 
 def _load_base(run_config, engine):
-    from tunelab.inference.hf import apply_adapter
+    """Full/freeze runs: the base model the run was trained from, a second copy (what training compared with)."""
     from tunelab.models.load import load_model
 
     model = load_model(run_config.model.model_copy(update={"device": str(engine.device.type)}),
                        dtype=next(engine.model.parameters()).dtype)
-    init_from = getattr(getattr(run_config, "method", None), "init_from", None)
-    if init_from:  # full tuning started from an adapter's merged weights: that is the reference
-        model = apply_adapter(model, init_adapter_path(Path(init_from)), engine.tokenizer, merge=True)
+    if len(engine.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(engine.tokenizer))  # training added tokens (their rows stay random)
     return model.eval()
 
 

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from tunelab.webui.i18n import text
 from tunelab.webui.render import esc
 
-# Where an alignment run's metrics.jsonl keeps its reward accuracy (TRL's names, and tunelab's own spelling);
-# the first key an event has is plotted. Train-time and validation keys are separate series.
-REWARD_ACCURACY_KEYS = ("rewards/accuracies", "reward_accuracy", "accuracy")
+# Where an alignment run's metrics.jsonl keeps its reward accuracy (TRL's name, which every stage logs, rm's
+# renamed to it; and the evaluation's spelling); the first key an event has is plotted, validation separately.
+REWARD_ACCURACY_KEYS = ("rewards/accuracies", "reward_accuracy")
 EVAL_REWARD_ACCURACY_KEYS = tuple(f"eval_{k}" for k in REWARD_ACCURACY_KEYS)
 CURVES = (("loss", ("loss",)), ("validation", ("eval_loss",)), ("reward_accuracy", REWARD_ACCURACY_KEYS),
           ("validation_reward_accuracy", EVAL_REWARD_ACCURACY_KEYS))

@@ -104,10 +104,21 @@ def section_specs(section: str) -> list[FieldSpec]:
     if section == "method":
         return method_specs()
     if section == RUN_SECTION:
-        return [_spec(RUN_SECTION, name, field) for name, field in RunConfig.model_fields.items()
-                if not isinstance(_default(field), dict)]  # sections default to a dumped model
+        return [_with_registry_choices(_spec(RUN_SECTION, name, field)) for name, field in
+                RunConfig.model_fields.items() if not isinstance(_default(field), dict)]  # sections: dumped models
     model = RunConfig.model_fields[section].annotation
     return [_spec(section, name, field) for name, field in model.model_fields.items()]
+
+
+def _with_registry_choices(spec: FieldSpec) -> FieldSpec:
+    """`stage` is a free string validated against the stage registry: offer the registered stages."""
+    if spec.name == "stage" and spec.kind == "text":
+        try:
+            from tunelab.training.stages import known_stages
+        except ImportError:
+            return spec
+        spec.kind, spec.choices = "choice", tuple(known_stages())
+    return spec
 
 
 def method_specs() -> list[FieldSpec]:
