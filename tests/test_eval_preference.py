@@ -316,3 +316,70 @@ def test_preference_metric_without_pairs_is_an_error(tiny_llama, tmp_path):
     data.write_text('{"instruction": "Hi", "output": "Hello"}\n', encoding="utf-8")
     with pytest.raises(TunelabError, match="no chosen/rejected pairs"):
         evaluate(str(tiny_llama), str(data), EvalConfig(metrics=["preference"]), write=False)
+
+
+def test_an_sft_run_that_a_dpo_run_started_from_is_the_base_of_the_comparison(tmp_path):
+    from tunelab.evaluation.evaluate import reference_index
+
+    for name, record in (("sft", {"model": "m"}), ("dpo", {"model": "m", "init_from": str(tmp_path / "sft")})):
+        (tmp_path / name / "final").mkdir(parents=True)
+        (tmp_path / name / "config.yaml").write_text("{}\n", encoding="utf-8")
+        (tmp_path / name / "run.json").write_text(json.dumps(record), encoding="utf-8")
+    assert reference_index([str(tmp_path / "dpo"), str(tmp_path / "sft")]) == 1
+    assert reference_index([str(tmp_path / "sft"), str(tmp_path / "dpo")]) == 0
+
+
+def _reward_run(tiny_llama, root: Path, stage: str | None) -> Path:
+    """An rm run as training leaves it: a SEQ_CLS LoRA adapter (with the trained `score` head) in final/."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunelab.config import dump_config
+    from tunelab.config.schema import ModelConfig, RunConfig
+
+    run = root / "rm-run"
+    torch.manual_seed(5)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.score.modules_to_save["default"].weight.normal_()
+    peft_model.save_pretrained(run / "final")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(run / "final")
+    data = {"model": ModelConfig(name=str(tiny_llama)).model_dump()}
+    cfg = RunConfig.model_validate({**data, **({"stage": stage} if stage else {})})
+    (run / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    (run / "run.json").write_text(json.dumps({"status": "completed"}), encoding="utf-8")
+    return run, peft_model.eval()
+
+
+def test_a_reward_model_run_is_scored_by_its_value_head(tiny_llama, preference_data, tmp_path):
+    from tunelab.config.schema import DataConfig, DatasetSpec
+    from tunelab.evaluation.examples import load_preference_pairs
+    from tunelab.evaluation.preference import load_reward_engine, measure_preference
+
+    run, trained = _reward_run(tiny_llama, tmp_path, None)
+    engine = load_reward_engine(run)
+    pairs = load_preference_pairs([DatasetSpec(path=str(preference_data))], DataConfig())
+    result = measure_preference(engine, pairs, cutoff_len=256)
+    assert set(result.metrics) == {"rm_accuracy", "rm_margin", "rm_chosen", "rm_rejected"}
+    from tunelab.data.preference import encode_preference
+
+    trained.config.pad_token_id = engine.tokenizer.pad_token_id
+    for pair, scores in zip(pairs, result.per_example):
+        ids = encode_preference(pair, engine.template, engine.tokenizer, 256)
+        with torch.no_grad():
+            chosen = trained(input_ids=torch.tensor([ids["prompt_input_ids"] + ids["chosen_input_ids"]])).logits
+        assert scores["rm_chosen"] == pytest.approx(float(chosen[0, 0]), abs=1e-4)
+
+
+@pytest.mark.skipif("stage" not in __import__("tunelab.config.schema", fromlist=["RunConfig"]).RunConfig.model_fields,
+                    reason="needs RunConfig.stage (issue 14, training stages)")
+def test_tunelab_eval_on_an_rm_run_reports_only_the_reward_model_scores(tiny_llama, preference_data, tmp_path):
+    from tunelab.config.schema import EvalConfig
+    from tunelab.evaluation.evaluate import evaluate
+
+    run, _ = _reward_run(tiny_llama, tmp_path, "rm")
+    result = evaluate(str(run), str(preference_data), EvalConfig(), output_dir=tmp_path / "out")
+    assert "rm_accuracy" in result.metrics and "loss" not in result.metrics and "rouge-l" not in result.metrics
+    assert "| rm |" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")

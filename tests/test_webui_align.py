@@ -56,7 +56,7 @@ def test_align_fields_show_and_are_written_only_for_alignment_stages(schema):
     sft = form.form_to_dict(specs, values)
     assert sft["stage"] == "sft" and "align" not in sft and "run" not in sft
     _set(specs, values, "run.stage", "dpo")
-    _set(specs, values, "align.beta", 0.25)
+    _set(specs, values, "align.beta", form.to_input(beta, 0.25))  # as the input shows it (text if optional)
     dpo = form.form_to_dict(specs, values)
     assert dpo["stage"] == "dpo" and dpo["align"]["beta"] == 0.25
     cfg = schema.model_validate(dpo)

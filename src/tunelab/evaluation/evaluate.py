@@ -335,7 +335,7 @@ def _trained_from(path: Path) -> set[str]:
     import json
 
     found: set[str] = set()
-    for file, keys in ((path / "run.json", ("model", "model_path")),
+    for file, keys in ((path / "run.json", ("model", "model_path", "init_from")),  # init_from: SFT -> DPO chain
                        (path / "adapter_config.json", ("base_model_name_or_path",)),
                        (path / "final" / "adapter_config.json", ("base_model_name_or_path",))):
         try:
