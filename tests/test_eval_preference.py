@@ -383,3 +383,47 @@ def test_tunelab_eval_on_an_rm_run_reports_only_the_reward_model_scores(tiny_lla
     result = evaluate(str(run), str(preference_data), EvalConfig(), output_dir=tmp_path / "out")
     assert "rm_accuracy" in result.metrics and "loss" not in result.metrics and "rouge-l" not in result.metrics
     assert "| rm |" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
+def _has_alignment() -> bool:
+    import importlib.util
+
+    from tunelab.config.schema import RunConfig
+
+    return "stage" in RunConfig.model_fields and importlib.util.find_spec("tunelab.data.preference") is not None
+
+
+@pytest.mark.skipif(not _has_alignment(), reason="needs RunConfig.stage and tunelab.data.preference (issue 14)")
+def test_a_dpo_run_is_evaluated_on_the_validation_pairs_training_held_out(tiny_llama, tmp_path):
+    from test_inference_support import make_adapter
+    from tunelab.data.preference import prepare_preference_data
+
+    from tunelab.config import dump_config
+    from tunelab.config.schema import RunConfig
+    from tunelab.evaluation.evaluate import evaluate
+    from tunelab.inference.hf import load_engine
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({**r, "prompt": f"{r['prompt']} ({i})"}, ensure_ascii=False) + "\n"
+                            for i, r in enumerate(PAIRS * 3)), encoding="utf-8")
+    cfg = RunConfig.model_validate({"stage": "dpo", "model": {"name": str(tiny_llama)},
+                                    "data": {"datasets": [{"path": str(data)}], "val_size": 3, "seed": 3,
+                                             "cutoff_len": 128}})
+    run = tmp_path / "dpo-run"
+    make_adapter(tiny_llama, run / "final")
+    (run / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    (run / "run.json").write_text(json.dumps({"status": "completed"}), encoding="utf-8")
+    from tunelab.config.schema import EvalConfig
+
+    result = evaluate(str(run), None, EvalConfig(metrics=["preference"]), write=False)
+    assert result.info["data"] == "validation split of the run" and result.info["pairs_scored"] == 3
+    engine = load_engine(str(run))
+    prepared = prepare_preference_data(cfg.data, engine.tokenizer, engine.template, paired=True)
+    held_out = sorted(tuple(ids) for ids in prepared.validation["prompt_input_ids"])  # prompts are unique
+    from tunelab.data.preference import encode_preference
+
+    from tunelab.evaluation.examples import validation_pairs
+
+    ours = validation_pairs(cfg.data, engine.template, engine.tokenizer)
+    assert sorted(tuple(encode_preference(e, engine.template, engine.tokenizer, 128)["prompt_input_ids"])
+                  for e in ours) == held_out

@@ -181,12 +181,21 @@ def load_preference_pairs(specs: list[DatasetSpec], data_cfg: DataConfig, strict
 
 
 def validation_pairs(data_cfg: DataConfig, template, tokenizer) -> list[Any]:
-    """The held-out pairs of a preference run: its datasets encoded and split like training (val_size, seed)."""
-    from tunelab.data.pipeline import split_examples
-    from tunelab.data.preference import encode_preference
+    """The held-out pairs of a preference run: loaded, cleaned, encoded and split as training prepared them
+    (data.preference.prepare_preference_data: the same loader, the same encodable examples, val_size and seed)."""
+    from jinja2 import TemplateError
 
-    examples = load_preference_pairs(list(data_cfg.datasets), data_cfg, strict=False)
-    kept = [e for e in examples if encode_preference(e, template, tokenizer, data_cfg.cutoff_len) is not None]
+    from tunelab.data.pipeline import split_examples
+    from tunelab.data.preference import encode_preference, load_all_preference
+
+    examples, _, _ = load_all_preference(data_cfg, paired=True)
+    kept = []
+    for example in examples:
+        try:
+            if encode_preference(example, template, tokenizer, data_cfg.cutoff_len) is not None:
+                kept.append(example)
+        except (ValueError, TemplateError):  # the template refused it (EncodeError...): training rejected it too
+            continue
     _, held_out = split_examples(kept, data_cfg.val_size, data_cfg.seed)
     return held_out
 
