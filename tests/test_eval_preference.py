@@ -305,6 +305,7 @@ def test_compare_base_vs_aligned_side_by_side(tiny_llama, preference_data, tmp_p
     assert comparison["models"] == ["llama", "aligned"]
     base_info = json.loads((tmp_path / "cmp" / "1-llama" / "metrics.json").read_text(encoding="utf-8"))["info"]
     assert "implicit reward is 0 by definition" in base_info["reference"]
+    assert "Per example (reward_margin)" in out  # on pairs, the margin is what is compared per example
 
 
 def test_preference_metric_without_pairs_is_an_error(tiny_llama, tmp_path):

@@ -21,8 +21,9 @@ LOWER_IS_BETTER = {"loss", "perplexity"}
 # (chosen or rejected) is not better for being higher: only the margin and the accuracy are.
 INFO_METRICS = {"eval_tokens", "num_examples", "examples_per_s", "generation_s",
                 *(f"{k}_{s}" for k in PREFERENCE_KINDS for s in ("chosen", "rejected"))}
-# Score used to rank examples (best/worst) and to compare models per example, first one present wins.
-PRIMARY_ORDER = ("rouge-l", "bleu-4", "exact_match", "reward_margin", "rm_margin", "logp_margin")
+# Score used to rank examples (best/worst) and to compare models per example, first one present wins. On preference
+# data the pair's margin is the question asked; text metrics there only score answers against the chosen reply.
+PRIMARY_ORDER = ("reward_margin", "rm_margin", "logp_margin", "rouge-l", "bleu-4", "exact_match")
 
 
 @dataclass
