@@ -79,10 +79,9 @@ def run(args: argparse.Namespace) -> int:
         if args.adapter:
             raise TunelabError("--adapter applies to one model; with --compare pass adapter or run folders instead")
         return _run_compare(args, models, data, cfg)
-    from tunelab.evaluation.evaluate import evaluate
+    from tunelab.evaluation.evaluate import LoadOptions, evaluate
 
-    result = evaluate(args.model, data, cfg, adapter=args.adapter, template=args.template, device=args.device,
-                      dtype=args.dtype)
+    result = evaluate(args.model, data, cfg, LoadOptions(args.adapter, args.template, args.device, args.dtype))
     print(result.table())
     _print_speed(result.info)
     print(f"\nReports: {result.output_dir} (report.html, report.md, predictions.jsonl, metrics.json)")
@@ -101,12 +100,12 @@ def _set_threads(args: argparse.Namespace, model: str) -> None:
 
 
 def _run_compare(args: argparse.Namespace, models: list[str], data, cfg) -> int:
-    from tunelab.evaluation.evaluate import compare_models, slug
+    from tunelab.evaluation.evaluate import LoadOptions, compare_models, slug
 
     default = Path("eval") / ("compare-" + "-vs-".join(slug(m) for m in models))
     out = Path(cfg.output_dir) if cfg.output_dir else default
     cfg.output_dir = None  # each model's reports go in a subfolder of `out`
-    comparison = compare_models(models, data, cfg, template=args.template, device=args.device, dtype=args.dtype,
+    comparison = compare_models(models, data, cfg, LoadOptions(None, args.template, args.device, args.dtype),
                                 output_dir=out)
     print(comparison.table())
     key = comparison.differences()[0]["score"] if comparison.results[0].predictions else None

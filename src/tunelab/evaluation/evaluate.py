@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,9 @@ def evaluate_engine(engine, examples: list[EvalExample], cfg: EvalConfig, *, nam
         metrics.update(aggregate(scores))
     if preference is not None:
         scores = [{**s, **pair_scores} for s, pair_scores in zip(scores, preference.per_example)]
-    records = [_record(i, e, p, t, c, s, loss) for i, (e, p, t, c, s) in
+    if loss is not None:
+        scores = [{**s, "loss": nll} if nll is not None else s for s, nll in zip(scores, loss.per_example)]
+    records = [_record(i, e, p, t, c, s) for i, (e, p, t, c, s) in
                enumerate(zip(examples, prompts, texts, completions, scores))]
     return EvalResult(name or engine.name, metrics, records, info, run_dir=_run_dir(engine))
 
@@ -206,9 +209,7 @@ def _generate_timed(engine, prompts: list[str], cfg: EvalConfig, info: dict) -> 
     return completions
 
 
-def _record(i, example: EvalExample, prompt: str, text: str, completion, scores: dict, loss) -> PredictionRecord:
-    if loss is not None and loss.per_example[i] is not None:
-        scores = {**scores, "loss": loss.per_example[i]}
+def _record(i, example: EvalExample, prompt: str, text: str, completion, scores: dict) -> PredictionRecord:
     return PredictionRecord(i, example.source, example.messages, prompt, example.reference, text, scores,
                             getattr(completion, "finish_reason", None), getattr(completion, "completion_tokens", None),
                             example.rejected)
@@ -248,8 +249,23 @@ def slug(name: str) -> str:
     return re.sub(r"[^\w.+-]+", "_", Path(str(name)).name or str(name)).strip("_") or "model"
 
 
-def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, *, adapter: str | None = None,
-             template: str | None = None, device: str = "auto", dtype: str = "auto",
+@dataclass
+class LoadOptions:
+    """How evaluate() and compare_models() load models given by name (the same settings as `tunelab chat`)."""
+
+    adapter: str | None = None  # a PEFT adapter applied on the model (evaluate only)
+    template: str | None = None  # overrides the recorded chat template (a name or a .jinja file)
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def open(self, model, adapter: bool = True):
+        if not isinstance(model, (str, Path)):
+            return model  # already loaded
+        return open_engine(model, self.adapter if adapter else None, template=self.template, device=self.device,
+                           dtype=self.dtype)
+
+
+def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, load: LoadOptions | None = None, *,
              output_dir: str | Path | None = None, write: bool = True) -> EvalResult:
     """Evaluate `model` (a run dir, adapter, merged/HF folder, hub id, GGUF, or a loaded engine) on `data`.
 
@@ -258,8 +274,7 @@ def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, *, adapter:
     cfg = cfg or EvalConfig()
     check_metric_names(cfg.metrics)  # config mistakes fail before anything is loaded
     make_checks(cfg.checks)
-    engine = open_engine(model, adapter, template=template, device=device, dtype=dtype) \
-        if isinstance(model, (str, Path)) else model
+    engine = (load or LoadOptions()).open(model)
     examples, label = load_examples(data, cfg, engine)
     result = evaluate_engine(engine, examples, cfg, data_label=label)
     if write:
@@ -269,17 +284,17 @@ def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, *, adapter:
     return result
 
 
-def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | None = None, *,
-                   template: str | None = None, device: str = "auto", dtype: str = "auto",
-                   output_dir: str | Path | None = None, base: int | None = None) -> ComparisonResult:
+def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | None = None,
+                   load: LoadOptions | None = None, *, output_dir: str | Path | None = None,
+                   base: int | None = None) -> ComparisonResult:
     """Evaluate every model on the same examples and line the results up against the base model (`base`: its
     index; by default `reference_index(models)`: the base model of a run or adapter among them, else the only
     model that is neither, else the first). Changes are always other minus base, whatever the order.
 
     Without `data` and eval.datasets, the examples are the validation split of the first run among `models`
     (so `compare_models([base, run])` scores the base on the run's held-out data). Models are loaded one at a
-    time. Prints as a side-by-side table; with `output_dir`, writes each model's reports in a subfolder and
-    comparison.json/.md/.html.
+    time (as `load` says; its adapter is not used here: pass adapter or run folders). Prints as a side-by-side
+    table; with `output_dir`, writes each model's reports in a subfolder and comparison.json/.md/.html.
     """
     if len(models) < 2:
         raise TunelabError("compare needs at least two models (e.g. the base model and the tuned run)")
@@ -291,8 +306,7 @@ def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | No
     examples, label = None, ""
     for i in [first, *(j for j in range(len(models)) if j != first)]:
         model = models[i]
-        engine = open_engine(model, template=template, device=device, dtype=dtype) \
-            if isinstance(model, (str, Path)) else model
+        engine = (load or LoadOptions()).open(model, adapter=False)
         if examples is None:
             examples, label = load_examples(data, cfg, engine)
         results[i] = evaluate_engine(engine, examples, cfg, name=engine.name, data_label=label)
