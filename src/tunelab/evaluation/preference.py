@@ -22,11 +22,14 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tunelab.errors import DataError, TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.config.schema import RunConfig
 
 DEFAULT_BETA = 0.1  # TRL's DPOConfig default, used when the run records no align.beta
 SCORE_KINDS = ("reward", "rm", "logp")
@@ -229,11 +232,11 @@ def _eval_mode(model) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------- what to compare with
-def run_stage(run_config) -> str:
+def run_stage(run_config: RunConfig | None) -> str:
     return getattr(run_config, "stage", "sft") if run_config is not None else "sft"
 
 
-def run_beta(run_config) -> float:
+def run_beta(run_config: RunConfig | None) -> float:
     """The run's align.beta where it is DPO's KL strength (dpo, kto); else TRL's DPO default. (orpo's beta is an
     odds-ratio weight and simpo's a reward scale: neither is the beta of the implicit reward.)"""
     beta = getattr(getattr(run_config, "align", None), "beta", None)
@@ -271,7 +274,7 @@ def init_adapter_path(path: Path, run_dir: Path | None = None) -> Path:
                        "the implicit reward needs the model the run started from")
 
 
-def _load_base(run_config, engine):
+def _load_base(run_config: RunConfig, engine):
     """Full/freeze runs: the base model the run was trained from, a second copy (what training compared with)."""
     from tunelab.models.load import load_model
 
