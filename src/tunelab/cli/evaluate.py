@@ -95,10 +95,10 @@ def run(args: argparse.Namespace) -> int:
         if args.adapter:
             raise TunelabError("--adapter applies to one model; with --compare pass adapter or run folders instead")
         return _run_compare(args, models, data, run_cfg, cfg)
-    from tunelab.evaluation.evaluate import evaluate
+    from tunelab.evaluation.evaluate import LoadOptions, evaluate
 
-    result = evaluate(args.model, data, cfg, adapter=args.adapter, template=args.template,
-                      device=run_cfg.model.device, dtype=run_cfg.model.dtype)
+    result = evaluate(args.model, data, cfg, LoadOptions(args.adapter, args.template, run_cfg.model.device,
+                                                         run_cfg.model.dtype))
     print(result.table())
     _print_speed(result.info)
     print(f"\nReports: {result.output_dir} (report.html, report.md, predictions.jsonl, metrics.json)")
@@ -106,13 +106,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace, models: list[str], data, run_cfg: RunConfig, cfg: EvalConfig) -> int:
-    from tunelab.evaluation.evaluate import compare_models, slug
+    from tunelab.evaluation.evaluate import LoadOptions, compare_models, slug
 
     default = Path("eval") / ("compare-" + "-vs-".join(slug(m) for m in models))
     out = Path(cfg.output_dir) if cfg.output_dir else default
     cfg.output_dir = None  # each model's reports go in a subfolder of `out`
-    comparison = compare_models(models, data, cfg, template=args.template, device=run_cfg.model.device,
-                                dtype=run_cfg.model.dtype, output_dir=out)
+    comparison = compare_models(models, data, cfg, LoadOptions(None, args.template, run_cfg.model.device,
+                                                                run_cfg.model.dtype), output_dir=out)
     print(comparison.table())
     key = comparison.differences()[0]["score"] if comparison.results[0].predictions else None
     counts = comparison.example_counts(key) if key else None

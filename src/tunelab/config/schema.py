@@ -385,7 +385,8 @@ class EvalConfig(Section):
     metrics: list[Registered("metric")] = Field(
         default_factory=lambda: ["loss", "perplexity", "bleu", "rouge", "exact_match"],
         description="Metrics to compute: registered metrics (tunelab.evaluation.metrics: loss, perplexity, bleu, "
-        "rouge, exact_match, ...; see docs/metrics.md).",
+        "rouge, exact_match, preference (pairwise accuracy and margin on chosen/rejected pairs, always computed on "
+        "preference data), ...; see docs/metrics.md).",
     )
     checks: list[CheckConfig] = Field(default_factory=list, description="Extra regex/contains checks.")
 

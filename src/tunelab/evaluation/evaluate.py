@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,16 @@ from tunelab.evaluation.examples import (
     EvalExample,
     as_specs,
     build_examples,
+    build_preference_examples,
+    is_ranking,
     load_eval_conversations,
+    load_preference_pairs,
     validation_conversations,
+    validation_pairs,
 )
 from tunelab.evaluation.metrics import (
     MODEL_METRICS,
+    PREFERENCE_METRIC,
     aggregate,
     check_metric_names,
     make_checks,
@@ -43,9 +49,16 @@ log = logging.getLogger(__name__)
 
 def open_engine(model: str, adapter: str | None = None, *, template: str | None = None, device: str = "auto",
                 dtype: str = "auto"):
-    """Load a model for evaluation with the same loader chat and serving use."""
+    """Load a model for evaluation with the same loader chat and serving use (an rm run: its value head)."""
+    from tunelab.evaluation.runs import is_run_dir
     from tunelab.inference.hf import load_engine
 
+    if adapter is None and is_run_dir(Path(model)):
+        from tunelab.evaluation.preference import load_reward_engine, run_stage
+        from tunelab.inference.artifacts import read_run_config
+
+        if run_stage(read_run_config(Path(model))) == "rm":
+            return load_reward_engine(Path(model), device=device, dtype=dtype)
     return load_engine(model, adapter, device=device, dtype=dtype, template=template)
 
 
@@ -56,21 +69,49 @@ def run_data_config(engine) -> DataConfig:
     return run_config.data if run_config is not None else DataConfig()
 
 
-def load_examples(data: Any, cfg: EvalConfig, engine) -> tuple[list[EvalExample], str]:
-    """(examples, a label for reports) from `data`, else cfg.datasets, else the run's validation split."""
+def load_examples(data: Any, cfg: EvalConfig, engine, preference: bool = False) -> tuple[list[EvalExample], str]:
+    """(examples, a label for reports) from `data`, else cfg.datasets, else the run's validation split.
+
+    Preference data (chosen/rejected pairs) is read as pairs when `preference` is set, the engine's run is an
+    alignment run (stage other than sft), or a dataset is a ranking one (see examples.is_ranking)."""
     data_cfg = run_data_config(engine)
     need_answer = needs_generation(cfg)
+    preference = preference or run_stage(engine) != "sft"
     if isinstance(data, Sequence) and data and all(isinstance(d, Conversation) for d in data):
         return build_examples(data, data_cfg.system, cfg.max_samples, need_answer), f"{len(data)} conversations"
+    if isinstance(data, Sequence) and data and all(hasattr(d, "rejected") and hasattr(d, "prompt") for d in data):
+        return build_preference_examples(data, data_cfg.system, cfg.max_samples), f"{len(data)} preference pairs"
     if data is not None:
         specs = as_specs(data)
     elif cfg.datasets:
         specs = list(cfg.datasets)
+    elif preference:
+        held_out = validation_pairs(_validation_config(data_cfg), engine.template, engine.tokenizer)
+        if not held_out:
+            raise TunelabError("the run's validation split is empty; pass --data FILE")
+        return build_preference_examples(held_out, data_cfg.system, cfg.max_samples), "validation split of the run"
     else:
         return validation_examples(cfg, data_cfg, engine)
     label = ", ".join(str(s.path or s.name) for s in specs)
+    if preference or any(is_ranking(s, data_cfg.dataset_dir) for s in specs):
+        pairs = load_preference_pairs(specs, data_cfg)
+        return build_preference_examples(pairs, data_cfg.system, cfg.max_samples), label
     conversations = load_eval_conversations(specs, data_cfg)
     return build_examples(conversations, data_cfg.system, cfg.max_samples, need_answer), label
+
+
+def _validation_config(data_cfg: DataConfig) -> DataConfig:
+    if not data_cfg.datasets or not data_cfg.val_size:
+        raise TunelabError("no evaluation data: pass --data FILE of chosen/rejected pairs, set eval.datasets, or "
+                           "evaluate a run trained with data.val_size > 0")
+    return data_cfg
+
+
+def run_stage(engine) -> str:
+    """The training stage of the engine's run (sft, dpo, orpo, simpo, kto, rm); sft for anything else."""
+    from tunelab.evaluation.preference import run_stage as stage_of
+
+    return stage_of(getattr(getattr(engine, "artifact", None), "run_config", None))
 
 
 def needs_generation(cfg: EvalConfig) -> bool:
@@ -112,10 +153,17 @@ def evaluate_engine(engine, examples: list[EvalExample], cfg: EvalConfig, *, nam
                     data_label: str = "") -> EvalResult:
     """Evaluate a loaded engine on examples: loss metrics first (one forward per batch), then generation."""
     check_metric_names(cfg.metrics)
+    if getattr(engine, "reward_model", False):  # a value head scores pairs; it has no text to generate or loss
+        cfg = cfg.model_copy(update={"metrics": [PREFERENCE_METRIC], "checks": []})
     checks = make_checks(cfg.checks)
     info: dict[str, Any] = {"model": name or engine.name, "data": data_label, "num_examples": len(examples),
                             "template": getattr(engine.template, "name", "?"), "date": _now()}
     metrics: dict[str, float] = {}
+    preference = _measure_preference(engine, examples, cfg, info)
+    if preference is not None:
+        metrics.update(preference.metrics)
+    elif PREFERENCE_METRIC in cfg.metrics:
+        raise TunelabError("eval.metrics has `preference`, but the evaluation data has no chosen/rejected pairs")
     loss = _measure_loss(engine, examples, cfg, info) if set(cfg.metrics) & set(MODEL_METRICS) else None
     if loss is not None:
         metrics.update({k: v for k, v in loss.metrics().items() if k in cfg.metrics or k == "eval_tokens"})
@@ -131,7 +179,11 @@ def evaluate_engine(engine, examples: list[EvalExample], cfg: EvalConfig, *, nam
         scores = score_predictions(texts, [e.reference for e in examples], cfg.metrics, checks,
                                    [e.source for e in examples])
         metrics.update(aggregate(scores))
-    records = [_record(i, e, p, t, c, s, loss) for i, (e, p, t, c, s) in
+    if preference is not None:
+        scores = [{**s, **pair_scores} for s, pair_scores in zip(scores, preference.per_example)]
+    if loss is not None:
+        scores = [{**s, "loss": nll} if nll is not None else s for s, nll in zip(scores, loss.per_example)]
+    records = [_record(i, e, p, t, c, s) for i, (e, p, t, c, s) in
                enumerate(zip(examples, prompts, texts, completions, scores))]
     return EvalResult(name or engine.name, metrics, records, info, run_dir=_run_dir(engine))
 
@@ -158,11 +210,23 @@ def _generate_timed(engine, prompts: list[str], cfg: EvalConfig, info: dict) -> 
     return completions
 
 
-def _record(i, example: EvalExample, prompt: str, text: str, completion, scores: dict, loss) -> PredictionRecord:
-    if loss is not None and loss.per_example[i] is not None:
-        scores = {**scores, "loss": loss.per_example[i]}
+def _record(i, example: EvalExample, prompt: str, text: str, completion, scores: dict) -> PredictionRecord:
     return PredictionRecord(i, example.source, example.messages, prompt, example.reference, text, scores,
-                            getattr(completion, "finish_reason", None), getattr(completion, "completion_tokens", None))
+                            getattr(completion, "finish_reason", None), getattr(completion, "completion_tokens", None),
+                            example.rejected)
+
+
+def _measure_preference(engine, examples: list[EvalExample], cfg: EvalConfig, info: dict):
+    """Pairwise scores of every example that carries a preference pair (None when none does)."""
+    from tunelab.evaluation.preference import measure_preference
+
+    if not any(e.pair is not None for e in examples):
+        return None
+    t0 = time.perf_counter()
+    result = measure_preference(engine, [e.pair for e in examples], run_data_config(engine).cutoff_len,
+                                cfg.batch_size)
+    info.update(preference_s=round(time.perf_counter() - t0, 3), **result.info)
+    return result
 
 
 def _run_dir(engine) -> Path | None:
@@ -186,8 +250,23 @@ def slug(name: str) -> str:
     return re.sub(r"[^\w.+-]+", "_", Path(str(name)).name or str(name)).strip("_") or "model"
 
 
-def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, *, adapter: str | None = None,
-             template: str | None = None, device: str = "auto", dtype: str = "auto",
+@dataclass
+class LoadOptions:
+    """How evaluate() and compare_models() load models given by name (the same settings as `tunelab chat`)."""
+
+    adapter: str | None = None  # a PEFT adapter applied on the model (evaluate only)
+    template: str | None = None  # overrides the recorded chat template (a name or a .jinja file)
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def open(self, model, adapter: bool = True):
+        if not isinstance(model, (str, Path)):
+            return model  # already loaded
+        return open_engine(model, self.adapter if adapter else None, template=self.template, device=self.device,
+                           dtype=self.dtype)
+
+
+def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, load: LoadOptions | None = None, *,
              output_dir: str | Path | None = None, write: bool = True) -> EvalResult:
     """Evaluate `model` (a run dir, adapter, merged/HF folder, hub id, GGUF, or a loaded engine) on `data`.
 
@@ -196,8 +275,7 @@ def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, *, adapter:
     cfg = cfg or EvalConfig()
     check_metric_names(cfg.metrics)  # config mistakes fail before anything is loaded
     make_checks(cfg.checks)
-    engine = open_engine(model, adapter, template=template, device=device, dtype=dtype) \
-        if isinstance(model, (str, Path)) else model
+    engine = (load or LoadOptions()).open(model)
     examples, label = load_examples(data, cfg, engine)
     result = evaluate_engine(engine, examples, cfg, data_label=label)
     if write:
@@ -207,17 +285,17 @@ def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, *, adapter:
     return result
 
 
-def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | None = None, *,
-                   template: str | None = None, device: str = "auto", dtype: str = "auto",
-                   output_dir: str | Path | None = None, base: int | None = None) -> ComparisonResult:
+def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | None = None,
+                   load: LoadOptions | None = None, *, output_dir: str | Path | None = None,
+                   base: int | None = None) -> ComparisonResult:
     """Evaluate every model on the same examples and line the results up against the base model (`base`: its
     index; by default `reference_index(models)`: the base model of a run or adapter among them, else the only
     model that is neither, else the first). Changes are always other minus base, whatever the order.
 
     Without `data` and eval.datasets, the examples are the validation split of the first run among `models`
     (so `compare_models([base, run])` scores the base on the run's held-out data). Models are loaded one at a
-    time. Prints as a side-by-side table; with `output_dir`, writes each model's reports in a subfolder and
-    comparison.json/.md/.html.
+    time (as `load` says; its adapter is not used here: pass adapter or run folders). Prints as a side-by-side
+    table; with `output_dir`, writes each model's reports in a subfolder and comparison.json/.md/.html.
     """
     if len(models) < 2:
         raise TunelabError("compare needs at least two models (e.g. the base model and the tuned run)")
@@ -229,8 +307,7 @@ def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | No
     examples, label = None, ""
     for i in [first, *(j for j in range(len(models)) if j != first)]:
         model = models[i]
-        engine = open_engine(model, template=template, device=device, dtype=dtype) \
-            if isinstance(model, (str, Path)) else model
+        engine = (load or LoadOptions()).open(model, adapter=False)
         if examples is None:
             examples, label = load_examples(data, cfg, engine)
         results[i] = evaluate_engine(engine, examples, cfg, name=engine.name, data_label=label)
@@ -273,7 +350,7 @@ def _trained_from(path: Path) -> set[str]:
     import json
 
     found: set[str] = set()
-    for file, keys in ((path / "run.json", ("model", "model_path")),
+    for file, keys in ((path / "run.json", ("model", "model_path", "init_from")),  # init_from: SFT -> DPO chain
                        (path / "adapter_config.json", ("base_model_name_or_path",)),
                        (path / "final" / "adapter_config.json", ("base_model_name_or_path",))):
         try:

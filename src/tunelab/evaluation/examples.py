@@ -21,6 +21,11 @@ class EvalExample:
     conversation: Conversation  # the full record, reference included (for the loss)
     messages: list[dict[str, Any]]  # the prompt: every message before the reference
     reference: str
+    pair: Any = None  # preference data: the PreferenceExample (reference = its chosen reply)
+
+    @property
+    def rejected(self) -> str | None:
+        return self.pair.rejected.content if self.pair is not None and self.pair.rejected is not None else None
 
     @property
     def source(self) -> str:
@@ -108,3 +113,106 @@ def build_examples(conversations: Sequence[Conversation], system: str | None = N
     if not conversations:
         raise DataError("the evaluation data holds no example")
     return [split_conversation(with_system(c, system), i, need_answer) for i, c in enumerate(conversations)]
+
+
+# ------------------------------------------------------------------------------------------- preference data
+def is_ranking(spec: DatasetSpec, dataset_dir: str | None) -> bool:
+    """A dataset of chosen/rejected pairs: `ranking: true` on the spec or in its dataset_info.json entry, or
+    (a file given by path) a first record with both `chosen` and `rejected`."""
+    import json
+
+    if getattr(spec, "ranking", False):
+        return True
+    if spec.name is not None:
+        try:
+            info = json.loads((Path(dataset_dir or ".") / "dataset_info.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return bool(isinstance(info.get(spec.name), dict) and info[spec.name].get("ranking"))
+    record = _first_record(Path(spec.path or ""))
+    columns = spec.columns or {}
+    return isinstance(record, dict) and all(columns.get(k, k) in record for k in ("chosen", "rejected"))
+
+
+def _first_record(path: Path) -> Any:
+    import json
+
+    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+        return None
+    try:
+        with path.open(encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                line = next((ln for ln in f if ln.strip()), "")
+                return json.loads(line) if line else None
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data[0] if isinstance(data, list) and data else None
+
+
+def as_ranking(spec: DatasetSpec) -> DatasetSpec:
+    if "ranking" in DatasetSpec.model_fields and not getattr(spec, "ranking", False):
+        return spec.model_copy(update={"ranking": True})
+    return spec
+
+
+def load_preference_pairs(specs: list[DatasetSpec], data_cfg: DataConfig, strict: bool = True) -> list[Any]:
+    """PreferenceExamples read by the data stage's preference loader; bad records are refused (strict) or
+    skipped, unpaired (KTO) ones too when not strict (they have no pair to rank)."""
+    from tunelab.data.preference import load_preference_examples
+
+    examples, rejects = [], []
+    for spec in specs:
+        result = load_preference_examples(as_ranking(spec), data_cfg.dataset_dir, data_cfg.variables)
+        examples += result.examples
+        rejects += result.rejects
+    if strict and rejects:
+        shown = "\n".join(f"  - {r}" for r in rejects[:5])
+        more = f"\n  ... and {len(rejects) - 5} more" if len(rejects) > 5 else ""
+        raise DataError(f"{len(rejects)} evaluation record(s) cannot be used; fix or remove them:\n{shown}{more}")
+    unpaired = [e for e in examples if e.rejected is None]
+    if unpaired and strict:
+        raise DataError(f"{unpaired[0].source}: an unpaired (KTO) example has no rejected reply; pairwise accuracy "
+                        f"needs chosen and rejected ({len(unpaired)} such record(s))")
+    examples = [e for e in examples if e.rejected is not None and e.chosen is not None]
+    if not examples:
+        raise DataError(f"no chosen/rejected pair in {', '.join(str(s.path or s.name) for s in specs)}")
+    return examples
+
+
+def validation_pairs(data_cfg: DataConfig, template, tokenizer) -> list[Any]:
+    """The held-out pairs of a preference run: loaded, cleaned, encoded and split as training prepared them
+    (data.preference.prepare_preference_data: the same loader, the same encodable examples, val_size and seed)."""
+    from jinja2 import TemplateError
+
+    from tunelab.data.pipeline import split_examples
+    from tunelab.data.preference import encode_preference, load_all_preference
+
+    examples, _, _ = load_all_preference(data_cfg, paired=True)
+    kept = []
+    for example in examples:
+        try:
+            if encode_preference(example, template, tokenizer, data_cfg.cutoff_len) is not None:
+                kept.append(example)
+        except (ValueError, TemplateError):  # the template refused it (EncodeError...): training rejected it too
+            continue
+    _, held_out = split_examples(kept, data_cfg.val_size, data_cfg.seed)
+    return held_out
+
+
+def build_preference_examples(pairs: Sequence[Any], system: str | None = None,
+                              max_samples: int | None = None) -> list[EvalExample]:
+    """One EvalExample per pair: the prompt is the pair's, the reference its chosen reply (generation metrics
+    and the loss score the chosen reply), and the pair itself rides along for the preference scores."""
+    pairs = list(pairs)[:max_samples] if max_samples else list(pairs)
+    if not pairs:
+        raise DataError("the evaluation data holds no preference pair")
+    out = []
+    for i, pair in enumerate(pairs):
+        prompt = with_system(pair.prompt, system)
+        if system and prompt is not pair.prompt:
+            pair = replace(pair, prompt=prompt)
+        conversation = replace(prompt, messages=[*prompt.messages, pair.chosen], source=pair.source or prompt.source)
+        example = split_conversation(conversation, i)
+        out.append(replace(example, pair=pair))
+    return out

@@ -27,6 +27,9 @@ _WORD = re.compile(r"[^\W_]+")
 _SPACE = re.compile(r"\s+")
 
 MODEL_METRICS = ("loss", "perplexity")  # computed from the model's logits, not from generated text
+# Pairwise accuracy and margin on chosen/rejected pairs (evaluation/preference.py): computed on preference data
+# whatever the list says; naming it alone (`--metrics preference`) skips generation and the loss.
+PREFERENCE_METRIC = "preference"
 
 
 def _install_hint(package: str) -> TunelabError:
@@ -253,6 +256,9 @@ register_metric("bleu", lambda p, r: {"bleu-4": bleu4(p, r)}, description="sente
 register_metric("rouge", rouge, description="ROUGE-1/2/L F1, 0-100", keys=("rouge-1", "rouge-2", "rouge-l"))
 register_metric("exact_match", lambda p, r: {"exact_match": exact_match(p, r)},
                 description="normalized prediction == reference, 0 or 1")
+register_metric(PREFERENCE_METRIC, None, description="pairwise accuracy and mean margin of the chosen vs the rejected "
+                "reply (preference data; evaluation/preference.py)", needs_generation=False,
+                keys=("reward_accuracy", "reward_margin", "rm_accuracy", "rm_margin", "logp_accuracy", "logp_margin"))
 
 
 # ------------------------------------------------------------------------------------------------- scoring

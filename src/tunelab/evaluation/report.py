@@ -14,7 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunelab.evaluation.results import ComparisonResult, EvalResult, PredictionRecord, format_value, ordered_metrics
+from tunelab.evaluation.results import (
+    PREFERENCE_KINDS,
+    ComparisonResult,
+    EvalResult,
+    PredictionRecord,
+    format_value,
+    ordered_metrics,
+)
 from tunelab.evaluation.runs import plot_loss_curves
 from tunelab.runs.read import loss_series, read_history
 from tunelab.runs.rundir import RunDir
@@ -127,12 +134,69 @@ def markdown_report(result: EvalResult, curve: Path | None = None) -> str:
     lines.append("")
     if curve is not None:
         lines += ["## Training loss", "", f"![loss curve]({curve.name})", ""]
+    pairs = shown_pairs(result)
+    if pairs:
+        lines += _md_pairs(pairs, result.info)
     ranked = result.ranked()
     if ranked and ranked[0].scores:
         k = min(EXAMPLES_SHOWN, (len(ranked) + 1) // 2)
         lines += _md_examples("Best examples", ranked[:k])
         lines += _md_examples("Worst examples", ranked[::-1][:k])
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ preference pairs
+def pair_kinds(scores: dict[str, float]) -> list[str]:
+    return [k for k in PREFERENCE_KINDS if f"{k}_margin" in scores]
+
+
+def shown_pairs(result: EvalResult, n: int = EXAMPLES_SHOWN) -> list[PredictionRecord]:
+    """The pairs the model prefers most clearly and the ones it gets most wrong (by the first score kind's
+    margin), at most `n` of each; empty when the data holds no pairs."""
+    pairs = [p for p in result.predictions if p.rejected is not None and pair_kinds(p.scores)]
+    if not pairs:
+        return []
+    key = f"{pair_kinds(pairs[0].scores)[0]}_margin"
+    pairs = sorted(pairs, key=lambda p: -p.scores.get(key, 0.0))
+    if len(pairs) <= 2 * n:
+        return pairs
+    return pairs[:n] + pairs[-n:]
+
+
+def _pair_rows(p: PredictionRecord) -> list[tuple[str, str, str, str]]:
+    return [(kind, format_value(f"{kind}_chosen", p.scores[f"{kind}_chosen"]),
+             format_value(f"{kind}_rejected", p.scores[f"{kind}_rejected"]),
+             format_value(f"{kind}_margin", p.scores[f"{kind}_margin"])) for kind in pair_kinds(p.scores)]
+
+
+PAIR_NOTE = ("reward: implicit DPO reward beta * (log p - log p_ref) summed over the reply; rm: the reward model's "
+             "score; logp: mean log-likelihood per reply token (reference-free). margin = chosen - rejected.")
+
+
+def _md_pairs(pairs: list[PredictionRecord], info: dict[str, Any]) -> list[str]:
+    lines = ["## Preference pairs", "", PAIR_NOTE]
+    if info.get("reference"):
+        lines.append(f"Reference model: {info['reference']}.")
+    lines.append("")
+    for p in pairs:
+        lines += [f"**#{p.index}** `{p.source}`", "", "Prompt:", _fence(p.question), "Chosen:", _fence(p.reference),
+                  "Rejected:", _fence(p.rejected or ""), "", "| score | chosen | rejected | margin |",
+                  "|---|---:|---:|---:|", *(f"| {' | '.join(row)} |" for row in _pair_rows(p)), ""]
+    return lines
+
+
+def _html_pairs(pairs: list[PredictionRecord], info: dict[str, Any]) -> list[str]:
+    body = ["<h2>Preference pairs</h2>", f"<p>{_esc(PAIR_NOTE)}</p>"]
+    if info.get("reference"):
+        body.append(f"<p>Reference model: {_esc(info['reference'])}.</p>")
+    for p in pairs:
+        rows = "".join("<tr>" + "".join(f'<td class="num">{_esc(c)}</td>' if i else f"<td>{_esc(c)}</td>"
+                                        for i, c in enumerate(row)) + "</tr>" for row in _pair_rows(p))
+        body.append(f'<div class="ex"><div class="meta">#{p.index} · {_esc(p.source)}</div><b>Prompt</b>'
+                    f"<pre>{_esc(p.question)}</pre><b>Chosen</b><pre>{_esc(p.reference)}</pre><b>Rejected</b>"
+                    f"<pre>{_esc(p.rejected)}</pre><table><tr><th>score</th><th>chosen</th><th>rejected</th>"
+                    f"<th>margin</th></tr>{rows}</table></div>")
+    return body
 
 
 # --------------------------------------------------------------------------------------------------- html
@@ -168,6 +232,9 @@ def html_report(result: EvalResult, curve: Path | None = None) -> str:
     body.append("</table>")
     if curve is not None:
         body += ["<h2>Training loss</h2>", _png_img(curve, "loss curve")]
+    pairs = shown_pairs(result)
+    if pairs:
+        body += _html_pairs(pairs, result.info)
     ranked = result.ranked()
     if ranked and ranked[0].scores:
         k = min(EXAMPLES_SHOWN, (len(ranked) + 1) // 2)

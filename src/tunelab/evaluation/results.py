@@ -12,12 +12,19 @@ from typing import Any
 
 from tunelab.evaluation.metrics import lower_is_better
 
+# Preference scores (evaluation/preference.py): implicit DPO reward, reward model, reference-free log-likelihood.
+PREFERENCE_KINDS = ("reward", "rm", "logp")
+PREFERENCE_METRICS = tuple(f"{k}_{s}" for k in PREFERENCE_KINDS for s in ("accuracy", "margin", "chosen", "rejected"))
 # Order in tables; scores not listed here (checks, custom metrics) follow in the order they appear.
-METRIC_ORDER = ("loss", "perplexity", "eval_tokens", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match")
-# Not quality metrics: shown in tables but never used to pick a winner or rank examples.
-INFO_METRICS = {"eval_tokens", "num_examples", "examples_per_s", "generation_s"}
-# Score used to rank examples (best/worst) and to compare models per example, first one present wins.
-PRIMARY_ORDER = ("rouge-l", "bleu-4", "exact_match")
+METRIC_ORDER = ("loss", "perplexity", "eval_tokens", *PREFERENCE_METRICS, "bleu-4", "rouge-1", "rouge-2", "rouge-l",
+                "exact_match")
+# Not quality metrics: shown in tables but never used to pick a winner or rank examples. A reply's own score
+# (chosen or rejected) is not better for being higher: only the margin and the accuracy are.
+INFO_METRICS = {"eval_tokens", "num_examples", "examples_per_s", "generation_s",
+                *(f"{k}_{s}" for k in PREFERENCE_KINDS for s in ("chosen", "rejected"))}
+# Score used to rank examples (best/worst) and to compare models per example, first one present wins. On preference
+# data the pair's margin is the question asked; text metrics there only score answers against the chosen reply.
+PRIMARY_ORDER = ("reward_margin", "rm_margin", "logp_margin", "rouge-l", "bleu-4", "exact_match")
 
 
 @dataclass
@@ -33,6 +40,7 @@ class PredictionRecord:
     scores: dict[str, float] = field(default_factory=dict)
     finish_reason: str | None = None
     completion_tokens: int | None = None
+    rejected: str | None = None  # preference data: the rejected reply (the reference is the chosen one)
 
     @property
     def question(self) -> str:
@@ -64,9 +72,11 @@ def format_value(name: str, value: float | None) -> str:
         return "-"
     if name in ("eval_tokens", "eval/tokens", "num_examples", "global_step", "tokens_seen"):
         return str(int(value))
-    if name == "exact_match" or ":" in name:  # fractions
+    if name == "exact_match" or name.endswith("_accuracy") or ":" in name:  # fractions
         return f"{value:.3f}"
-    return f"{value:.4f}" if "loss" in name or "perplexity" in name else f"{value:.2f}"
+    if "loss" in name or "perplexity" in name or name.startswith(tuple(f"{k}_" for k in PREFERENCE_KINDS)):
+        return f"{value:.4f}"
+    return f"{value:.2f}"
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Web UI: the token-length histogram of the Data tab as inline SVG.
+"""Web UI charts: the Train tab's live curves (loss, reward accuracy) and the Data tab's token-length histogram.
+
+The live curves are rows for gradio's LinePlot, one series per curve, named in the page language.
 
 Drawn in the page rather than as a PNG so its captions follow the page language (the browser has the fonts for
 Chinese; a server-side PNG often has none) and so the x-axis spans the data: the bins cover the shortest to the
@@ -12,6 +14,27 @@ from collections.abc import Sequence
 
 from tunelab.webui.i18n import text
 from tunelab.webui.render import esc
+
+# Where an alignment run's metrics.jsonl keeps its reward accuracy (TRL's name, which every stage logs, rm's
+# renamed to it; and the evaluation's spelling); the first key an event has is plotted, validation separately.
+REWARD_ACCURACY_KEYS = ("rewards/accuracies", "reward_accuracy")
+EVAL_REWARD_ACCURACY_KEYS = tuple(f"eval_{k}" for k in REWARD_ACCURACY_KEYS)
+CURVES = (("loss", ("loss",)), ("validation", ("eval_loss",)), ("reward_accuracy", REWARD_ACCURACY_KEYS),
+          ("validation_reward_accuracy", EVAL_REWARD_ACCURACY_KEYS))
+
+
+def curve_rows(history: Sequence[dict], lang: str = "en") -> list[dict]:
+    """metrics.jsonl events -> {step, loss (the plotted value), series} rows: loss and validation loss, and for
+    alignment runs (dpo, orpo, simpo, kto, rm) reward accuracy, on the same 0-1-ish scale as a DPO loss."""
+    rows = []
+    for series, keys in CURVES:
+        name = text(f"train.series.{'train' if series == 'loss' else series}", lang)
+        for event in history:
+            key = next((k for k in keys if isinstance(event.get(k), (int, float))), None)
+            if key is not None and "step" in event:
+                rows.append({"step": event["step"], "loss": event[key], "series": name})
+    return rows
+
 
 WIDTH, HEIGHT = 640, 300
 LEFT, RIGHT, TOP, BOTTOM = 52, 16, 30, 44  # plot margins (axis labels and ticks live there)

@@ -24,6 +24,10 @@ from tunelab.config.load import ConfigError, config_from_dict, dump_config
 from tunelab.config.schema import RunConfig
 
 FORM_SECTIONS = ("model", "data", "method", "train")
+# The run's own top-level fields (stage: sft, dpo, ...) come first as the pseudo-section "run"; the alignment
+# section (align) follows train when the schema has it. Both are read from RunConfig, like every other input.
+RUN_SECTION = "run"
+OPTIONAL_SECTIONS = ("align",)
 UNSET = ""  # what an empty optional input means: leave the field out (the schema default applies)
 DEFAULT_METHOD: str = schema.DEFAULT_METHOD
 
@@ -44,6 +48,10 @@ class FieldSpec:
     @property
     def key(self) -> str:
         return f"{self.section}.{self.name}"
+
+    @property
+    def top_level(self) -> bool:
+        return self.section == RUN_SECTION
 
 
 def _strip_optional(annotation: Any) -> tuple[Any, bool]:
@@ -97,8 +105,22 @@ def section_specs(section: str) -> list[FieldSpec]:
     """The inputs of one config section, in schema order."""
     if section == "method":
         return method_specs()
+    if section == RUN_SECTION:
+        return [_with_registry_choices(_spec(RUN_SECTION, name, field)) for name, field in
+                RunConfig.model_fields.items() if not isinstance(_default(field), dict)]  # sections: dumped models
     model = RunConfig.model_fields[section].annotation
     return [_spec(section, name, field) for name, field in model.model_fields.items()]
+
+
+def _with_registry_choices(spec: FieldSpec) -> FieldSpec:
+    """`stage` is a free string validated against the stage registry: offer the registered stages."""
+    if spec.name == "stage" and spec.kind == "text":
+        try:
+            from tunelab.training.stages import known_stages
+        except ImportError:
+            return spec
+        spec.kind, spec.choices = "choice", tuple(known_stages())
+    return spec
 
 
 def method_specs() -> list[FieldSpec]:
@@ -123,8 +145,20 @@ def method_specs() -> list[FieldSpec]:
     return specs + list(seen.values())
 
 
+def form_sections() -> tuple[str, ...]:
+    """The sections the form shows, in order: the run's top-level fields, the fixed sections, then alignment."""
+    return (RUN_SECTION, *FORM_SECTIONS, *(s for s in OPTIONAL_SECTIONS if s in RunConfig.model_fields))
+
+
 def form_specs() -> list[FieldSpec]:
-    return [s for section in FORM_SECTIONS for s in section_specs(section)]
+    return [s for section in form_sections() for s in section_specs(section)]
+
+
+def is_visible(spec: FieldSpec, method: str, stage: str = "sft") -> bool:
+    """Method fields show for their methods; the align section for stages other than sft."""
+    if spec.methods and method not in spec.methods:
+        return False
+    return spec.section != "align" or stage != "sft"
 
 
 # --------------------------------------------------------------------------------------------- value mapping
@@ -200,11 +234,13 @@ class _BadInput(str):
 def form_to_dict(specs: list[FieldSpec], values: list[Any], extra: dict | None = None) -> dict:
     """Form values -> the nested config dict (what a YAML file holds). `extra` keeps sections the form does not
     show (eval, export, serve) so loading and saving a YAML does not lose them."""
-    data: dict[str, Any] = {k: v for k, v in (extra or {}).items() if k not in FORM_SECTIONS}
+    shown = {s.name if s.top_level else s.section for s in specs}
+    data: dict[str, Any] = {k: v for k, v in (extra or {}).items() if k not in shown}
     method = next((v for s, v in zip(specs, values) if s.key == "method.name"), None) or DEFAULT_METHOD
+    stage = next((v for s, v in zip(specs, values) if s.key == f"{RUN_SECTION}.stage"), None) or "sft"
     problems = []
     for spec, raw in zip(specs, values):
-        if spec.methods and method not in spec.methods:
+        if not is_visible(spec, method, stage):
             continue
         value = from_input(spec, raw)
         if isinstance(value, _BadInput):
@@ -212,7 +248,10 @@ def form_to_dict(specs: list[FieldSpec], values: list[Any], extra: dict | None =
             continue
         if isinstance(value, str) and value == UNSET:
             continue
-        data.setdefault(spec.section, {})[spec.name] = value
+        if spec.top_level:
+            data[spec.name] = value
+        else:
+            data.setdefault(spec.section, {})[spec.name] = value
     if problems:
         raise ConfigError(problems, "from the form")
     return data
@@ -223,7 +262,7 @@ def config_to_values(specs: list[FieldSpec], cfg: RunConfig) -> list[Any]:
     dumped = cfg.model_dump(mode="json")
     out = []
     for spec in specs:
-        section = dumped.get(spec.section, {})
+        section = dumped if spec.top_level else dumped.get(spec.section, {})
         out.append(to_input(spec, section.get(spec.name, spec.default)))
     return out
 

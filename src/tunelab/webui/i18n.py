@@ -82,6 +82,8 @@ TEXTS: dict[str, tuple[str, str]] = {
                   "上传的文件已保存为 {path}（目录名即其 SHA-256；运行记录的是这个路径）"),
     "data.used": ("The Train form now uses this data.", "训练表单已使用该数据。"),
     # train tab
+    "train.section.run": ("Stage", "训练阶段"),
+    "train.section.align": ("Alignment (stages other than sft)", "偏好对齐（sft 以外的阶段）"),
     "train.section.model": ("Model", "模型"),
     "train.section.data": ("Data", "数据"),
     "train.section.method": ("Method", "微调方法"),
@@ -98,6 +100,8 @@ TEXTS: dict[str, tuple[str, str]] = {
     "train.loss": ("Loss", "损失曲线"),
     "train.series.train": ("train", "训练集"),
     "train.series.validation": ("validation", "验证集"),
+    "train.series.reward_accuracy": ("reward accuracy", "奖励准确率"),
+    "train.series.validation_reward_accuracy": ("validation reward accuracy", "验证集奖励准确率"),
     "train.axis.step": ("step", "步数"),
     "train.axis.loss": ("loss", "损失"),
     "train.axis.series": ("split", "数据划分"),

@@ -10,7 +10,17 @@ from typing import Any
 
 import gradio as gr
 
-from tunelab.webui.form import DEFAULT_METHOD, FieldSpec, config_to_values, form_specs, form_to_dict, to_input
+from tunelab.webui.form import (
+    DEFAULT_METHOD,
+    RUN_SECTION,
+    FieldSpec,
+    config_to_values,
+    form_sections,
+    form_specs,
+    form_to_dict,
+    is_visible,
+    to_input,
+)
 from tunelab.webui.i18n import field_info, text
 from tunelab.webui.jobs import TrainingJob
 from tunelab.webui.render import esc, guard, message, progress_html
@@ -22,7 +32,7 @@ SCROLL_LOG = "() => { const t = document.querySelector('#train-log textarea'); i
 def _input(spec: FieldSpec, lang: str, start: Any):
     """One gradio input for a config field: label = YAML key, hint = the schema description."""
     common = {"label": spec.name, "info": field_info(spec.key, spec.description, lang),
-              "elem_id": f"cfg-{spec.section}-{spec.name}", "visible": not spec.methods or DEFAULT_METHOD in spec.methods}
+              "elem_id": f"cfg-{spec.section}-{spec.name}", "visible": is_visible(spec, DEFAULT_METHOD)}
     value = to_input(spec, start)
     if spec.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
@@ -62,11 +72,13 @@ def build_form(ui) -> tuple[list[FieldSpec], list[Any], dict[str, Any]]:
     specs = form_specs()
     starts = start_values(ui)
     inputs, by_key = [], {}
-    for section in ("model", "data", "method", "train"):
+    for section in form_sections():
+        section_specs = [s for s in specs if s.section == section]
+        if not section_specs:
+            continue
         with ui.L.make(gr.Accordion, f"train.section.{section}", open=True):
             with gr.Row(equal_height=False):
                 columns = [gr.Column(min_width=240) for _ in range(3)]
-            section_specs = [s for s in specs if s.section == section]
             for i, spec in enumerate(section_specs):
                 with columns[i % 3]:
                     component = _input(spec, ui.L.lang, starts.get(spec.key, spec.default))
@@ -93,8 +105,8 @@ class TrainEvents:
     def __init__(self, ui, specs: list[FieldSpec]):
         self.ui, self.specs = ui, specs
 
-    def visibility(self, method: str) -> list:
-        return [gr.update(visible=not s.methods or method in s.methods) for s in self.specs]
+    def visibility(self, method: str, stage: str = "sft") -> list:
+        return [gr.update(visible=is_visible(s, method, stage or "sft")) for s in self.specs]
 
     def save(self, lang, path, extra_state, *values):
         text_yaml = _yaml_of(self.specs, values, extra_state)
@@ -112,8 +124,9 @@ class TrainEvents:
         target = Path(path).expanduser()
         cfg = load_config(target)
         raw = yaml.safe_load(target.read_text(encoding="utf-8")) or {}
+        stage = getattr(cfg, "stage", "sft")
         shown = [gr.update(value=v, visible=u["visible"])
-                 for v, u in zip(config_to_values(self.specs, cfg), self.visibility(cfg.method.name))]
+                 for v, u in zip(config_to_values(self.specs, cfg), self.visibility(cfg.method.name, stage))]
         return (message(esc(text("train.loaded", lang, path=target)), "ok"), raw, *shown)
 
     def preview(self, lang, extra_state, *values):
@@ -164,7 +177,9 @@ def build(ui) -> dict[str, Any]:
     timer = gr.Timer(POLL_S, active=False)
 
     ev = TrainEvents(ui, specs)
-    by_key["method.name"].change(ev.visibility, by_key["method.name"], inputs)
+    switches = [by_key["method.name"], *([by_key[f"{RUN_SECTION}.stage"]] if f"{RUN_SECTION}.stage" in by_key else [])]
+    for switch in switches:  # the selected method's fields; the align section for stages other than sft
+        switch.change(ev.visibility, switches, inputs)
     save_btn.click(guard(ev.save, 2, 0), [ui.lang, yaml_path, extra, *inputs], [status, yaml_view])
     load_btn.click(guard(ev.load, 2 + len(inputs), 0), [ui.lang, yaml_path], [status, extra, *inputs])
     preview_btn.click(guard(ev.preview, 2, 0), [ui.lang, extra, *inputs], [status, yaml_view])
@@ -229,14 +244,13 @@ def _poll(ui, lang: str) -> tuple:
 
 
 def loss_frame(history: list[dict], lang: str = "en"):
-    """metrics.jsonl events -> a long-format frame (step, loss, series) for the line plot; the series names are the
-    plot's legend, so they are in the page language."""
+    """metrics.jsonl events -> the live plot's long-format frame (step, loss, series): loss, validation loss and,
+    for alignment runs, reward accuracy (webui/charts.py)."""
     import pandas as pd
 
-    train, validation = text("train.series.train", lang), text("train.series.validation", lang)
-    rows = [{"step": r["step"], "loss": r["loss"], "series": train} for r in history if "loss" in r and "step" in r]
-    rows += [{"step": r["step"], "loss": r["eval_loss"], "series": validation} for r in history
-             if "eval_loss" in r and "step" in r]
+    from tunelab.webui.charts import curve_rows
+
+    rows = curve_rows(history, lang)
     if not rows:  # an empty (object-typed) frame would make the plot treat step and loss as categories for good
         return gr.skip()
     return pd.DataFrame(rows).astype({"step": "float64", "loss": "float64"})
