@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.data.formats import (
-    DEFAULT_TAGS,
+    OPENAI_TAGS,
     FormatOptions,
     RecordError,
     _role_map,
     alpaca_to_conversation,
     chat_to_conversation,
     detect_format,
+    get_format_entry,
+    known_formats,
 )
 from tunelab.data.types import Conversation, Message
 
@@ -36,7 +38,7 @@ PREFERENCE_COLUMNS = {
     "trl": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system", "tools": "tools"},
     "kto": {"prompt": "prompt", "completion": "completion", "kto_tag": "label", "system": "system", "tools": "tools"},
 }
-_OPENAI_TAGS = DEFAULT_TAGS["openai"]
+_OPENAI_TAGS = OPENAI_TAGS
 _PROMPT_ENDS = ("user", "tool")
 
 
@@ -86,7 +88,8 @@ def preference_options(fmt: str, user: FormatOptions, record: dict) -> FormatOpt
     columns = {**PREFERENCE_COLUMNS.get(fmt, {}), **user.columns}
     if "kto_tag" not in columns and "kto_tag" in record and columns.get("chosen", "chosen") not in record:
         columns["kto_tag"] = "kto_tag"
-    return FormatOptions(columns, {**DEFAULT_TAGS.get(fmt, {}), **user.tags})
+    tags = get_format_entry(fmt).tags if fmt in known_formats() else {}  # trl, kto: no role tags of their own
+    return FormatOptions(columns, {**tags, **user.tags})
 
 
 def detect_preference_format(record: dict, options: FormatOptions) -> str:

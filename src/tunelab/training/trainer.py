@@ -16,8 +16,8 @@ from pathlib import Path
 from transformers import Trainer
 
 from tunelab.patches.trainer_checkpoint import StagedCheckpointMixin, check_trainer_internals
-from tunelab.runs.rundir import CHECKPOINT_RE, STAGING
 from tunelab.patches.trainer_loss import loss_divisor, own_loss_allowed, scale_for_processes
+from tunelab.runs.rundir import CHECKPOINT_RE, STAGING
 from tunelab.training.callbacks import NonFiniteLossError
 from tunelab.training.speed import trained_token_loss
 
