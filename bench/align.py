@@ -11,6 +11,7 @@ data stage on the same records as a LLaMA-Factory `ranking: true` dataset). Arms
   trl        TRL DPOTrainer with its defaults (bf16 autocast, gradient checkpointing, padded chosen+rejected)
   trl_nogc   the same without gradient checkpointing (TRL at its fastest here without touching its data path)
   tunelab    tunelab's dpo stage (tunelab.training.stages) with tunelab's defaults
+  tunelab:<a.b=c>[;<d.e=f>]   the same with config overrides (what a difference in the loss curve comes from)
 
 Runs are interleaved (--repeat: every arm once, then again; the median run is reported). Tokens/s counts the real
 tokens of both sequences of each pair (prompt + chosen, prompt + rejected), the same count for every arm; the
@@ -155,8 +156,9 @@ def tunelab_stage(name: str):
     return stages.STAGES[name]
 
 
-def arm_tunelab(spec: dict) -> dict:
-    overrides = ["train.mixed_precision=no"] if spec["precision"] == "fp32" else []
+def arm_tunelab(spec: dict, overrides: list[str] | None = None) -> dict:
+    """tunelab's dpo stage with its defaults, or with `overrides` (an ablation arm `tunelab:a.b=c;d.e=f`)."""
+    overrides = (["train.mixed_precision=no"] if spec["precision"] == "fp32" else []) + (overrides or [])
     cfg = tunelab_config(spec, overrides)
     clock = BT.step_clock()
     result = tunelab_stage("dpo").run(cfg, callbacks=[clock], echo=False)
@@ -202,9 +204,20 @@ LABELS = {"trl": "TRL DPOTrainer, defaults", "trl_nogc": "TRL DPOTrainer, defaul
           "tunelab": "tunelab dpo stage (defaults)"}
 
 
+def arm_function(arm: str):
+    """`tunelab:<override>[;<override>]` runs tunelab with those overrides; other names are ARM_FUNCS keys."""
+    if arm.startswith("tunelab:"):
+        return lambda spec: arm_tunelab(spec, arm.split(":", 1)[1].split(";"))
+    return ARM_FUNCS[arm]
+
+
+def arm_label(arm: str) -> str:
+    return "tunelab dpo stage, " + arm.split(":", 1)[1].replace(";", ", ") if arm.startswith("tunelab:") else LABELS[arm]
+
+
 def run_arm(spec_file: str, out_file: str) -> int:
     spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
-    result = ARM_FUNCS[spec["arm"]](spec)
+    result = arm_function(spec["arm"])(spec)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     if spec["device"] == "cuda":
         import torch
@@ -272,7 +285,7 @@ def table(rows: list[dict], gpu: bool) -> str:
             "max curve gap vs TRL", "last reward acc."] + (["peak GPU GB"] if gpu else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        label = LABELS[r["arm"]]
+        label = arm_label(r["arm"])
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error'][:200]} |")
             continue
@@ -307,7 +320,7 @@ def render(args, spec: dict, rows: list[dict], seconds: float) -> str:
     ]
     for r in rows:
         if "error" not in r:
-            parts.append(f"- {LABELS[r['arm']]} losses: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
+            parts.append(f"- {arm_label(r['arm'])} losses: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
     tuned = next((r for r in rows if r["arm"] == "tunelab" and "error" not in r), None)
     if tuned and base:
         gap = curve_gap(tuned["losses"], base["losses"])
@@ -326,7 +339,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per arm")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--cutoff", type=int, default=512, help="longest prompt + reply kept (tokens)")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARM_FUNCS)}")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARM_FUNCS)}, or "
+                        "tunelab:<override>[;<override>] (e.g. tunelab:method.dropout=0) for an ablation")
     parser.add_argument("--precision", choices=["default", "fp32"], default="default",
                         help="fp32: every arm in fp32 (TRL bf16=False, tunelab train.mixed_precision=no)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per arm, interleaved; the median is reported")
@@ -347,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TUNELAB_DATA_CACHE"] = str(work / "data-cache")
         spec = prepare(args, work)
         arms = [a for a in args.arms.split(",") if a]
-        unknown = [a for a in arms if a not in ARM_FUNCS]
+        unknown = [a for a in arms if a not in ARM_FUNCS and not a.startswith("tunelab:")]
         if unknown:
             raise SystemExit(f"--arms: unknown {', '.join(unknown)}; known: {', '.join(ARM_FUNCS)}")
         print(f"{len(arms)} arms x {args.repeat}, {args.steps} steps x {args.batch_size} pairs, {spec['tokens']} "

@@ -36,9 +36,10 @@ def test_bench_align_trl_side_and_report(tiny_llama, tmp_path):
 def test_bench_align_tunelab_against_trl(tiny_llama, tmp_path):
     if importlib.util.find_spec("tunelab.training.stages") is None:
         pytest.skip("needs the dpo stage (tunelab.training.stages, issue 14 ATRAIN)")
-    result = _run(tiny_llama, tmp_path, "trl_nogc,tunelab")
+    result = _run(tiny_llama, tmp_path, "trl_nogc,tunelab,tunelab:method.dropout=0")
     rows = {r["arm"]: r for r in result["rows"]}
-    assert "error" not in rows["tunelab"], rows["tunelab"].get("error")
+    assert not [r["error"] for r in rows.values() if "error" in r]
     assert len(rows["tunelab"]["losses"]) == 2
     assert abs(rows["tunelab"]["losses"][0] - rows["trl_nogc"]["losses"][0]) < 1e-3  # both start at ln 2
     assert "tunelab vs TRL DPOTrainer" in (tmp_path / "align.md").read_text(encoding="utf-8")
+    assert "tunelab dpo stage, method.dropout=0" in (tmp_path / "align.md").read_text(encoding="utf-8")
