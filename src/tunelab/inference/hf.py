@@ -81,9 +81,8 @@ class HFEngine:
         so the deltas always add up to the final text (tests/test_inference_stopping.py)."""
         steps: queue.SimpleQueue = queue.SimpleQueue()
         abandon = threading.Event()
-        request = self._submit(prompt, params, cancel=(abandon,) if cancel is None else (cancel, abandon), on_token=steps.put)
-        finished = threading.Thread(target=lambda: (request.done.wait(), steps.put(None)), daemon=True)
-        finished.start()
+        request = self._submit(prompt, params, cancel=(abandon,) if cancel is None else (cancel, abandon),
+                               on_token=steps.put, on_done=lambda: steps.put(None))
         shown = ""
         try:
             while True:
@@ -103,7 +102,7 @@ class HFEngine:
         finally:
             abandon.set()  # the consumer left early (client gone): the row leaves the batch at the next token
 
-    def _submit(self, prompt: str, params: GenerationParams, cancel=(), on_token=None) -> Request:
+    def _submit(self, prompt: str, params: GenerationParams, cancel=(), on_token=None, on_done=None) -> Request:
         with self._tokenizer_lock:
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         room = self.max_context - len(ids)
@@ -111,7 +110,7 @@ class HFEngine:
             raise TunelabError(f"prompt has {len(ids)} tokens; the model accepts {self.max_context} in all")
         stops = self._stops(params)
         request = Request(ids, params, min(params.max_new_tokens, room), stops, cancel, on_token,
-                          stop_check=self._stop_strings.criteria(stops))
+                          stop_check=self._stop_strings.criteria(stops), on_done=on_done)
         return self.scheduler.submit(request)
 
     def _partial_text(self, ids: list[int]) -> str:

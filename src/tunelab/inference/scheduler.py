@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Request:
-    """One prompt in flight; `on_token` (optional) sees the generated ids after every step, on the loop thread."""
+    """One prompt in flight; `on_token` (optional) sees the generated ids after every step and `on_done` (optional)
+    is called once it has ended (result or error set), both on the loop thread."""
 
     ids: list[int]
     params: GenerationParams
@@ -44,6 +45,7 @@ class Request:
     cancel: tuple[threading.Event, ...] = ()  # any of them set: the row leaves at the next token
     on_token: Callable[[list[int]], None] | None = None
     stop_check: object | None = None  # transformers StopStringCriteria for `stops` (stopping.StopStrings)
+    on_done: Callable[[], None] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: Completion | None = None
     error: BaseException | None = None
@@ -54,6 +56,11 @@ class Request:
 
     def cancelled(self) -> bool:
         return any(c.is_set() for c in self.cancel)
+
+    def end(self) -> None:
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
     def wait(self) -> Completion:
         self.done.wait()
@@ -135,7 +142,7 @@ class Scheduler:
     def _fail_all(self, error: BaseException) -> None:
         for req in self._rows:
             req.error = error
-            req.done.set()
+            req.end()
         self._rows, self._cache, self._mask = [], None, None
 
     # ---------------------------------------------------------------------------------------------- model calls
@@ -234,7 +241,7 @@ class Scheduler:
             text = text[:cut]
         reason = "stop" if r.hit_stop or r.cancelled() else "length"
         r.result = Completion(text, len(r.ids), len(r.out), reason)
-        r.done.set()
+        r.end()
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
