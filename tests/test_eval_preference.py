@@ -247,9 +247,9 @@ def test_eval_on_a_pair_file_reports_accuracy_and_margin_like_a_hand_computation
     from peft import PeftModel
     from test_inference_support import make_adapter
     from transformers import AutoModelForCausalLM
-    from tunelab.data.preference import encode_preference
 
     from tunelab.config.schema import DataConfig, DatasetSpec, EvalConfig
+    from tunelab.data.preference import encode_preference
     from tunelab.data.types import Conversation
     from tunelab.evaluation.evaluate import evaluate
     from tunelab.evaluation.examples import load_preference_pairs
@@ -397,10 +397,10 @@ def _has_alignment() -> bool:
 @pytest.mark.skipif(not _has_alignment(), reason="needs RunConfig.stage and tunelab.data.preference (issue 14)")
 def test_a_dpo_run_is_evaluated_on_the_validation_pairs_training_held_out(tiny_llama, tmp_path):
     from test_inference_support import make_adapter
-    from tunelab.data.preference import prepare_preference_data
 
     from tunelab.config import dump_config
     from tunelab.config.schema import RunConfig
+    from tunelab.data.preference import prepare_preference_data
     from tunelab.evaluation.evaluate import evaluate
     from tunelab.inference.hf import load_engine
 
@@ -422,7 +422,6 @@ def test_a_dpo_run_is_evaluated_on_the_validation_pairs_training_held_out(tiny_l
     prepared = prepare_preference_data(cfg.data, engine.tokenizer, engine.template, paired=True)
     held_out = sorted(tuple(ids) for ids in prepared.validation["prompt_input_ids"])  # prompts are unique
     from tunelab.data.preference import encode_preference
-
     from tunelab.evaluation.examples import validation_pairs
 
     ours = validation_pairs(cfg.data, engine.template, engine.tokenizer)

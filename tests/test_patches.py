@@ -65,8 +65,9 @@ def test_installed_libraries_are_in_the_checked_ranges(gate):
 
 
 def test_pyproject_bounds_match_the_gates():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     declared = project["dependencies"] + [d for group in project["optional-dependencies"].values() for d in group]

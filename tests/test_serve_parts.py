@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
 # imported here, at collection: a lazy import inside a test can hit CPython 3.11.7's thread-unsafe AST check
 # ("AST constructor recursion depth mismatch") while server threads of earlier tests still run
 from fastapi.testclient import TestClient

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,12 @@ def train_rm(cfg: RunConfig, resume: bool = False, callbacks: list | None = None
 def train_alignment(cfg: RunConfig, stage: Stage, resume: bool = False, callbacks: list | None = None,
                     echo: bool = True) -> RunResult:
     """Align with `cfg` as `stage` says; `resume` continues this config's run from its last complete checkpoint."""
+    with ExitStack() as undo:  # hooks and switches the speed options put on the model, undone when training ends
+        return _train_alignment(cfg, stage, resume, callbacks, echo, undo)
+
+
+def _train_alignment(cfg: RunConfig, stage: Stage, resume: bool, callbacks: list | None, echo: bool,
+                     undo: ExitStack) -> RunResult:
     from tunelab.data.templates import apply_template, resolve_template
     from tunelab.methods import check_method_available
     from tunelab.models.load import load_tokenizer, pick_device
@@ -91,7 +98,7 @@ def train_alignment(cfg: RunConfig, stage: Stage, resume: bool = False, callback
         data = prepare_stage_data(cfg, tokenizer, template, stage)
     check_alignment_memory(AlignRun(cfg, stage, model_path, device, precision, say), data)
     model = load_policy(AlignRun(cfg, stage, model_path, state.device, precision, say), tokenizer)
-    speed = apply_speed_options(model, plan, cfg, say)
+    speed = apply_speed_options(model, plan, cfg, say, undo)
     if state.is_main_process:
         run.create()
         run.clean_staging()
