@@ -431,7 +431,7 @@ def test_completion_only_log_probs_give_the_same_curve(tiny_llama, tmp_path):
     """train.sparse_logits: TRL's fused lm_head skips prompt and padding positions on CPU too, same losses."""
     import trl.trainer.utils as trl_utils
 
-    from tunelab.training.align_trainers import completion_only_log_probs
+    from tunelab.patches.trl_logprobs import completion_only_log_probs
 
     with completion_only_log_probs(True):
         assert trl_utils._use_triton(torch.device("cpu"))

@@ -14,6 +14,7 @@ undone (forward hooks, peft's input casting switch) is registered with an ExitSt
     peft_layers          fp32 adapter outputs (hooks), fast LoRA dropout (module swap), input dtype casting
     bitsandbytes         Linear4bit.support_avx512bf16_for_cpu (QLoRA on CPU)
     packing              refuses a packed batch run with a KV cache (transformers' packed detection skips it)
+    trl_logprobs         trl.trainer.utils._use_triton (completion-only log-probs of DPO/KTO on CPU)
 """
 
 from __future__ import annotations

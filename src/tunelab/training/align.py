@@ -83,7 +83,7 @@ def _train_alignment(cfg: RunConfig, stage: Stage, resume: bool, callbacks: list
     state = distributed_state(device)
     plan = plan_speed(cfg, device, precision.autocast, False, state.num_processes)
     # TRL pads chosen and rejected rows in one batch (no packing); sparse_logits: TRL's fused lm_head on completion
-    # positions only (align_trainers.completion_only_log_probs; DPO and KTO)
+    # positions only (patches/trl_logprobs.py; DPO and KTO)
     plan = dataclasses.replace(plan, sparse_logits=plan.sparse_logits and stage.name in ("dpo", "kto"),
                                packed_attention=False)
     if plan.threads:
@@ -138,6 +138,10 @@ class AlignRun:
 # ----------------------------------------------------------------------------------------------------- checks
 def check_alignment(cfg: RunConfig, stage: Stage) -> None:
     """Settings that cannot work for this stage, refused before anything is loaded."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raise TunelabError(f"stage {stage.name} runs on TRL, which is not installed: pip install 'tunelab[align]'")
     a = cfg.align
     if cfg.method.name == "prefix":
         raise TunelabError(f"stage {stage.name}: method prefix is not supported for alignment (TRL's log-prob "

@@ -11,7 +11,6 @@ ids rendered by tunelab's template and masking) instead of applying its own chat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from tunelab.config.schema import RunConfig
+from tunelab.patches.trl_logprobs import completion_only_log_probs
 from tunelab.training.align import DEFAULT_BETA, REFERENCE_ADAPTER, init_source, reference_model_needed
 from tunelab.training.sft import Precision, add_monitoring, training_arguments
 from tunelab.training.stages import Stage
@@ -40,30 +40,6 @@ def is_tokenized(dataset, columns: tuple[str, ...]) -> bool:
 
 
 # ------------------------------------------------------------------------------------- completion-only log-probs
-@contextlib.contextmanager
-def completion_only_log_probs(enabled: bool):
-    """While active, TRL's fused lm_head (DPO, KTO) projects only the positions whose label is trained.
-
-    TRL 1.16 (trl/trainer/utils.py `_fused_forward`) scores only those positions where Triton runs (CUDA, XPU) and
-    every position elsewhere, prompt and padding included, masking the results afterwards; on CPU that is a 49k-column
-    projection per prompt token thrown away. The compact path is plain torch (an index, then `masked_scatter`) and
-    gives the same log-probs; its kernel choice is made separately (trl/kernels/chunked_logprob.py), so CPU keeps
-    the torch kernel. Scoped to the loss call and gated on the TRL version whose code this was checked against.
-    """
-    import trl
-    import trl.trainer.utils as trl_utils
-
-    if not enabled or not trl.__version__.startswith("1.16.") or not hasattr(trl_utils, "_use_triton"):
-        yield
-        return
-    original = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: True  # read only by _fused_forward's `compact` choice
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
-
-
 class CompletionOnlyLogProbs:
     """Mixin for TRL trainers using the fused lm_head: the loss (and its reference forward) scores completions only
     when the run's `train.sparse_logits` is on."""
