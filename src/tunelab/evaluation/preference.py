@@ -290,7 +290,7 @@ def load_reward_model(run_dir: Path, device: str = "auto", dtype: str = "auto"):
     run's adapter when it has one."""
     from transformers import AutoModelForSequenceClassification
 
-    from tunelab.inference.artifacts import resolve_artifact
+    from tunelab.runs.artifacts import resolve_artifact
     from tunelab.inference.template import load_template
     from tunelab.models.load import load_tokenizer, pick_device, pick_dtype
 
@@ -328,7 +328,7 @@ class RewardEngine:
 
 
 def load_reward_engine(run_dir: Path, device: str = "auto", dtype: str = "auto") -> RewardEngine:
-    from tunelab.inference.artifacts import resolve_artifact
+    from tunelab.runs.artifacts import resolve_artifact
 
     model, tokenizer, template = load_reward_model(run_dir, device, dtype)
     return RewardEngine(model, tokenizer, template, Path(run_dir).name, resolve_artifact(str(run_dir)))
