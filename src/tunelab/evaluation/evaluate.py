@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 def open_engine(model: str, adapter: str | None = None, *, template: str | None = None, device: str = "auto",
                 dtype: str = "auto"):
     """Load a model for evaluation with the same loader chat and serving use (an rm run: its value head)."""
-    from tunelab.runs.rundir import is_run_dir
     from tunelab.inference.hf import load_engine
+    from tunelab.runs.rundir import is_run_dir
 
     if adapter is None and is_run_dir(Path(model)):
         from tunelab.evaluation.preference import load_reward_engine, run_stage

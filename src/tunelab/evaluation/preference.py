@@ -19,6 +19,7 @@ rendered by the same template and encoder, tunelab.data.preference.encode_prefer
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,13 +113,23 @@ def encode_pairs(examples: Sequence[Any], template, tokenizer, cutoff_len: int) 
 
 
 # ------------------------------------------------------------------------------------------------- scoring
+def right_padded(examples: Sequence[dict], pad_token_id: int) -> dict:
+    """input_ids, attention_mask and labels (-100 on padding) right-padded to the batch's longest row."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [torch.tensor(e["input_ids"]) for e in examples]
+    return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_token_id),
+            "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
+            "labels": pad_sequence([torch.tensor(e["labels"]) for e in examples], batch_first=True,
+                                   padding_value=-100)}
+
+
 def completion_logps(model, rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
                      batch_size: int = 8) -> list[tuple[float, int]]:
     """(sum of log p over the completion tokens, their count) for each (prompt_ids, completion_ids) row."""
-    from tunelab.data.collate import PaddingCollator
     from tunelab.evaluation.loss import token_nll
 
-    collate = PaddingCollator(pad_token_id)
+    collate = functools.partial(right_padded, pad_token_id=pad_token_id)
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
@@ -126,7 +137,7 @@ def completion_logps(model, rows: Sequence[tuple[list[int], list[int]]], pad_tok
         chunk = order[start:start + batch_size]
         batch = collate([{"input_ids": rows[i][0] + rows[i][1], "labels": [-100] * len(rows[i][0]) + rows[i][1]}
                          for i in chunk])
-        # use_cache=False: a single forward needs no cache (and a cache disables packed detection, LAB-NOTES 1)
+        # use_cache=False: a single forward needs no cache (and a cache disables packed detection, docs/pitfalls.md #1)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                        use_cache=False).logits
         nll, counts = token_nll(logits, batch["labels"])
@@ -138,9 +149,7 @@ def completion_logps(model, rows: Sequence[tuple[list[int], list[int]]], pad_tok
 def sequence_rewards(model, rows: Sequence[list[int]], pad_token_id: int, batch_size: int = 8) -> list[float]:
     """A reward model's scalar score of each full sequence (its own pooling: the last non-pad token, as in
     training)."""
-    from tunelab.data.collate import PaddingCollator
-
-    collate = PaddingCollator(pad_token_id)
+    collate = functools.partial(right_padded, pad_token_id=pad_token_id)
     device = next(model.parameters()).device
     out: list[float] = [0.0] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -290,9 +299,9 @@ def load_reward_model(run_dir: Path, device: str = "auto", dtype: str = "auto"):
     run's adapter when it has one."""
     from transformers import AutoModelForSequenceClassification
 
-    from tunelab.runs.artifacts import resolve_artifact
     from tunelab.inference.template import load_template
     from tunelab.models.load import load_tokenizer, pick_device, pick_dtype
+    from tunelab.runs.artifacts import resolve_artifact
 
     art = resolve_artifact(str(run_dir), device=device, dtype=dtype)
     tokenizer = load_tokenizer(art.model_cfg, path=art.tokenizer_path)
