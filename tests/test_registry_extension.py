@@ -93,7 +93,7 @@ def test_registered_method_and_format_are_selected_from_yaml(tmp_path, tiny_llam
     assert again == cfg
     schema = json.dumps(RunConfig.model_json_schema())
     assert "Train the parameters whose name contains" in schema  # the web UI / validate descriptions
-    assert '"enum": ["auto", "alpaca", "sharegpt", "openai", "text", "qa"]' in schema
+    assert '"enum": ["auto", "alpaca", "sharegpt", "openai", "text", "qa", "trl", "kto"]' in schema  # then preference-only
 
 
 def test_config_errors_stay_as_good_for_registered_entries(tmp_path, tiny_llama):
@@ -106,7 +106,7 @@ def test_config_errors_stay_as_good_for_registered_entries(tmp_path, tiny_llama)
     with pytest.raises(ConfigError) as e:
         load_config(write_config(tmp_path, tiny_llama, fmt="qaa"))
     assert "data.datasets.0.format: unknown record format; known: auto, alpaca" in str(e.value)
-    assert "qa (got 'qaa')" in str(e.value)
+    assert "qa, trl, kto (got 'qaa')" in str(e.value)  # the preference-only formats come last
 
 
 def test_auto_detection_and_the_web_form_know_the_new_entries():
@@ -120,7 +120,7 @@ def test_auto_detection_and_the_web_form_know_the_new_entries():
     by_name = {s.name: s for s in method_specs()}
     assert "bitfit" in by_name["name"].choices and by_name["targets"].methods == ("bitfit",)
     assert "bitfit: only norm weights and biases" in by_name["name"].description
-    assert _spec("data", "format", DatasetSpec.model_fields["format"]).choices[-1] == "qa"
+    assert "qa" in _spec("data", "format", DatasetSpec.model_fields["format"]).choices
 
 
 def test_a_registered_method_trains_lists_and_exports(tmp_path, tiny_llama, capsys):
