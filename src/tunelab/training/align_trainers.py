@@ -25,7 +25,7 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 from tunelab.config.schema import RunConfig
 from tunelab.patches.trl_logprobs import completion_only_log_probs
 from tunelab.training.align import DEFAULT_BETA, REFERENCE_ADAPTER, init_source, reference_model_needed
-from tunelab.training.sft import Precision, add_monitoring, training_arguments
+from tunelab.training.sft import Precision, TrainerSetup, add_monitoring, training_arguments
 from tunelab.training.stages import Stage
 from tunelab.training.trainer import TunelabTrainer
 
@@ -163,8 +163,8 @@ def stage_arguments(setup: AlignSetup):
     if _is_main():
         start_trackers(cfg.train.report_to, setup.run.path, setup.run.path.name, cfg.model_dump(mode="json"),
                        cfg.train.trackers_offline)
-    base = training_arguments(cfg, setup.run, setup.device, setup.precision, setup.data.validation is not None,
-                              external, setup.echo)
+    base = training_arguments(TrainerSetup(cfg, setup.run, setup.device, setup.precision, setup.echo),
+                              setup.data.validation is not None, external)
     beta = a.beta if a.beta is not None else DEFAULT_BETA.get(setup.stage.name, 0.1)
     name = setup.stage.name
     if name == "dpo":

@@ -12,9 +12,13 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab.config.schema import RunConfig
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,8 @@ def _train(cfg: RunConfig, resume: bool, callbacks: list | None, echo: bool, und
         run.clean_staging()  # what a killed run left half-written
     state.wait_for_everyone()
     checkpoint = resume_point(run, resume, state, say)
-    trainer = build_trainer(cfg, run, model, tokenizer, data, device, precision, callbacks, echo, checkpoint,
-                            sparse_logits=speed.sparse_logits)
+    setup = TrainerSetup(cfg, run, device, precision, echo, callbacks, checkpoint)
+    trainer = build_trainer(setup, model, tokenizer, data, sparse_logits=speed.sparse_logits)
     if state.is_main_process:
         run.write_start(cfg, env=_env(device, state, precision, speed), data_stats=dict(data.stats),
                         fingerprint=data.fingerprint, template=template)
@@ -207,10 +211,24 @@ def make_collator(cfg: RunConfig, tokenizer):
     return data_collator(uses_packing(cfg), tokenizer)
 
 
-def training_arguments(cfg: RunConfig, run, device: str, precision: Precision, has_eval: bool, external: list[str],
-                       echo: bool):
+@dataclass
+class TrainerSetup:
+    """What a stage's trainer is built from: the run, where and how it computes, and the caller's extras."""
+
+    cfg: RunConfig
+    run: RunDir
+    device: str
+    precision: Precision
+    echo: bool = True  # progress on the console (main process)
+    callbacks: list | None = None  # extra transformers TrainerCallbacks
+    checkpoint: Path | None = None  # the checkpoint a resumed run continues from
+
+
+def training_arguments(setup: TrainerSetup, has_eval: bool, external: list[str]):
+    """transformers' TrainingArguments of the run (alignment stages start their TRL config from these)."""
     from transformers import TrainingArguments
 
+    cfg, run, device, precision, echo = setup.cfg, setup.run, setup.device, setup.precision, setup.echo
     t = cfg.train
     grouped = t.group_by_length and not uses_packing(cfg)  # packed batches have no padding to save
     early = bool(t.early_stopping_patience and has_eval)
@@ -239,23 +257,23 @@ def training_arguments(cfg: RunConfig, run, device: str, precision: Precision, h
     )
 
 
-def build_trainer(cfg: RunConfig, run, model, tokenizer, data, device: str, precision: Precision, callbacks, echo: bool,
-                  checkpoint: Path | None = None, sparse_logits: bool = False):
+def build_trainer(setup: TrainerSetup, model, tokenizer, data, sparse_logits: bool = False):
     from tunelab.training.trackers import start_trackers
     from tunelab.training.trainer import TunelabTrainer
 
+    cfg, run = setup.cfg, setup.run
     main = _is_main()
     external = [n for n in cfg.train.report_to if n != "tensorboard"]
     if main:
         start_trackers(cfg.train.report_to, run.path, run.path.name, cfg.model_dump(mode="json"),
                        cfg.train.trackers_offline)
-    args = training_arguments(cfg, run, device, precision, data.validation is not None, external, echo)
+    args = training_arguments(setup, data.validation is not None, external)
     trainer = TunelabTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
         data_collator=make_collator(cfg, tokenizer), processing_class=tokenizer,
         keep_checkpoints=cfg.train.save_total_limit, sparse_logits=sparse_logits,
     )
-    add_monitoring(trainer, cfg, run, echo, checkpoint, callbacks)
+    add_monitoring(trainer, cfg, run, setup.echo, setup.checkpoint, setup.callbacks)
     return trainer
 
 
