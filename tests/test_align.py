@@ -1,15 +1,13 @@
 """Alignment stages (dpo, orpo, simpo, kto, rm) on TRL through tunelab's recipe, on tiny models.
 
-The preference data comes from a small in-test stand-in for data/preference.py that follows its contract (prompt ids
-= the conversation rendered up to where the reply's trained span starts, completion ids = exactly the tokens SFT
-trains on for that reply), built with tunelab's own encoder, so these tests do not depend on that module.
+The preference data is a small TRL-shaped JSONL file read by tunelab's data stage (data/preference.py); the ids TRL
+trains on are checked against tunelab's SFT encoder (prompt ids = the conversation rendered up to where the reply's
+trained span starts, completion ids = exactly the tokens SFT trains on for that reply).
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,7 @@ PAIRS = [  # (question, chosen: short and right, rejected: long-winded and wrong
 ]
 
 
-# ------------------------------------------------------------------------------------------ data stand-in
+# ------------------------------------------------------------------------------------------ data
 def encode_reply(conv_messages, reply, template, tokenizer, cutoff_len):
     """(prompt ids, reply ids) with tunelab's encoder: the reply ids are the trained span of the last turn."""
     from tunelab.data.encode import encode_conversation
@@ -43,48 +41,13 @@ def encode_reply(conv_messages, reply, template, tokenizer, cutoff_len):
     return encoded["input_ids"][:first], encoded["input_ids"][first:]
 
 
-def fake_prepare_preference_data(cfg, tokenizer, template, *, paired: bool, progress=False, force=False):
-    import datasets
-
-    from tunelab.data.pipeline import PreparedData
-    from tunelab.data.types import Message
-
-    rows = []
-    for question, chosen, rejected in PAIRS:
-        messages = [Message("user", question)]
-        prompt, chosen_ids = encode_reply(messages, chosen, template, tokenizer, cfg.data_cutoff)
-        prompt_r, rejected_ids = encode_reply(messages, rejected, template, tokenizer, cfg.data_cutoff)
-        assert prompt == prompt_r, "the contract: chosen and rejected prompts are token-identical"
-        if paired:
-            rows.append({"prompt_input_ids": prompt, "chosen_input_ids": chosen_ids,
-                         "rejected_input_ids": rejected_ids, "source": question})
-        else:  # as TRL does for KTO: a pair becomes one desirable and one undesirable example
-            rows.append({"prompt_input_ids": prompt, "completion_input_ids": chosen_ids, "label": True})
-            rows.append({"prompt_input_ids": prompt, "completion_input_ids": rejected_ids, "label": False})
-    train = datasets.Dataset.from_list(rows)
-    stats = {"examples": len(rows), "rejects": 0}
-    return PreparedData(train=train, validation=None, stats=stats, fingerprint=f"fake-{len(rows)}",
-                        cache_dir=Path("."))
-
-
-@pytest.fixture(autouse=True)
-def preference_stub(monkeypatch):
-    module = types.ModuleType("tunelab.data.preference")
-
-    def prepare(cfg, tokenizer, template, *, paired, progress=False, force=False):
-        cfg = types.SimpleNamespace(data_cutoff=cfg.cutoff_len)
-        return fake_prepare_preference_data(cfg, tokenizer, template, paired=paired)
-
-    module.prepare_preference_data = prepare
-    monkeypatch.setitem(sys.modules, "tunelab.data.preference", module)
-
-
 def make_config(model: Path, tmp_path: Path, stage: str, *overrides: str):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "prefs.jsonl").write_text("{}\n", encoding="utf-8")  # the stand-in loader never parses it
+    lines = [json.dumps({"prompt": q, "chosen": c, "rejected": r}, ensure_ascii=False) for q, c, r in PAIRS]
+    (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")  # TRL's explicit-prompt shape
     base = [
         f"stage={stage}", f"model.name={model}", f"data.datasets=[{{path: {tmp_path / 'prefs.jsonl'}}}]",
-        "data.cutoff_len=64", f"train.output_dir={tmp_path / 'runs'}", f"train.run_name={stage}",
+        "data.cutoff_len=64", f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'runs'}", f"train.run_name={stage}",
         "train.max_steps=6", "train.batch_size=4", "train.logging_steps=1", "train.save_steps=3",
         "train.lr=5e-3", "train.scheduler=constant", "method.r=8", "method.dropout=0.0", "train.report_to=[]",
     ]
@@ -201,7 +164,7 @@ def load_base(model_dir: Path):
 
 
 def test_data_reaches_trl_as_tunelab_encoded_it(tiny_llama, tmp_path, captured):
-    """TRL's own tokenization (its chat template) is skipped: the ids TRL trains on are the stand-in's ids."""
+    """TRL's own tokenization (its chat template) is skipped: the ids TRL trains on are tunelab's SFT encoding."""
     from tunelab.data.templates import resolve_template
     from tunelab.models.load import load_tokenizer
 
@@ -365,13 +328,15 @@ def test_nan_guard_stops_an_alignment_run(tiny_llama, tmp_path):
 
 
 def test_memory_estimate_counts_the_reference_forward(tiny_llama, tmp_path, capsys):
+    from tunelab.data.preference import prepare_preference_data
     from tunelab.training.align import AlignRun, check_alignment_memory, reference_model_needed
     from tunelab.training.sft import Precision
     from tunelab.training.stages import get_stage
 
+    data_cfg = make_config(tiny_llama, tmp_path, "dpo").data
+
     class Data:
-        train = fake_prepare_preference_data(types.SimpleNamespace(data_cutoff=64), *_template(tiny_llama),
-                                             paired=True).train.rename_columns(
+        train = prepare_preference_data(data_cfg, *_template(tiny_llama), paired=True).train.rename_columns(
             {"prompt_input_ids": "prompt_ids", "chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"})
 
     def estimate(stage, *extra):
@@ -494,3 +459,31 @@ def test_reward_model_reloads_from_final_with_its_value_head(tiny_llama, tmp_pat
     assert torch.allclose(scores, expected, atol=2e-2)  # the live base was bf16 (train.bf16_frozen_base)
     chosen, rejected = scores.squeeze(-1).chunk(2)
     assert (chosen > rejected).float().mean() >= 0.75  # it learned to prefer the chosen replies
+
+
+# ------------------------------------------------------------------------------------------- after alignment
+def test_an_aligned_run_exports_chats_and_serves_like_an_sft_run(tiny_llama, tmp_path):
+    """The DPO run's adapter merges (merged == unmerged answers, the training template carried) and an
+    OpenAI-compatible server on that run answers like the run's own engine."""
+    import openai
+    from test_serve_support import live_server
+
+    from tunelab.config.schema import ExportConfig, ServeConfig
+    from tunelab.export.pipeline import export_model
+    from tunelab.inference.engine import GenerationParams
+    from tunelab.inference.hf import load_engine
+    from tunelab.serving.app import create_app
+
+    result = run_stage(make_config(tiny_llama, tmp_path, "dpo", "train.max_steps=2"))
+    greedy = GenerationParams(max_new_tokens=8)
+    question = [{"role": "user", "content": PAIRS[0][0]}]
+    run_engine = load_engine(str(result.run_dir))
+    expected = run_engine.generate([run_engine.render(question)], greedy)[0].text
+    exported = export_model(str(result.run_dir), ExportConfig(), out=tmp_path / "export")
+    merged = load_engine(str(exported.out_dir))
+    assert merged.render(question) == run_engine.render(question)  # the same template, carried
+    assert merged.generate([merged.render(question)], greedy)[0].text == expected
+    with live_server(create_app(run_engine, ServeConfig(model_name="dpo", max_new_tokens=8))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="dpo", messages=question, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == expected
