@@ -39,7 +39,7 @@ from tunelab.data.preference_formats import (
 )
 from tunelab.data.preview import format_example
 from tunelab.data.progress import Progress
-from tunelab.data.sources import iter_records, resolve_source
+from tunelab.data.sources import convert_records, resolve_source
 from tunelab.data.templates import ChatTemplate
 from tunelab.data.types import Conversation, Message, Reject
 from tunelab.errors import DataError
@@ -64,25 +64,22 @@ def load_preference_examples(spec: DatasetSpec, dataset_dir: str | Path | None =
     """Read one configured dataset into PreferenceExamples; bad records are collected as rejects, not raised."""
     source = resolve_source(spec, dataset_dir, preference=True)
     result = PreferenceLoadResult(name=source.name)
-    fmt, options, convert = source.format, None, None
-    for path in source.files:
-        for where, record in iter_records(path, source.text_unit):
+
+    def choose(first: dict):
+        fmt = detect_preference_format(first, source.options) if source.format == "auto" else source.format
+        options, convert = preference_options(fmt, source.options, first), get_preference_format(fmt)
+        return lambda record: convert(record, options)
+
+    try:
+        for where, example in convert_records(source, choose):
             result.records_read += 1
-            if isinstance(record, Reject):
-                result.rejects.append(record)
+            if isinstance(example, Reject):
+                result.rejects.append(example)
                 continue
-            try:
-                if convert is None:
-                    fmt = detect_preference_format(record, source.options) if fmt == "auto" else fmt
-                    options, convert = preference_options(fmt, source.options, record), get_preference_format(fmt)
-                example = convert(record, options)
-            except RecordError as e:
-                result.rejects.append(Reject(where, e.field, e.reason, e.rule))
-                continue
-            except KeyError as e:  # a format the converter does not know (e.g. format: text)
-                raise DataError(f"{source.name}: {e.args[0]}") from None
             example.source = example.prompt.source = where
             result.examples.append(example)
+    except KeyError as e:  # a format the converter does not know (e.g. format: text)
+        raise DataError(f"{source.name}: {e.args[0]}") from None
     if source.max_samples is not None:
         result.examples = result.examples[:source.max_samples]
     substitute = make_substituter(variables or {})

@@ -13,9 +13,10 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tunelab.config.schema import DatasetSpec
 from tunelab.data.formats import (
@@ -403,28 +404,42 @@ def _read_saved(path: Path) -> Iterator[tuple[str, dict | Reject]]:
 
 
 # ------------------------------------------------------------------------------------------------------- loading
+Converter = Callable[[dict], Any]
+
+
+def convert_records(source: DatasetSource, choose: Callable[[dict], Converter]) -> Iterator[tuple[str, Any]]:
+    """(where, converted record or Reject) for every record of `source`, in order; `choose(first usable record)`
+    returns the converter used for all of them (the format is detected once). SFT and preference data share it."""
+    convert = None
+    for path in source.files:
+        for where, record in iter_records(path, source.text_unit):
+            if not isinstance(record, Reject):
+                try:
+                    convert = convert or choose(record)
+                    record = convert(record)
+                except RecordError as e:
+                    record = Reject(where, e.field, e.reason, e.rule)
+            yield where, record
+
+
 def load_conversations(spec: DatasetSpec, dataset_dir: str | Path | None = None,
                        variables: dict[str, str] | None = None) -> LoadResult:
     """Read one configured dataset into Conversations; bad records are collected as rejects, not raised."""
     source = resolve_source(spec, dataset_dir)
     result = LoadResult(name=source.name)
-    fmt, options, convert = source.format, None, None
-    for path in source.files:
-        for where, record in iter_records(path, source.text_unit):
-            result.records_read += 1
-            if isinstance(record, Reject):
-                result.rejects.append(record)
-                continue
-            try:
-                if convert is None:
-                    fmt = detect_format(record, source.options) if fmt == "auto" else fmt
-                    options, convert = source.options.for_format(fmt), get_format(fmt)
-                conv = convert(record, options)
-            except RecordError as e:
-                result.rejects.append(Reject(where, e.field, e.reason, e.rule))
-                continue
-            conv.source = where
-            result.conversations.append(conv)
+
+    def choose(first: dict) -> Converter:
+        fmt = detect_format(first, source.options) if source.format == "auto" else source.format
+        options, convert = source.options.for_format(fmt), get_format(fmt)
+        return lambda record: convert(record, options)
+
+    for where, conv in convert_records(source, choose):
+        result.records_read += 1
+        if isinstance(conv, Reject):
+            result.rejects.append(conv)
+            continue
+        conv.source = where
+        result.conversations.append(conv)
     if source.max_samples is not None:  # the first N usable records (num_samples / max_samples)
         result.conversations = result.conversations[:source.max_samples]
     substitute = make_substituter(variables or {})
