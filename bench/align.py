@@ -32,7 +32,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -234,16 +233,9 @@ def launch(spec: dict, arm: str, timeout: float) -> dict:
     spec_file, out_file, log_file = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.log"
     spec_file.write_text(json.dumps({**spec, "arm": arm}), encoding="utf-8")
     load_before = os.getloadavg()[0]
-    with log_file.open("w") as log:
-        try:
-            code = subprocess.call([sys.executable, __file__, "--child", str(spec_file), str(out_file)], stdout=log,
-                                   stderr=subprocess.STDOUT, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    if code != 0 or not out_file.is_file():
-        tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
-        return {"arm": arm, "error": f"exit {code}: " + " | ".join(tail)}
-    result = json.loads(out_file.read_text(encoding="utf-8"))
+    result = BT.run_child(__file__, spec_file, out_file, log_file, timeout)
+    if "error" in result:
+        return {"arm": arm, **result}
     return {"arm": arm, "load": [load_before, os.getloadavg()[0]], **result}
 
 

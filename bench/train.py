@@ -389,6 +389,21 @@ def run_arm(spec_file: str, out_file: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ running, report
+def run_child(script: str, spec_file: Path, out_file: Path, log_file: Path, timeout: float) -> dict:
+    """Run `script --child SPEC OUT` in a fresh interpreter, its output in log_file: the arm's result, or
+    {"error": ...} with the log's last lines (bench/align.py launches its arms the same way)."""
+    with log_file.open("w") as log:
+        try:
+            code = subprocess.call([sys.executable, script, "--child", str(spec_file), str(out_file)], stdout=log,
+                                   stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    if code != 0 or not out_file.is_file():
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
+        return {"error": f"exit {code}: " + " | ".join(tail)}
+    return json.loads(out_file.read_text(encoding="utf-8"))
+
+
 def launch(spec: dict, arm: str, gc: bool, timeout: float) -> dict:
     """Run one arm in a fresh interpreter; its log goes to the work folder."""
     work = Path(spec["work"])
@@ -398,16 +413,9 @@ def launch(spec: dict, arm: str, gc: bool, timeout: float) -> dict:
     spec_file.write_text(json.dumps({**spec, "arm": arm, "gc": gc, "lengths": None}), encoding="utf-8")
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    with log_file.open("w") as log:
-        try:
-            code = subprocess.call([sys.executable, __file__, "--child", str(spec_file), str(out_file)], stdout=log,
-                                   stderr=subprocess.STDOUT, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    if code != 0 or not out_file.is_file():
-        tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
-        return {"arm": arm, "gc": gc, "error": f"exit {code}: " + " | ".join(tail)}
-    result = json.loads(out_file.read_text(encoding="utf-8"))
+    result = run_child(__file__, spec_file, out_file, log_file, timeout)
+    if "error" in result:
+        return {"arm": arm, "gc": gc, **result}
     return {"arm": arm, "gc": gc, "wall_s": time.perf_counter() - started, "load": [load_before, os.getloadavg()[0]],
             **result}
 
