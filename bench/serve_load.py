@@ -126,11 +126,12 @@ def local_server(model: str, max_batch_size: int, threads: int | None = None):
     import uvicorn
 
     from tunelab.config.schema import ServeConfig
+    from tunelab.inference.engine import EngineOptions
     from tunelab.inference.hf import load_engine
     from tunelab.serving.app import create_app
 
     start = time.perf_counter()
-    engine = load_engine(model, max_batch_size=max_batch_size, threads=threads)
+    engine = load_engine(model, options=EngineOptions(max_batch_size=max_batch_size, threads=threads))
     print(f"loaded {engine.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     app = create_app(engine, ServeConfig(max_batch_size=max_batch_size, max_queue=256))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

@@ -13,7 +13,7 @@ from tunelab.errors import TunelabError
 from tunelab.export.merge import QuantizedBaseError, refuse_quantized
 from tunelab.export.pipeline import export_model
 from tunelab.export.verify import SAMPLE_CONVERSATIONS
-from tunelab.inference.engine import GenerationParams
+from tunelab.inference.engine import EngineOptions, GenerationParams
 from tunelab.inference.hf import load_engine
 
 GREEDY = GenerationParams(max_new_tokens=12)
@@ -43,7 +43,7 @@ def test_16bit_export_and_shards(tiny_models, tmp_path):
     shards = sorted(p.name for p in result.out_dir.glob("*.safetensors"))
     assert len(shards) > 1 and (result.out_dir / "model.safetensors.index.json").is_file()
     assert json.loads((result.out_dir / "config.json").read_text())["dtype"] == "bfloat16"
-    engine = load_engine(str(result.out_dir), dtype="bfloat16")
+    engine = load_engine(str(result.out_dir), options=EngineOptions(dtype="bfloat16"))
     assert next(engine.model.parameters()).dtype == torch.bfloat16 and all(answers(engine))
 
 

@@ -8,7 +8,7 @@ import pytest
 from test_inference_support import CUSTOM_TEMPLATE, make_adapter, make_run_dir
 
 from tunelab.errors import TunelabError
-from tunelab.inference.engine import Engine, GenerationParams
+from tunelab.inference.engine import Engine, EngineOptions, GenerationParams
 from tunelab.inference.hf import load_engine
 from tunelab.inference.stopping import safe_prefix
 
@@ -129,7 +129,7 @@ def test_adapter_loading_paths_agree(tiny_models, tmp_path):
     plain = load_engine(str(base))
     via_adapter = load_engine(str(adapter))
     explicit = load_engine(str(base), adapter=str(adapter))
-    merged = load_engine(str(adapter), merge=True)
+    merged = load_engine(str(adapter), options=EngineOptions(merge=True))
     prompts = prompts_for(plain)
     texts = [e.generate(prompts, GREEDY) for e in (via_adapter, explicit, merged)]
     assert [c.text for c in texts[0]] == [c.text for c in texts[1]] == [c.text for c in texts[2]]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_inference_support import make_adapter
 
-from tunelab.inference.engine import GenerationParams
+from tunelab.inference.engine import EngineOptions, GenerationParams
 from tunelab.inference.hf import load_engine
 from tunelab.inference.scheduler import Request
 
@@ -123,7 +123,7 @@ def test_lora_adapter_changes_the_answers(engine, lora_engine):
 def test_generation_thread_uses_the_thread_setting(tiny_models):
     seen = []
     for threads in (1, 2):
-        eng = load_engine(str(tiny_models["llama"]), threads=threads)
+        eng = load_engine(str(tiny_models["llama"]), options=EngineOptions(threads=threads))
         assert eng.threads == threads
         eng.generate([render(eng, "hi")], GenerationParams(max_new_tokens=2))
         req = submit(eng, render(eng, "hi"), GenerationParams(max_new_tokens=1),

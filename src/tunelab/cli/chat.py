@@ -74,6 +74,7 @@ def chat_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from tunelab.config.schema import DEFAULT_MODEL
     from tunelab.inference.chat import ChatSession
+    from tunelab.inference.engine import EngineOptions
     from tunelab.inference.hf import inference_threads, load_engine
 
     cfg = chat_config(args)
@@ -81,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
     inference_threads(cfg.train.threads, args.model)
-    engine = load_engine(args.model or DEFAULT_MODEL, args.adapter, device=cfg.model.device, dtype=cfg.model.dtype,
-                         template=args.template, merge=args.merge)
+    options = EngineOptions(device=cfg.model.device, dtype=cfg.model.dtype, template=args.template, merge=args.merge)
+    engine = load_engine(args.model or DEFAULT_MODEL, args.adapter, options)
     session = ChatSession(engine, system=cfg.data.system, params=params_from_args(args))
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt

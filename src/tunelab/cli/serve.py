@@ -17,6 +17,8 @@ SETTINGS = (
     Setting("--max-new-tokens", "serve.max_new_tokens"),
     Setting("--cors-origin", "serve.cors_origins", metavar="ORIGIN", note="repeatable"),
     Setting("--threads", "train.threads", note="also a run's own train.threads when MODEL is a run"),
+    Setting("--allow-no-auth", "serve.allow_no_auth"),
+    Setting("--shutdown-timeout", "serve.shutdown_timeout_s", metavar="S"),
 )
 
 
@@ -26,15 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="LoRA (or other PEFT) adapter folder to apply to MODEL")
     parser.add_argument("--config", help="run config YAML whose serve section (and train.threads) gives the defaults "
                                          "(default: the run's own config.yaml when MODEL is a run)")
-    add_settings(parser, SETTINGS)
-    parser.add_argument("--allow-no-auth", action="store_true",
-                        help="allow a non-loopback --host without an API key (anyone on the network can use it)")
-    from tunelab.inference.engine import engine_kinds, known_engines
+    from tunelab.inference.engine import engine_kinds
 
-    parser.add_argument("--engine", choices=known_engines(), default=known_engines()[0],
-                        help="; ".join(f"{e.name}: {e.description}" for e in engine_kinds()))
-    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds requests in flight get to finish on Ctrl+C/SIGTERM (default 30)")
+    engines = "; ".join(f"{e.name}: {e.description}" for e in engine_kinds())  # plugins may register more
+    add_settings(parser, (*SETTINGS, Setting("--engine", "serve.engine", metavar="NAME", note=engines)))
 
 
 def run_config(args: argparse.Namespace):
@@ -54,9 +51,9 @@ def thread_setting(args: argparse.Namespace) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tunelab.inference.engine import EngineOptions
     from tunelab.serving.server import serve
 
     cfg = run_config(args)  # a bad flag or override is a ConfigError naming the key (exit 2)
-    serve(args.model, adapter=args.adapter, cfg=cfg.serve, allow_no_auth=args.allow_no_auth,
-          shutdown_timeout_s=args.shutdown_timeout, threads=cfg.train.threads, engine=args.engine)
+    serve(args.model, args.adapter, cfg.serve, EngineOptions(threads=cfg.train.threads))
     return 0

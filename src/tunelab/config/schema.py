@@ -29,6 +29,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REGISTRIES = {
     "format": ("tunelab.data.preference_formats", "dataset_format_choices", "record format"),
     "metric": ("tunelab.evaluation.metrics", "known_metrics", "metric"),
+    "engine": ("tunelab.inference.engine", "known_engines", "inference engine"),
 }
 
 
@@ -426,6 +427,16 @@ class ServeConfig(Section):
     max_new_tokens: int = Field(512, ge=1, description="Default and ceiling of max_tokens.")
     batch_wait_ms: float = Field(
         5.0, ge=0, description="How long the first queued request waits for others to share its batch."
+    )
+    engine: Registered("engine") = Field(
+        "hf", description="Inference engine: hf (transformers with continuous batching) or vllm (CUDA only)."
+    )
+    allow_no_auth: bool = Field(
+        False, description="Allow a non-loopback host without an API key (anyone on the network can use the model)."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On Ctrl+C/SIGTERM: seconds requests in flight get to finish; then open streams end "
+        "with an error event."
     )
 
 

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 def open_engine(model: str, adapter: str | None = None, *, template: str | None = None, device: str = "auto",
                 dtype: str = "auto"):
     """Load a model for evaluation with the same loader chat and serving use (an rm run: its value head)."""
+    from tunelab.inference.engine import EngineOptions
     from tunelab.inference.hf import load_engine
     from tunelab.runs.rundir import is_run_dir
 
@@ -59,7 +60,7 @@ def open_engine(model: str, adapter: str | None = None, *, template: str | None 
 
         if run_stage(read_run_config(Path(model))) == "rm":
             return load_reward_engine(Path(model), device=device, dtype=dtype)
-    return load_engine(model, adapter, device=device, dtype=dtype, template=template)
+    return load_engine(model, adapter, EngineOptions(device=device, dtype=dtype, template=template))
 
 
 def run_data_config(engine) -> DataConfig:

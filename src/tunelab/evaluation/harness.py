@@ -66,9 +66,10 @@ def run_lm_eval(model, tasks: list[str], *, limit: float | None = None, batch_si
     manager = _task_manager(include)
     check_tasks(manager, tasks)
     if isinstance(model, (str, Path)):
+        from tunelab.inference.engine import EngineOptions
         from tunelab.inference.hf import load_engine
 
-        model = load_engine(str(model), merge=True)  # a merged LoRA is a plain transformers model for HFLM
+        model = load_engine(str(model), options=EngineOptions(merge=True))  # a merged LoRA is a plain transformers model for HFLM
     lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size)
     try:
         output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,

@@ -19,6 +19,22 @@ class GenerationParams:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine loads and runs a model: what `load_engine` and every registered engine's `load` take.
+
+    Chat, evaluation, serving and the web UI fill it from their config (model.device/dtype, serve.max_batch_size,
+    train.threads) or flags; `dataclasses.replace(options, merge=True)` changes one option.
+    """
+
+    device: str = "auto"  # model.device: auto picks cuda, mps, cpu
+    dtype: str = "auto"  # model.dtype
+    template: str | None = None  # overrides the recorded chat template (a registered name or a .jinja path)
+    merge: bool = False  # fold a LoRA adapter into the weights after loading (faster, same outputs)
+    max_batch_size: int = 8  # rows generated together (1: no batching); serve.max_batch_size
+    threads: int | None = None  # torch threads of the generation thread (None: the count in force when loading)
+
+
 @dataclass
 class Completion:
     text: str
@@ -59,12 +75,12 @@ class Engine(Protocol):
 class EngineKind:
     """One inference backend (`tunelab serve --engine NAME`): how to load it and what it can do.
 
-    `load(model, adapter, *, threads, max_batch_size, **kwargs) -> Engine` checks that the backend can run here
+    `load(model, adapter, options: EngineOptions) -> Engine` checks that the backend can run here
     (a clear refusal before anything is loaded) and loads a run, adapter, folder, hub id or GGUF.
     """
 
     name: str
-    load: Callable[..., Engine]
+    load: Callable[[str, str | None, EngineOptions], Engine]
     description: str = ""
     supports_streaming: bool = False  # text streamed as it is generated (False: the whole answer as one event)
     supports_batching: bool = False  # several requests generated together
@@ -97,20 +113,18 @@ def engine_kinds() -> list[EngineKind]:
     return list(_ENGINES.values())
 
 
-def _load_hf(model: str, adapter: str | None = None, *, threads: int | None = None, max_batch_size: int = 8,
-             **kwargs) -> Engine:
+def _load_hf(model: str, adapter: str | None, options: EngineOptions) -> Engine:
     from tunelab.inference.hf import inference_threads, load_engine
 
-    inference_threads(threads, model)
-    return load_engine(model, adapter=adapter, max_batch_size=max_batch_size, **kwargs)
+    inference_threads(options.threads, model)  # the generation thread then runs with the count set here
+    return load_engine(model, adapter, options)
 
 
-def _load_vllm(model: str, adapter: str | None = None, *, threads: int | None = None, max_batch_size: int = 8,
-               **kwargs) -> Engine:
+def _load_vllm(model: str, adapter: str | None, options: EngineOptions) -> Engine:
     from tunelab.inference.vllm import check_vllm, load_vllm_engine
 
     check_vllm()
-    return load_vllm_engine(model, adapter, template=kwargs.get("template"))
+    return load_vllm_engine(model, adapter, template=options.template)
 
 
 register_engine(EngineKind("hf", _load_hf, "transformers with continuous batching (default)",

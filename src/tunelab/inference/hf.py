@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.inference.engine import Completion, GenerationParams, StreamEvent
+from tunelab.inference.engine import Completion, EngineOptions, GenerationParams, StreamEvent
 from tunelab.inference.scheduler import Request, Scheduler
 from tunelab.inference.stopping import StopStrings, safe_prefix
 from tunelab.inference.template import load_template
@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 class HFEngine:
     """A causal LM (optionally with a PEFT adapter) and its tokenizer; safe to call from several threads.
 
-    Every call goes to one Scheduler thread that batches whatever is in flight (`max_batch_size` rows, 1 turns
-    batching off) with `threads` intra-op torch threads (None: the count in force in the creating thread).
+    Every call goes to one Scheduler thread that batches whatever is in flight (`options.max_batch_size` rows, 1
+    turns batching off) with `options.threads` intra-op torch threads (None: the count in force in the creating
+    thread).
     """
 
-    def __init__(self, model, tokenizer, template, name: str, artifact: Artifact | None = None, *,
-                 max_batch_size: int = 8, threads: int | None = None):
+    def __init__(self, model, tokenizer, template, name: str, artifact: Artifact | None = None,
+                 options: EngineOptions | None = None):
+        options = options or EngineOptions()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
@@ -51,7 +53,7 @@ class HFEngine:
         # another thread (the server counts while it generates) could unset the padding of a batch mid-call
         self._tokenizer_lock = threading.Lock()
         self._stop_strings = StopStrings(tokenizer)  # built in the submitting thread, not the generation loop
-        self.scheduler = Scheduler(self.model, tokenizer, self.stop_ids, max_batch_size, threads)
+        self.scheduler = Scheduler(self.model, tokenizer, self.stop_ids, options.max_batch_size, options.threads)
         self.threads = self.scheduler.threads
 
     # ------------------------------------------------------------------------------------------------ prompts
@@ -154,25 +156,23 @@ def _stop_token_ids(model, tokenizer, template) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def load_engine(model: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                template: str | None = None, merge: bool = False, max_batch_size: int = 8,
-                threads: int | None = None) -> HFEngine:
+def load_engine(model: str, adapter: str | None = None, options: EngineOptions | None = None) -> HFEngine:
     """Load `model` (run dir, adapter, exported/HF folder, hub id or .gguf) for inference.
 
-    `template` overrides the recorded chat template (a registered name or a .jinja path); `merge` folds a
-    LoRA adapter into the weights after loading (faster generation, same outputs). `max_batch_size`: rows
-    generated together (1: no batching); `threads`: the generation thread's torch threads (None: the count in
-    force in the calling thread, see inference_threads).
+    `options` (engine.EngineOptions): device and dtype; `template` overrides the recorded chat template; `merge`
+    folds a LoRA adapter into the weights after loading (faster generation, same outputs); `max_batch_size` rows
+    generated together; `threads` of the generation thread (None: the count in force, see inference_threads).
     """
-    art = resolve_artifact(model, adapter, device=device, dtype=dtype)
+    options = options or EngineOptions()
+    art = resolve_artifact(model, adapter, device=options.device, dtype=options.dtype)
     tokenizer = load_tokenizer(art.model_cfg, path=art.tokenizer_path)
     net = load_model(art.model_cfg, path=art.base_path)
     if art.adapter_path is not None:
-        net = apply_adapter(net, art.adapter_path, tokenizer, merge=merge)
+        net = apply_adapter(net, art.adapter_path, tokenizer, merge=options.merge)
     enable_thinking = art.run_config.data.enable_thinking if art.run_config is not None else None
-    chat_template = load_template(tokenizer, template, art.template_file, enable_thinking)
+    chat_template = load_template(tokenizer, options.template, art.template_file, enable_thinking)
     log.info("loaded %s on %s (%s)", art.name, pick_device(art.model_cfg.device), next(net.parameters()).dtype)
-    return HFEngine(net, tokenizer, chat_template, art.name, art, max_batch_size=max_batch_size, threads=threads)
+    return HFEngine(net, tokenizer, chat_template, art.name, art, options)
 
 
 def inference_threads(threads: int | None = None, model: str | None = None) -> int:

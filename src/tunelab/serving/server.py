@@ -6,9 +6,11 @@ import ipaddress
 import logging
 import socket
 import threading
+from dataclasses import replace
 
 from tunelab.config.schema import ServeConfig
 from tunelab.errors import TunelabError
+from tunelab.inference.engine import EngineOptions
 from tunelab.serving.security import api_keys
 
 log = logging.getLogger(__name__)
@@ -23,9 +25,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(cfg: ServeConfig, allow_no_auth: bool = False) -> None:
-    """Refuse to open the model to the network without an API key, unless explicitly asked to."""
-    if is_loopback(cfg.host) or api_keys(cfg) or allow_no_auth:
+def check_exposure(cfg: ServeConfig) -> None:
+    """Refuse to open the model to the network without an API key, unless explicitly asked to (serve.allow_no_auth)."""
+    if is_loopback(cfg.host) or api_keys(cfg) or cfg.allow_no_auth:
         return
     raise TunelabError(
         f"refusing to serve on {cfg.host} without an API key: anyone who can reach the port could use the model. "
@@ -82,21 +84,23 @@ def start_shutdown(app, timeout_s: float) -> threading.Timer:
     return timer
 
 
-def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None, *, allow_no_auth: bool = False,
-          shutdown_timeout_s: float = 30.0, threads: int | None = None, engine: str = "hf", **engine_kwargs) -> None:
-    """Load `model` (run directory, adapter, merged or exported folder, hub id or GGUF) and serve it."""
+def serve(model: str, adapter: str | None = None, cfg: ServeConfig | None = None,
+          options: EngineOptions | None = None) -> None:
+    """Load `model` (run directory, adapter, merged or exported folder, hub id or GGUF) into the engine
+    `cfg.engine` and serve it. `options`: how the engine loads (threads, device...); its max_batch_size is
+    `cfg.max_batch_size`, the serve section's."""
     cfg = cfg or ServeConfig()
-    check_exposure(cfg, allow_no_auth)  # before the heavy imports below: a refusal must come at once
+    check_exposure(cfg)  # before the heavy imports below: a refusal must come at once
     check_port_free(cfg.host, cfg.port)
     from tunelab.inference.engine import get_engine
 
+    options = replace(options or EngineOptions(), max_batch_size=cfg.max_batch_size)
     # the engine's loader refuses clearly before anything is loaded where the backend cannot run
-    loaded = get_engine(engine).load(model, adapter, threads=threads, max_batch_size=cfg.max_batch_size,
-                                     **engine_kwargs)
+    loaded = get_engine(cfg.engine).load(model, adapter, options)
     from tunelab.serving.app import create_app
 
     app = create_app(loaded, cfg)
     name = app.state.serve.model_name
     auth = "API key required" if api_keys(cfg) else "no API key"
     print(f"serving {name} on http://{cfg.host}:{cfg.port}/v1 ({auth}); Ctrl+C stops", flush=True)
-    run_server(app, cfg, shutdown_timeout_s)
+    run_server(app, cfg, cfg.shutdown_timeout_s)
