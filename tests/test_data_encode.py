@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunelab.data.encode import EncodeError, encode_batch, encode_conversation, render_conversation
+from tunelab.data.encode import EncodeError, EncodeSettings, encode_batch, encode_conversation, render_conversation
 from tunelab.data.templates import resolve_template
 from tunelab.data.types import Conversation, Message
 
@@ -161,7 +161,7 @@ def test_truncation_and_examples_with_nothing_to_train(tokenizers):
     tokenizer = tokenizers["qwen2"]
     template = resolve_template("auto", tokenizer)
     long_prompt = chat("word " * 200, "short answer")
-    results, stats = encode_batch([long_prompt, MULTI], template, tokenizer, 64, "all_assistant")
+    results, stats = encode_batch([long_prompt, MULTI], template, tokenizer, EncodeSettings(64, "all_assistant"))
     assert results[0] is None and stats.dropped_no_trainable == 1  # the reply lies beyond the cutoff
     assert len(results[1]["input_ids"]) <= 64
     assert stats.truncated == 2 and stats.examples == 1
@@ -173,7 +173,7 @@ def test_batch_equals_one_by_one_and_collects_rejects(tokenizers):
     convs = [c for _ in range(700) for c in (chat("a", "b"), chat("c", "d", system="sys"), chat("e", "f", "g", "h"))]
     for i, conv in enumerate(convs):
         conv.source = f"f.json:{i + 1}"
-    results, stats = encode_batch(convs, template, tokenizer, 512, "all_assistant")
+    results, stats = encode_batch(convs, template, tokenizer, EncodeSettings(512, "all_assistant"))
     assert len(results) == len(convs) and stats.examples == 1400
     assert len(stats.rejects) == 700 and stats.rejects[0].source == "f.json:2"
     assert "refused" in stats.rejects[0].reason and stats.rejects[0].rule == "template"
@@ -225,5 +225,5 @@ def test_tokenizers_without_offsets_are_encoded_piece_by_piece(tokenizers, monke
     template = resolve_template("auto", tokenizer)
     fast = encode_conversation(MULTI, template, tokenizer, 512, "all_assistant")
     monkeypatch.setattr(encode, "_backend", lambda tok: None)
-    slow, _ = encode_batch([MULTI], template, tokenizer, 512, "all_assistant")
+    slow, _ = encode_batch([MULTI], template, tokenizer, EncodeSettings(512, "all_assistant"))
     assert slow[0] == fast

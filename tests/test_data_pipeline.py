@@ -133,7 +133,7 @@ def test_packed_loss_equals_padded_loss_per_token(tiny_models, family):
     """Padding-free packing must not let examples attend to each other: same per-token loss as padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.data.encode import encode_batch
+    from tunelab.data.encode import EncodeSettings, encode_batch
     from tunelab.data.types import Conversation, Message
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[family])
@@ -141,7 +141,7 @@ def test_packed_loss_equals_padded_loss_per_token(tiny_models, family):
     model.config.use_cache = False  # docs/pitfalls.md #1: with a cache, packed sequences are not detected
     convs = [Conversation([Message("user", "q " * n), Message("assistant", f"answer {n} " * (n % 3 + 1))])
              for n in (3, 11, 6)]
-    examples, _ = encode_batch(convs, resolve_template("auto", tokenizer), tokenizer, 256)
+    examples, _ = encode_batch(convs, resolve_template("auto", tokenizer), tokenizer, EncodeSettings(256))
 
     def per_token(batch) -> torch.Tensor:
         with torch.no_grad():

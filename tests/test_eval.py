@@ -13,7 +13,7 @@ from test_inference_support import make_adapter
 
 from tunelab.cli.main import main
 from tunelab.config.schema import CheckConfig, DataConfig, DatasetSpec, EvalConfig, ModelConfig, RunConfig
-from tunelab.data.encode import encode_conversation
+from tunelab.data.encode import EncodeSettings, encode_conversation
 from tunelab.data.types import Conversation, Message
 from tunelab.errors import DataError, TunelabError
 from tunelab.evaluation.evaluate import compare_models, evaluate
@@ -51,7 +51,7 @@ def conversations() -> list[Conversation]:
 
 def test_loss_and_perplexity_equal_direct_computation(engine):
     convs = conversations()
-    result = compute_loss(engine.model, engine.tokenizer, engine.template, convs, cutoff_len=256, batch_size=4)
+    result = compute_loss(engine.model, engine.tokenizer, engine.template, convs, EncodeSettings(256), batch_size=4)
     nll, count, per = 0.0, 0, []
     for conv in convs:  # one example at a time, no padding, plain cross-entropy on the trained positions
         enc = encode_conversation(conv, engine.template, engine.tokenizer, 256, "all_assistant")
@@ -68,8 +68,8 @@ def test_loss_and_perplexity_equal_direct_computation(engine):
     assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert result.per_example == pytest.approx(per, rel=1e-5)
     # only assistant tokens: the system/user text of the multi-turn record is never scored
-    last_only = compute_loss(engine.model, engine.tokenizer, engine.template, convs[:1], cutoff_len=256,
-                             train_on="last_assistant")
+    last_only = compute_loss(engine.model, engine.tokenizer, engine.template, convs[:1],
+                             EncodeSettings(256, "last_assistant"))
     assert last_only.tokens < compute_loss(engine.model, engine.tokenizer, engine.template, convs[:1]).tokens
 
 

@@ -36,7 +36,7 @@ def exported(tiny_models, tmp_path_factory):
                             for i in range(12)))
     with open(run / "config.yaml", "a") as f:
         f.write(f"data:\n  datasets:\n    - path: {data}\n  val_size: 4\n")
-    return export_model(str(run), ExportConfig(gguf=["f16", *NUMPY_TYPES], ollama=True), verify=True)
+    return export_model(str(run), ExportConfig(gguf=["f16", *NUMPY_TYPES], ollama=True, verify=True))
 
 
 def read(path):

@@ -29,7 +29,7 @@ def test_missing_quantizer_stops_the_export_before_anything_is_written(tiny_mode
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     adapter = make_adapter(tiny_models["llama"], tmp_path / "lora")
     with pytest.raises(QuantizerMissingError):
-        export_model(str(adapter), ExportConfig(gguf=["q4_k_m"]), out=tmp_path / "out", table=False)
+        export_model(str(adapter), ExportConfig(gguf=["q4_k_m"], table=False), out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

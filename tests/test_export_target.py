@@ -64,7 +64,7 @@ def test_overwrite_replaces_a_previous_export_without_mixing(run, tmp_path):
     old_files = set(snapshot(out))
     assert any(name.startswith("model-0000") for name in old_files)  # sharded
     (out / "stale.txt").write_text("from the old export")
-    result = export_model(str(run), ExportConfig(), out=out, overwrite=True)
+    result = export_model(str(run), ExportConfig(overwrite=True), out=out)
     new_files = set(snapshot(out))
     assert "stale.txt" not in new_files and not any(name.startswith("model-0000") for name in new_files)
     assert "model.safetensors" in new_files
@@ -74,7 +74,7 @@ def test_overwrite_replaces_a_previous_export_without_mixing(run, tmp_path):
 
 def test_overwrite_replaces_a_user_folder_when_asked(run, tmp_path):
     folder = user_folder(tmp_path)
-    export_model(str(run), out=folder, overwrite=True)
+    export_model(str(run), ExportConfig(overwrite=True), out=folder)
     assert not (folder / "notes.txt").exists()
     assert "mine" not in json.loads((folder / "config.json").read_text())
 
@@ -90,7 +90,7 @@ def test_interrupted_overwrite_keeps_the_old_export(run, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(pipeline, "template_mismatches", fail)
     with pytest.raises(type(error)):
-        export_model(str(run), ExportConfig(dtype="bfloat16"), out=out, overwrite=True)
+        export_model(str(run), ExportConfig(dtype="bfloat16", overwrite=True), out=out)
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run-lora"]
 
@@ -139,13 +139,13 @@ def test_gguf_export_into_a_previous_export_needs_overwrite(run, tmp_path, monke
         return target
 
     monkeypatch.setattr(pipeline, "convert_to_gguf", fake_convert)
-    first = export_model(str(run), ExportConfig(ollama=True), out=out, table=False)  # fake GGUFs
+    first = export_model(str(run), ExportConfig(ollama=True, table=False), out=out)  # fake GGUFs
     assert first.modelfile == out / "gguf" / "Modelfile" and first.gguf["q8_0"] == out / "gguf" / "run-lora-q8_0.gguf"
     before = snapshot(out)
     with pytest.raises(ExportTargetError):
-        export_model(str(run), ExportConfig(ollama=True), out=out, table=False)
+        export_model(str(run), ExportConfig(ollama=True, table=False), out=out)
     assert snapshot(out) == before
-    again = export_model(str(run), ExportConfig(gguf=["f16"], ollama=True), out=out, overwrite=True, table=False)
+    again = export_model(str(run), ExportConfig(gguf=["f16"], ollama=True, overwrite=True, table=False), out=out)
     assert sorted(p.name for p in (out / "gguf").iterdir()) == ["Modelfile", "run-lora-f16.gguf"]
     assert "FROM ./run-lora-f16.gguf" in again.modelfile.read_text()
 

@@ -21,8 +21,8 @@ gr = pytest.importorskip("gradio")
 
 
 def event(lang, source, output, overwrite=False, gguf=(), ollama=False):
-    return export_tab.export_event(lang, str(source), "", str(output), "auto", "none", list(gguf), ollama, False,
-                                   overwrite)
+    form = export_tab.ExportForm(str(source), output=str(output), gguf=list(gguf), ollama=ollama, overwrite=overwrite)
+    return export_tab.run_export(lang, form)
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
@@ -59,9 +59,11 @@ def test_modelfile_box_shows_and_ticks_the_q8_0_gguf():
     update = export_tab.with_modelfile_gguf([], True)
     assert update["value"] == ["q8_0"]
     assert export_tab.with_modelfile_gguf(["f16"], True) == gr.skip()
-    plan = export_tab.plan_html("en", "runs/r", "", "auto", [], True, "none")
+    plan = export_tab.plan_html("en", export_tab.ExportForm("runs/r", ollama=True))
     assert "runs/r/export" in plan and "-q8_0.gguf" in plan and "Modelfile" in plan
-    assert "gguf" not in export_tab.plan_html("en", "runs/r", "", "auto", [], False, "none")
+    assert "gguf" not in export_tab.plan_html("en", export_tab.ExportForm("runs/r"))
+    # the page's handlers take the components' values positionally, in FORM order
+    assert export_tab.plan_event("en", "runs/r", "", "", "auto", "none", [], True, False, False) == plan
 
 
 ASCII_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,}")

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from tunelab.config import load_config
 from tunelab.config.load import ConfigError
-from tunelab.config.schema import MethodSection, RunConfig
+from tunelab.config.schema import ExportConfig, MethodSection, RunConfig
 from tunelab.data.formats import (
     FormatOptions,
     RecordError,
@@ -142,7 +142,7 @@ def test_a_registered_method_trains_lists_and_exports(tmp_path, tiny_llama, caps
     listing = capsys.readouterr().out
     assert "bitfit-run" in listing and "bitfit targets=['norm']" in listing
 
-    exported = export_model(str(result.run_dir), out=str(tmp_path / "export"), verify=False, table=False)
+    exported = export_model(str(result.run_dir), ExportConfig(table=False), out=str(tmp_path / "export"))
     assert exported.kind == "full"  # no adapter: the trained model as is
     again = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).named_parameters())
     assert all(torch.equal(again[n], tuned[n]) for n in changed)

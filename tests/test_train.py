@@ -204,16 +204,15 @@ def test_memory_estimate_matches_measured_runs():
     The demo (LoRA r=16, bf16 autocast, packed, longest micro-batch 880 tokens): 4.5 GB peak RSS over 60 steps."""
     from transformers import AutoConfig
 
-    from tunelab.training.memory import GB, estimate_memory
+    from tunelab.training.memory import GB, ParameterBytes, StepShape, estimate_memory
 
     config = AutoConfig.for_model("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
-    padded = estimate_memory(config, trainable=2_442_240, total=134_515_008 + 2_442_240, weight_bytes=4,
-                             trainable_bytes=4, act_bytes=4, tokens_per_step=8 * 512, gradient_checkpointing=False)
+    padded = estimate_memory(config, ParameterBytes(2_442_240, 134_515_008 + 2_442_240, weight_bytes=4,
+                                                    trainable_bytes=4), StepShape(tokens=8 * 512, act_bytes=4))
     assert 0.8 * 12.4 < padded.total / GB < 1.25 * 12.4
-    demo = estimate_memory(config, trainable=4_884_480, total=134_515_008 + 4_884_480, weight_bytes=4,
-                           trainable_bytes=4, act_bytes=4, tokens_per_step=880, gradient_checkpointing=False,
-                           autocast=True)
+    demo = estimate_memory(config, ParameterBytes(4_884_480, 134_515_008 + 4_884_480, weight_bytes=4,
+                                                  trainable_bytes=4), StepShape(tokens=880, act_bytes=4, autocast=True))
     assert 0.8 * 4.5 < demo.total / GB < 1.25 * 4.5
 
 

@@ -34,6 +34,7 @@ class Setting:
     parse: Callable[[str], Any] | None = None  # text -> value, for a flag written differently (f16,q8_0 -> list)
     metavar: str | None = None
     note: str = ""  # what the flag adds to the schema's description (e.g. "comma-separated")
+    const: Any = True  # the value a flag of a bool key sets (False: --no-table for export.table)
 
     @property
     def dest(self) -> str:  # argparse's own name for the flag: args.port, args.max_queue
@@ -61,7 +62,7 @@ def add_settings(parser: argparse.ArgumentParser, settings: Sequence[Setting]) -
         if s.parse is not None:
             kwargs["type"] = s.parse
         elif kind is bool:
-            kwargs.update(action="store_const", const=True)
+            kwargs.update(action="store_const", const=s.const)
         elif kind is list:
             kwargs.update(action="append", type=str)
         else:

@@ -23,6 +23,9 @@ SETTINGS = (
     Setting("--max-shard-size", "export.max_shard_size"),
     Setting("--quantize", "export.quantize"),
     Setting("--converter-dir", "export.converter_dir"),
+    Setting("--overwrite", "export.overwrite"),
+    Setting("--verify", "export.verify"),
+    Setting("--no-table", "export.table", const=False, note="--no-table sets it to false"),
 )
 
 
@@ -31,14 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_override_argument(parser)
     parser.add_argument("--adapter", help="adapter folder to merge into SOURCE (a base model)")
     add_settings(parser, SETTINGS)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --out (a previous export) atomically: the old folder stays until "
-                             "the new export is complete")
-    parser.add_argument("--verify", action="store_true", help="reload each GGUF with transformers and compare answers")
     parser.add_argument("--prompt", default=SAMPLE_PROMPT, help="question for the sample answer")
     parser.add_argument("--no-sample", action="store_true", help="skip the sample answer")
-    parser.add_argument("--no-table", action="store_true",
-                        help="skip the table of sizes, perplexity and tokens/s (it reloads every artifact)")
     parser.add_argument("--push-to-hub", metavar="REPO",
                         help="upload the export to this Hub repo (private) with a model card from run.json")
     parser.add_argument("--fetch-converter", action="store_true",
@@ -58,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.export.pipeline import export_model
 
     cfg = export_config(args)
-    result = export_model(args.source, cfg, adapter=args.adapter, out=cfg.output_dir, verify=args.verify,
-                          overwrite=args.overwrite, table=not args.no_table)
+    result = export_model(args.source, cfg, adapter=args.adapter)
     ok = print_summary(result)
     if args.push_to_hub:
         from tunelab.export.hub import push_to_hub

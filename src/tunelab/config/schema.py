@@ -411,6 +411,14 @@ class ExportConfig(Section):
         None, description="A llama.cpp checkout with convert_hf_to_gguf.py (default: fetched from the "
         "llama-cpp-python sdist on PyPI into the cache)."
     )
+    overwrite: bool = Field(
+        False, description="Replace a non-empty output_dir (a previous export) atomically: the old folder stays "
+        "until the new export is complete."
+    )
+    verify: bool = Field(False, description="Reload each GGUF with transformers and compare answers.")
+    table: bool = Field(
+        True, description="Measure every artifact's size, perplexity and tokens/s (reloads each one)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- serve

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Literal
 
+from tunelab.config.schema import DataConfig
 from tunelab.data.templates import ChatTemplate
 from tunelab.data.types import Conversation, Message, Reject
 
@@ -36,6 +37,20 @@ class Rendered:
     prepend_bos: bool = False  # raw text (no template) starts with bos where the tokenizer uses one
     missing_ends: int = 0  # trained replies before the last one with no end-of-turn string found
     document: bool = False  # plain text (pretraining-style): may be split into cutoff_len chunks
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What an example may hold: the data section's cutoff_len, train_on and long_text in one value."""
+
+    cutoff_len: int  # longest example in tokens
+    train_on: TrainOn = "all_assistant"  # which replies carry loss
+    chunk_documents: bool = False  # a plain-text document longer than cutoff_len is split, not truncated
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> EncodeSettings:
+        """The settings training encodes with (data.cutoff_len, data.train_on, data.long_text)."""
+        return cls(cfg.cutoff_len, cfg.train_on, cfg.long_text == "chunk")
 
 
 @dataclass
@@ -223,14 +238,15 @@ def _labels_by_pieces(tokenizer, rendered: Rendered) -> tuple[list[int], list[in
 
 
 def _finish(ids: list[int], labels: list[int], rendered: Rendered, special: tuple[int | None, int | None],
-            cutoff_len: int, stats: EncodeStats, chunk_documents: bool = False) -> dict | None:
+            settings: EncodeSettings, stats: EncodeStats) -> dict | None:
     bos_id, eos_id = special
+    cutoff_len = settings.cutoff_len
     if rendered.prepend_bos and bos_id is not None and (not ids or ids[0] != bos_id):
         ids, labels = [bos_id] + ids, [IGNORE] + labels
     if rendered.append_eos and eos_id is not None and (not ids or ids[-1] != eos_id):
         ids, labels = ids + [eos_id], labels + [eos_id]
     stats.turns_without_end += rendered.missing_ends
-    if len(ids) > cutoff_len and chunk_documents and rendered.document:
+    if len(ids) > cutoff_len and settings.chunk_documents and rendered.document:
         return _chunks(ids, labels, cutoff_len, stats)
     if len(ids) > cutoff_len:
         ids, labels = ids[:cutoff_len], labels[:cutoff_len]
@@ -274,12 +290,11 @@ def _render_chunk(convs: list[Conversation], template: ChatTemplate, train_on: T
     return out
 
 
-def encode_batch(convs: list[Conversation], template: ChatTemplate, tokenizer, cutoff_len: int,
-                 train_on: TrainOn = "all_assistant", progress=None, threads: int = TOKENIZER_THREADS,
-                 chunk_documents: bool = False) -> tuple[list[dict | None], EncodeStats]:
+def encode_batch(convs: list[Conversation], template: ChatTemplate, tokenizer, settings: EncodeSettings, *,
+                 progress=None, threads: int = TOKENIZER_THREADS) -> tuple[list[dict | None], EncodeStats]:
     """Encode many conversations. The main thread renders chunks (Python) while `threads` workers tokenize earlier
     chunks (Rust, which releases the GIL), so several cores work. One entry per conversation (None: rejected or
-    nothing to train), in order, and the stats. With `chunk_documents`, a plain-text document longer than
+    nothing to train), in order, and the stats. With `settings.chunk_documents`, a plain-text document longer than
     cutoff_len is not truncated: its entry is {"chunks": [example, ...]} (see flatten_examples)."""
     stats = EncodeStats()
     backend = _backend(tokenizer)
@@ -296,14 +311,14 @@ def encode_batch(convs: list[Conversation], template: ChatTemplate, tokenizer, c
                 ids, labels = _labels_from_offsets(next(encodings), r.spans)
             else:
                 ids, labels = _labels_by_pieces(tokenizer, r)
-            results.append(_finish(ids, labels, r, special, cutoff_len, stats, chunk_documents))
+            results.append(_finish(ids, labels, r, special, settings, stats))
         if progress is not None:
             progress(len(rendered))
 
     pending: deque = deque()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for start in range(0, len(convs), CHUNK):
-            rendered = _render_chunk(convs[start:start + CHUNK], template, train_on, stats)
+            rendered = _render_chunk(convs[start:start + CHUNK], template, settings.train_on, stats)
             texts = [r.text for r in rendered if r is not None]
             pending.append((rendered, pool.submit(_encode_texts, backend, texts) if backend else None))
             if len(pending) > threads:
@@ -337,7 +352,7 @@ def encode_conversation(conv: Conversation, template: ChatTemplate, tokenizer, c
         ids, labels = _labels_from_offsets(_encode_texts(backend, [rendered.text])[0], rendered.spans)
     else:
         ids, labels = _labels_by_pieces(tokenizer, rendered)
-    return _finish(ids, labels, rendered, _bos_eos(tokenizer), cutoff_len, stats)
+    return _finish(ids, labels, rendered, _bos_eos(tokenizer), EncodeSettings(cutoff_len, train_on), stats)
 
 
 def _bos_eos(tokenizer) -> tuple[int | None, int | None]:

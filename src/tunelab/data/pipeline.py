@@ -25,7 +25,7 @@ from typing import Any
 from tunelab.config.load import from_environment
 from tunelab.config.schema import DataConfig
 from tunelab.data.clean import clean_conversations
-from tunelab.data.encode import encode_batch, flatten_examples
+from tunelab.data.encode import EncodeSettings, encode_batch, flatten_examples
 from tunelab.data.progress import Progress
 from tunelab.data.sources import load_conversations, source_files
 from tunelab.data.templates import ChatTemplate
@@ -228,9 +228,8 @@ def prepare_data(cfg: DataConfig, tokenizer, template: ChatTemplate, *, progress
     with Progress(enabled=progress) as bar:
         conversations, rejects, report = load_all(cfg, bar)
         check_rejects(rejects, report["records_read"], cfg, rejects_file)  # fail before the long part
-        encoded, enc = encode_batch(conversations, template, tokenizer, cfg.cutoff_len, cfg.train_on,
-                                    progress=bar.counter("encode", len(conversations)), threads=cfg.num_proc,
-                                    chunk_documents=cfg.long_text == "chunk")
+        encoded, enc = encode_batch(conversations, template, tokenizer, EncodeSettings.of(cfg),
+                                    progress=bar.counter("encode", len(conversations)), threads=cfg.num_proc)
     rejects += enc.rejects
     check_rejects(rejects, report["records_read"], cfg, rejects_file)
     examples = flatten_examples(encoded)

@@ -17,7 +17,7 @@ from typing import Any
 
 from tunelab.config.schema import DataConfig, DatasetSpec
 from tunelab.data.clean import clean_conversations
-from tunelab.data.encode import IGNORE, encode_batch, encode_conversation
+from tunelab.data.encode import IGNORE, EncodeSettings, encode_batch, encode_conversation
 from tunelab.data.formats import RecordError, make_substituter
 from tunelab.data.pipeline import (
     PreparedData,
@@ -269,8 +269,8 @@ def encode_examples(examples: list[PreferenceExample], template: ChatTemplate, t
                     progress=None) -> tuple[list[dict], PairStats]:
     """Encode many examples with encode.py's batch encoder (rendering and tokenizing overlap on several cores)."""
     convs = [conversation_for(ex, m) for ex in examples for m in ex.replies()]
-    encoded, enc = encode_batch(convs, template, tokenizer, _NO_LIMIT, "last_assistant", progress=progress,
-                                threads=cfg.num_proc)
+    encoded, enc = encode_batch(convs, template, tokenizer, EncodeSettings(_NO_LIMIT, "last_assistant"),
+                                progress=progress, threads=cfg.num_proc)
     stats = PairStats(rejects=list({(r.source, r.reason): r for r in enc.rejects}.values()))
     out, pos = [], 0
     for ex in examples:

@@ -191,12 +191,14 @@ def evaluate_engine(engine, examples: list[EvalExample], cfg: EvalConfig, *, nam
 
 def _measure_loss(engine, examples: list[EvalExample], cfg: EvalConfig, info: dict):
     """Loss with the run's own cutoff_len and train_on, so the scored tokens are the trained ones."""
+    from tunelab.data.encode import EncodeSettings
     from tunelab.evaluation.loss import compute_loss
 
     data_cfg = run_data_config(engine)
     t0 = time.perf_counter()
+    settings = EncodeSettings(data_cfg.cutoff_len, data_cfg.train_on)
     loss = compute_loss(engine.model, engine.tokenizer, engine.template, [e.conversation for e in examples],
-                        cutoff_len=data_cfg.cutoff_len, train_on=data_cfg.train_on, batch_size=cfg.batch_size)
+                        settings, batch_size=cfg.batch_size)
     info.update(loss_s=round(time.perf_counter() - t0, 3), cutoff_len=data_cfg.cutoff_len, train_on=data_cfg.train_on)
     return loss
 

@@ -96,11 +96,13 @@ def load_eval_conversations(specs: list[DatasetSpec], data_cfg: DataConfig) -> l
 
 def validation_conversations(data_cfg: DataConfig, template, tokenizer) -> list[Conversation]:
     """The held-out split training made: same loading, encoding filter and seeded shuffle as prepare_data."""
-    from tunelab.data.encode import encode_batch
+    from tunelab.data.encode import EncodeSettings, encode_batch
     from tunelab.data.pipeline import load_all, split_examples
 
     conversations, _, _ = load_all(data_cfg)
-    encoded, _ = encode_batch(conversations, template, tokenizer, data_cfg.cutoff_len, data_cfg.train_on)
+    # no chunking: a held-out document is one prompt whatever its length
+    settings = EncodeSettings(data_cfg.cutoff_len, data_cfg.train_on)
+    encoded, _ = encode_batch(conversations, template, tokenizer, settings)
     kept = [c for c, e in zip(conversations, encoded) if e is not None]
     _, held_out = split_examples(kept, data_cfg.val_size, data_cfg.seed)
     return held_out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tunelab.data.encode import EncodeSettings
 from tunelab.data.types import Conversation
 from tunelab.errors import DataError
 
@@ -37,19 +38,23 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return (nll * mask).sum(dim=1), mask.sum(dim=1)
 
 
-def encode_all(conversations: Sequence[Conversation], template, tokenizer, cutoff_len: int,
-               train_on: str) -> list[dict | None]:
+def encode_all(conversations: Sequence[Conversation], template, tokenizer,
+               settings: EncodeSettings) -> list[dict | None]:
     from tunelab.data.encode import encode_conversation
 
-    return [encode_conversation(c, template, tokenizer, cutoff_len, train_on) for c in conversations]
+    return [encode_conversation(c, template, tokenizer, settings.cutoff_len, settings.train_on) for c in conversations]
 
 
-def compute_loss(model, tokenizer, template, conversations: Sequence[Conversation], *, cutoff_len: int = 1024,
-                 train_on: str = "all_assistant", batch_size: int = 8) -> LossResult:
-    """Loss and perplexity of `model` on `conversations`, batched (similar lengths together, less padding)."""
+def compute_loss(model, tokenizer, template, conversations: Sequence[Conversation],
+                 settings: EncodeSettings = EncodeSettings(1024), batch_size: int = 8) -> LossResult:
+    """Loss and perplexity of `model` on `conversations`, batched (similar lengths together, less padding).
+
+    `settings`: the cutoff_len and train_on training used, so the scored tokens are the trained ones (one
+    example per conversation: a long document is truncated, never chunked)."""
     from tunelab.data.collate import padding_collator
 
-    encoded = encode_all(conversations, template, tokenizer, cutoff_len, train_on)
+    cutoff_len, train_on = settings.cutoff_len, settings.train_on
+    encoded = encode_all(conversations, template, tokenizer, settings)
     usable = [i for i, e in enumerate(encoded) if e is not None and any(x != -100 for x in e["labels"][1:])]
     if not usable:
         raise DataError(f"none of the {len(conversations)} evaluation examples has a trained token left after "

@@ -46,21 +46,21 @@ class ExportResult:
 
 
 def export_model(source: str, cfg: ExportConfig | None = None, *, adapter: str | None = None,
-                 out: str | Path | None = None, verify: bool = False, overwrite: bool = False,
-                 table: bool = True) -> ExportResult:
-    """Export `source` (run dir, adapter, or model folder) as configured; see the module docstring for the layout.
+                 out: str | Path | None = None) -> ExportResult:
+    """Export `source` (run dir, adapter, or model folder) as configured (`cfg`, else the run's export section);
+    see the module docstring for the layout.
 
-    A non-empty `out` (a user's folder or a previous export) is refused unless `overwrite`; the export is written
-    into a hidden sibling folder and renamed into place when complete (target.py). With `verify`, every GGUF is
-    reloaded with transformers and compared with the merged folder. With `table`, every artifact's size,
-    perplexity on the run's held-out data and tokens/s are measured (table.py).
+    A non-empty `out` (else cfg.output_dir; a user's folder or a previous export) is refused unless
+    `cfg.overwrite`; the export is written into a hidden sibling folder and renamed into place when complete
+    (target.py). With `cfg.verify`, every GGUF is reloaded with transformers and compared with the merged folder.
+    With `cfg.table`, every artifact's size, perplexity on the run's held-out data and tokens/s are measured.
     """
     art = resolve_artifact(source, adapter, device="cpu")
     cfg = cfg or (art.run_config.export if art.run_config is not None else ExportConfig())
     out_dir = Path(out or cfg.output_dir or default_output_dir(source, art)).expanduser()
-    check_target(out_dir, overwrite, sources=(art.base_path, art.adapter_path))
+    check_target(out_dir, cfg.overwrite, sources=(art.base_path, art.adapter_path))
     with staged_folder(out_dir) as staging:
-        result = _export_into(staging, art, cfg, source, verify, table)
+        result = _export_into(staging, art, cfg, source)
     return _moved(result, staging, out_dir)
 
 
@@ -69,8 +69,7 @@ def planned_gguf_types(cfg: ExportConfig) -> list[str]:
     return list(dict.fromkeys(cfg.gguf or (["q8_0"] if cfg.ollama else [])))
 
 
-def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str, verify: bool,
-                 table: bool) -> ExportResult:
+def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str) -> ExportResult:
     gguf_types = planned_gguf_types(cfg)
     model, tokenizer, kind = load_merged(art, cfg.dtype)
     if kind == "prefix" and (gguf_types or cfg.quantize != "none"):
@@ -91,9 +90,9 @@ def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str, v
 
         result.quantized = quantize_export(out_dir, cfg.quantize)
     _write_gguf_and_modelfile(result, cfg, gguf_types, art, template, tokenizer)
-    if verify:
+    if cfg.verify:
         result.round_trips = [compare_gguf(path, out_dir) for path in result.gguf.values()]
-    if table and kind != "prefix":
+    if cfg.table and kind != "prefix":
         _measure_table(result, art, template, tokenizer)
     return result
 

@@ -92,10 +92,11 @@ def format_table(rows: list[TableRow], data_label: str) -> str:
 
 
 def _perplexity(model, tokenizer, template, conversations, data_cfg) -> float:
+    from tunelab.data.encode import EncodeSettings
     from tunelab.evaluation.loss import compute_loss
 
-    kwargs = {"cutoff_len": data_cfg.cutoff_len, "train_on": data_cfg.train_on} if data_cfg is not None else {}
-    return compute_loss(model, tokenizer, template, conversations, **kwargs).perplexity
+    settings = EncodeSettings(data_cfg.cutoff_len, data_cfg.train_on) if data_cfg is not None else EncodeSettings(1024)
+    return compute_loss(model, tokenizer, template, conversations, settings).perplexity
 
 
 def _tokens_per_s(model, tokenizer, max_new_tokens: int = 32) -> float:

@@ -30,6 +30,8 @@ def register_attention(name: str, attention: Callable) -> bool:
     return True
 
 
+# the signature is transformers' mask-function interface (ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask's keywords),
+# hence its 7 parameters (tests/test_architecture.py allows it by name)
 def packed_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
     """Mask builder paired with the packed attention function: no mask at all when there is nothing to mask but
     causality and packing (both handled by the attention function); sdpa's dense mask otherwise (padding, caches)."""

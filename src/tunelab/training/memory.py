@@ -74,31 +74,48 @@ def activation_elements_per_token(config, gradient_checkpointing: bool) -> float
     return layers * per_layer
 
 
-def estimate_memory(config, *, trainable: int, total: int, weight_bytes: float, trainable_bytes: int,
-                    act_bytes: int, tokens_per_step: int, gradient_checkpointing: bool, autocast: bool = False,
-                    device: str = "cpu") -> MemoryEstimate:
+@dataclass(frozen=True)
+class ParameterBytes:
+    """The model's parameters as the method leaves them: how many, and bytes per element."""
+
+    trainable: int
+    total: int
+    weight_bytes: float  # per weight (a quantized base: its packed size, constants included)
+    trainable_bytes: int  # per trainable parameter, and so per gradient and optimizer-state element
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One micro-batch as the optimizer step runs it."""
+
+    tokens: int  # tokens per micro-batch
+    act_bytes: int  # element size of the residual stream (the weights' dtype)
+    gradient_checkpointing: bool = False
+    autocast: bool = False  # 16-bit autocast over the weights' dtype
+
+
+def estimate_memory(config, params: ParameterBytes, step: StepShape, device: str = "cpu") -> MemoryEstimate:
     """Peak memory of one optimizer step with AdamW (two states per trainable parameter).
 
-    `act_bytes` is the element size of the residual stream (the weights' dtype). Autocast over fp32 weights does not
-    shrink what is saved for backward (the 32-bit inputs and their 16-bit casts are both kept; measured on SmolLM2
-    with bf16 autocast: 4.5 GB peak RSS over the 60-step demo run, 4.2 GB estimated), but it adds each frozen
-    weight's 16-bit copy and 16-bit logits.
+    Autocast over fp32 weights does not shrink what is saved for backward (the 32-bit inputs and their 16-bit casts
+    are both kept; measured on SmolLM2 with bf16 autocast: 4.5 GB peak RSS over the 60-step demo run, 4.2 GB
+    estimated), but it adds each frozen weight's 16-bit copy and 16-bit logits.
     """
     vocab = getattr(config, "vocab_size", 32000)
-    acts = activation_elements_per_token(config, gradient_checkpointing) * act_bytes * tokens_per_step
+    acts = activation_elements_per_token(config, step.gradient_checkpointing) * step.act_bytes * step.tokens
     # logits in the compute dtype, their fp32 upcast, log-softmax and its gradient (+ the 16-bit copies)
-    logits = tokens_per_step * vocab * (3 * 4 + (4 if autocast else act_bytes))
-    weight_copies = 2 * total if autocast else 0
+    logits = step.tokens * vocab * (3 * 4 + (4 if step.autocast else step.act_bytes))
+    weight_copies = 2 * params.total if step.autocast else 0
     return MemoryEstimate(
-        weights=total * weight_bytes + weight_copies,
-        gradients=trainable * trainable_bytes,
-        optimizer=2 * trainable * trainable_bytes,
+        weights=params.total * params.weight_bytes + weight_copies,
+        gradients=params.trainable * params.trainable_bytes,
+        optimizer=2 * params.trainable * params.trainable_bytes,
         activations=acts * ALLOCATOR_SLACK,
         logits=logits * ALLOCATOR_SLACK,
         overhead=RUNTIME_OVERHEAD if device == "cpu" else 0.5 * GB,
-        trainable_params=trainable,
-        total_params=total,
-        tokens_per_step=tokens_per_step,
+        trainable_params=params.trainable,
+        total_params=params.total,
+        tokens_per_step=step.tokens,
     )
 
 
@@ -145,11 +162,9 @@ def estimate_for_run(cfg: RunConfig, model_path: Path, *, device: str, dtype, mi
         weight_bytes = method.base_weight_bytes(cfg.method)
     trainable_bytes = dtype_bytes(dtype) if method.trains_base_weights else 4  # peft keeps adapters in fp32
     cast_to = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "", dtype)
-    return estimate_memory(
-        config, trainable=trainable, total=total, weight_bytes=weight_bytes, trainable_bytes=trainable_bytes,
-        act_bytes=dtype_bytes(dtype), tokens_per_step=tokens_per_step,
-        gradient_checkpointing=cfg.train.gradient_checkpointing, device=device, autocast=cast_to != dtype,
-    )
+    params = ParameterBytes(trainable, total, weight_bytes, trainable_bytes)
+    step = StepShape(tokens_per_step, dtype_bytes(dtype), cfg.train.gradient_checkpointing, autocast=cast_to != dtype)
+    return estimate_memory(config, params, step, device)
 
 
 def available_memory(device: str) -> float | None:

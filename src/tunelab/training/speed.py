@@ -242,6 +242,8 @@ def packed_segments(position_ids: torch.Tensor, cu_seq_lens: torch.Tensor | None
     return list(itertools.pairwise(bounds))
 
 
+# the signature is transformers' attention-function interface (AttentionInterface), hence its 9 parameters
+# (tests/test_architecture.py allows it by name)
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                           position_ids=None, **kwargs):
     """transformers attention function: causal sdpa per packed example; plain sdpa for everything else.

@@ -7,12 +7,32 @@ import functools
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 
+from tunelab.inference.engine import GenerationParams
 from tunelab.webui.i18n import text
 from tunelab.webui.render import esc, guard, message
+
+
+@dataclass(frozen=True)
+class ChatModels:
+    """Which models answer: the tuned one (model + adapter) and, side by side, its base (given, else the run's)."""
+
+    model: str
+    adapter: str = ""
+    base: str = ""
+    side: bool = False
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """The settings accordion: the system prompt and the sampling of every answer."""
+
+    system: str = ""
+    params: GenerationParams = field(default_factory=GenerationParams)
 
 
 class EngineCache:
@@ -67,21 +87,23 @@ def plain(content: Any) -> str:
     return "" if content is None else str(content)
 
 
-def params_of(temperature, top_p, max_new_tokens, repetition_penalty):
-    from tunelab.inference.engine import GenerationParams
+def settings_of(system, temperature, top_p, max_new_tokens, repetition_penalty) -> ChatSettings:
+    """The accordion's values (as _settings lists them) -> ChatSettings."""
+    params = GenerationParams(max_new_tokens=int(max_new_tokens or 256), temperature=float(temperature or 0.0),
+                              top_p=float(top_p or 1.0), repetition_penalty=float(repetition_penalty or 1.0))
+    return ChatSettings(system or "", params)
 
-    return GenerationParams(max_new_tokens=int(max_new_tokens or 256), temperature=float(temperature or 0.0),
-                            top_p=float(top_p or 1.0), repetition_penalty=float(repetition_penalty or 1.0))
 
-
-def _stream_into(engine, history: list[dict], user: str, system: str, params, out: queue.Queue, slot: int,
-                 cancel: threading.Event) -> None:
-    """Worker: stream one engine's answer into `out` as (slot, text so far, done)."""
+def _session(engine, history: list[dict], settings: ChatSettings):
     from tunelab.inference.chat import ChatSession
 
+    return ChatSession(engine, system=settings.system or None, params=settings.params,
+                       history=[{"role": m["role"], "content": plain(m["content"])} for m in history])
+
+
+def _stream_into(session, user: str, out: queue.Queue, slot: int, cancel: threading.Event) -> None:
+    """Worker: stream one session's answer into `out` as (slot, text so far, done)."""
     try:
-        session = ChatSession(engine, system=system or None, params=params,
-                              history=[{"role": m["role"], "content": plain(m["content"])} for m in history])
         shown = ""
         for event in session.ask_stream(user, cancel=cancel):
             shown += event.delta
@@ -90,12 +112,13 @@ def _stream_into(engine, history: list[dict], user: str, system: str, params, ou
         out.put((slot, e, True))
 
 
-def stream_answers(engines: list, histories: list[list[dict]], user: str, system: str, params):
+def stream_answers(engines: list, histories: list[list[dict]], user: str, settings: ChatSettings):
     """Stream the same message to every engine at once; yields the list of partial answers."""
     out: queue.Queue = queue.Queue()
     cancel = threading.Event()
-    workers = [threading.Thread(target=_stream_into, args=(e, h, user, system, params, out, i, cancel), daemon=True)
-               for i, (e, h) in enumerate(zip(engines, histories))]
+    sessions = [_session(e, h, settings) for e, h in zip(engines, histories)]
+    workers = [threading.Thread(target=_stream_into, args=(s, user, out, i, cancel), daemon=True)
+               for i, s in enumerate(sessions)]
     for w in workers:
         w.start()
     answers, done = [""] * len(engines), [False] * len(engines)
@@ -110,13 +133,18 @@ def stream_answers(engines: list, histories: list[list[dict]], user: str, system
         cancel.set()  # the page went away or an engine failed: stop the others too
 
 
-def load_models(ui, lang, model, adapter, base, side):
+def load_event(ui, lang: str, *values):
+    """Gradio handler of Load; values: model, adapter, base, side (ChatModels' fields, in order)."""
+    return load_models(ui, lang, ChatModels(*values))
+
+
+def load_models(ui, lang: str, models: ChatModels):
     """Load (or find loaded) the tuned model, and the base model too in side-by-side mode."""
     ui.apply_threads()
     t0 = time.perf_counter()
-    names = [ui.engines.get(model, adapter).name]
-    if side:
-        names.append(ui.engines.get(base_of(model, adapter, base)).name)
+    names = [ui.engines.get(models.model, models.adapter).name]
+    if models.side:
+        names.append(ui.engines.get(base_of(models.model, models.adapter, models.base)).name)
     seconds = time.perf_counter() - t0
     return message(esc(text("chat.loaded", lang, name=" + ".join(names), seconds=seconds)), "ok")
 
@@ -126,22 +154,29 @@ def unload_models(ui, lang):
     return message(esc(text("chat.unloaded", lang)))
 
 
-def send_message(ui, lang, user, tuned_hist, base_hist, model, adapter, base, side, system, temp, top_p, max_new,
-                 rep):
-    """Stream the answer(s) into the chat box(es): outputs are (message box, tuned chat, base chat, status)."""
+def send_event(ui, lang: str, user, tuned_hist, base_hist, *values):
+    """Gradio handler of Send; values: ChatModels' fields (model, adapter, base, side), then _settings' controls."""
+    models, settings = ChatModels(*values[:4]), settings_of(*values[4:])
+    yield from send_message(ui, lang, user, (tuned_hist, base_hist), models, settings)
+
+
+def send_message(ui, lang: str, user: str, histories: tuple, models: ChatModels, settings: ChatSettings):
+    """Stream the answer(s) into the chat box(es): outputs are (message box, tuned chat, base chat, status).
+    `histories`: the tuned and the base chat box's messages so far."""
     if not (user or "").strip():
         yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
     ui.apply_threads()  # the page's threads setting (torch's count is per process; see app.apply_threads)
-    engines, histories = [ui.engines.get(model, adapter)], [list(tuned_hist or [])]
-    if side:
-        engines.append(ui.engines.get(base_of(model, adapter, base)))
+    tuned_hist, base_hist = histories
+    engines, histories = [ui.engines.get(models.model, models.adapter)], [list(tuned_hist or [])]
+    if models.side:
+        engines.append(ui.engines.get(base_of(models.model, models.adapter, models.base)))
         histories.append(list(base_hist or []))
     turn = [{"role": "user", "content": user}]
     t0 = time.perf_counter()
-    for answers in stream_answers(engines, histories, user, system, params_of(temp, top_p, max_new, rep)):
+    for answers in stream_answers(engines, histories, user, settings):
         shown = [h + turn + [{"role": "assistant", "content": a}] for h, a in zip(histories, answers)]
-        yield "", shown[0], shown[1] if side else gr.skip(), ""
+        yield "", shown[0], shown[1] if models.side else gr.skip(), ""
     took = text("done", lang, seconds=time.perf_counter() - t0)
     yield gr.skip(), gr.skip(), gr.skip(), message(esc(f"{' | '.join(e.name for e in engines)} · {took}"), "ok")
 
@@ -186,10 +221,11 @@ def build(ui) -> dict[str, Any]:
         send_btn = L.make(gr.Button, "chat.send", prop="value", variant="primary", elem_id="chat-send")
         clear_btn = L.make(gr.Button, "chat.clear", prop="value", elem_id="chat-clear")
 
-    send = guard(functools.partial(send_message, ui), 4, 3)
-    inputs = [ui.lang, msg, tuned_box, base_box, model, adapter, base, side, *settings]
+    send = guard(functools.partial(send_event, ui), 4, 3)
+    models = [model, adapter, base, side]  # ChatModels' fields, in order
+    inputs = [ui.lang, msg, tuned_box, base_box, *models, *settings]
     outputs = [msg, tuned_box, base_box, status]
-    load_btn.click(guard(functools.partial(load_models, ui), 1, 0), [ui.lang, model, adapter, base, side], [status])
+    load_btn.click(guard(functools.partial(load_event, ui), 1, 0), [ui.lang, *models], [status])
     unload_btn.click(guard(functools.partial(unload_models, ui), 1, 0), [ui.lang], [status])
     send_btn.click(send, inputs, outputs)
     msg.submit(send, inputs, outputs)

@@ -5,6 +5,7 @@ size and the template checks. Every text it shows comes from i18n (English and C
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args
 
@@ -14,27 +15,47 @@ from tunelab.webui.i18n import text
 from tunelab.webui.render import esc, guard, human_size, message, table_html
 
 
-def schema_choices(field: str) -> list[str]:
+@dataclass(frozen=True)
+class ExportForm:
+    """What the Export tab's fields hold: `tunelab export SOURCE --adapter ADAPTER` and its export.* flags. The
+    handlers receive the fields positionally, in this order (FORM), and build it first."""
+
+    source: str = ""
+    adapter: str = ""
+    output: str = ""  # export.output_dir; empty: the run's own (<run>/export)
+    dtype: str = "auto"
+    quantize: str = "none"
+    gguf: list[str] = field(default_factory=list)
+    ollama: bool = False
+    verify: bool = False
+    overwrite: bool = False
+
+
+FORM = [f.name for f in fields(ExportForm)]
+
+
+def schema_choices(name: str) -> list[str]:
     """The allowed values of an ExportConfig field, read from the schema (gguf types, dtypes, quantize)."""
     from tunelab.config.schema import ExportConfig
 
-    annotation = ExportConfig.model_fields[field].annotation
+    annotation = ExportConfig.model_fields[name].annotation
     args = get_args(annotation)
     if args and not isinstance(args[0], str):  # list[Literal[...]]
         args = get_args(args[0])
     return [str(a) for a in args]
 
 
-def export_config(source: str, output: str, dtype: str, gguf: list[str], ollama: bool, quantize: str):
+def export_config(form: ExportForm):
     """The run's own export section (as `tunelab export` uses it) with the page's choices on top."""
     from tunelab.config.schema import ExportConfig
     from tunelab.runs.read import read_run_config
     from tunelab.runs.rundir import is_run_dir
 
-    path = Path(source).expanduser()
+    path = Path(form.source).expanduser()
     cfg = read_run_config(path).export if is_run_dir(path) else ExportConfig()
-    update = {"dtype": dtype or cfg.dtype, "gguf": list(gguf or []), "ollama": bool(ollama),
-              "quantize": quantize or "none", "output_dir": (output or "").strip() or cfg.output_dir}
+    update = {"dtype": form.dtype or cfg.dtype, "gguf": list(form.gguf or []), "ollama": bool(form.ollama),
+              "quantize": form.quantize or "none", "output_dir": (form.output or "").strip() or cfg.output_dir,
+              "verify": bool(form.verify), "overwrite": bool(form.overwrite)}
     return ExportConfig.model_validate({**cfg.model_dump(), **update})
 
 
@@ -54,19 +75,25 @@ def with_modelfile_gguf(gguf: list[str], ollama: bool):
     return gr.update(value=planned) if planned != list(gguf or []) else gr.skip()
 
 
-def plan_html(lang: str, source: str, output: str, dtype: str, gguf: list[str], ollama: bool, quantize: str) -> str:
+def plan_event(lang: str, *values) -> str:
+    """Gradio handler: the form's values (in FORM order) -> plan_html."""
+    return plan_html(lang, ExportForm(*values))
+
+
+def plan_html(lang: str, form: ExportForm) -> str:
     """What the Export button will write, before it is pressed."""
     from tunelab.config.schema import ExportConfig
     from tunelab.export.pipeline import planned_gguf_types
 
-    cfg = ExportConfig(gguf=list(gguf or []), ollama=bool(ollama))
-    out = (output or "").strip() or (f"{source.strip()}/export" if (source or "").strip() else "<run>/export")
-    items = [text("export.plan.merged", lang, dtype=dtype or "auto")]
+    cfg = ExportConfig(gguf=list(form.gguf or []), ollama=bool(form.ollama))
+    source = (form.source or "").strip()
+    out = (form.output or "").strip() or (f"{source}/export" if source else "<run>/export")
+    items = [text("export.plan.merged", lang, dtype=form.dtype or "auto")]
     items += [f"gguf/…-{t}.gguf" for t in planned_gguf_types(cfg)]
-    if ollama:
+    if form.ollama:
         items.append(text("export.plan.modelfile", lang))
-    if quantize and quantize != "none":
-        items.append(text("export.plan.quantized", lang, method=quantize))
+    if form.quantize and form.quantize != "none":
+        items.append(text("export.plan.quantized", lang, method=form.quantize))
     body = "".join(f"<li>{esc(i)}</li>" for i in items)
     return f"<div>{esc(text('export.plan', lang, out=out))}<ul>{body}</ul></div>"
 
@@ -118,18 +145,22 @@ def refusal_html(error, lang: str) -> str:
     return message(esc(text(key, lang, folder=folder)), "error")
 
 
-def export_event(lang, source_v, adapter_v, output_v, dtype_v, quantize_v, gguf_v, ollama_v, verify_v, overwrite_v):
+def export_event(lang: str, *values) -> tuple[str, str]:
+    """Gradio handler of the Export button: the form's values (in FORM order) -> run_export."""
+    return run_export(lang, ExportForm(*values))
+
+
+def run_export(lang: str, form: ExportForm) -> tuple[str, str]:
     from tunelab.errors import TunelabError
     from tunelab.export.pipeline import export_model
     from tunelab.export.target import ExportTargetError
 
-    if not (source_v or "").strip():
+    if not (form.source or "").strip():
         raise TunelabError(text("export.missing_source", lang))
-    cfg = export_config(source_v, output_v, dtype_v, gguf_v, ollama_v, quantize_v)
+    cfg = export_config(form)
     t0 = time.perf_counter()
     try:
-        result = export_model(source_v.strip(), cfg, adapter=(adapter_v or "").strip() or None,
-                              verify=bool(verify_v), overwrite=bool(overwrite_v))
+        result = export_model(form.source.strip(), cfg, adapter=(form.adapter or "").strip() or None)
     except ExportTargetError as e:
         if getattr(e, "folder", None) is None:
             raise
@@ -155,16 +186,17 @@ def build(ui) -> dict[str, Any]:
         ollama = L.make(gr.Checkbox, "export.ollama", info="export.ollama.info", elem_id="export-ollama")
         verify = L.make(gr.Checkbox, "export.verify", elem_id="export-verify")
         overwrite = L.make(gr.Checkbox, "export.overwrite", info="export.overwrite.info", elem_id="export-overwrite")
-    plan = gr.HTML(plan_html(L.lang, "", "", "auto", [], False, "none"), elem_id="export-plan")
+    plan = gr.HTML(plan_html(L.lang, ExportForm()), elem_id="export-plan")
     run_btn = L.make(gr.Button, "export.run", prop="value", variant="primary", elem_id="export-run")
     status = gr.HTML(elem_id="export-status")
     files = gr.HTML(elem_id="export-files")
 
     source.focus(lambda: refresh_runs(ui.runs_dir), None, source)
     ollama.change(with_modelfile_gguf, [gguf, ollama], gguf)
-    plan_inputs = [ui.lang, source, output, dtype, gguf, ollama, quantize]
+    form = {"source": source, "adapter": adapter, "output": output, "dtype": dtype, "quantize": quantize,
+            "gguf": gguf, "ollama": ollama, "verify": verify, "overwrite": overwrite}
+    inputs = [ui.lang, *(form[name] for name in FORM)]  # the handlers build an ExportForm from them, in order
     for component in (ui.lang, source, output, dtype, gguf, ollama, quantize):
-        component.change(plan_html, plan_inputs, plan)
-    run_btn.click(guard(export_event, 2, 0),
-                  [ui.lang, source, adapter, output, dtype, quantize, gguf, ollama, verify, overwrite], [status, files])
+        component.change(plan_event, inputs, plan)
+    run_btn.click(guard(export_event, 2, 0), inputs, [status, files])
     return {"model": source}
