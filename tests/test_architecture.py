@@ -49,3 +49,49 @@ def test_no_function_takes_more_than_six_parameters():
 
 def test_the_allow_list_names_existing_functions():
     assert SIGNATURE_OWNED_BY_A_LIBRARY <= set(too_many_parameters())
+
+
+# ------------------------------------------------------------------------------------------ the run-folder layout
+# names of a run folder's files that only tunelab.runs spells (runs/rundir.py); a reader elsewhere calls RunDir,
+# checkpoint_name, complete_checkpoints, adapter_folder or run_folder_config. Not listed: names with other meanings
+# too ("export", "eval": commands and config sections; loss.png and chat_template.jinja: also the files of an eval
+# report and of every Hugging Face folder).
+RUN_FILE_NAMES = {"run.json", "config.yaml", "env.json", "data.json", "metrics.jsonl", "final", "checkpoints",
+                  "trainer_state.json"}
+RUN_FILE_PREFIXES = ("checkpoint-",)
+
+# literals that are not a run folder's files, though spelled the same
+NOT_A_RUN_FILE = {
+    ("cli/demo.py", "config.yaml"),  # examples/demo/config.yaml: a config in the repository
+}
+
+
+def run_file_names_in(tree: ast.AST) -> list[tuple[str, int]]:
+    """(literal, line) of every string that is a run file's name, or starts an f-string like f"checkpoint-{n}"."""
+    found = set()  # a set: an f-string's first part is also a Constant of its own
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+        elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+            text = str(node.values[0].value)
+        else:
+            continue
+        if text in RUN_FILE_NAMES or (text.startswith(RUN_FILE_PREFIXES) and " " not in text):
+            found.add((text, node.lineno))
+    return sorted(found, key=lambda item: item[1])
+
+
+def run_file_literals() -> list[tuple[str, str, int]]:
+    return [(rel, text, line) for rel, tree in modules() if not rel.startswith("runs/")
+            for text, line in run_file_names_in(tree)]
+
+
+def test_only_tunelab_runs_spells_the_run_folder_layout():
+    offenders = [f"{rel}:{line} {text!r}" for rel, text, line in run_file_literals()
+                 if (rel, text) not in NOT_A_RUN_FILE]
+    assert offenders == [], f"run-folder names spelled outside tunelab.runs: {offenders}"
+
+
+def test_the_layout_rule_sees_a_spelled_name_and_not_prose():
+    tree = ast.parse('p = run / "run.json"\nq = f"checkpoint-{step}"\nhelp = "reads run.json and final/"')
+    assert run_file_names_in(tree) == [("run.json", 1), ("checkpoint-", 2)]

@@ -148,7 +148,7 @@ def test_flags_take_help_type_and_default_from_the_schema():
     checked = 0
     for module_name, _help in COMMANDS.values():
         module = importlib.import_module(f"tunelab.cli.{module_name}")
-        for s in getattr(module, "SETTINGS", ()):
+        for s in (*getattr(module, "SETTINGS", ()), *getattr(module, "SAMPLING", ())):
             field = schema_field(s.key)
             assert field.description, f"{s.key} has no description in the schema"
             parser = argparse.ArgumentParser()
@@ -157,7 +157,7 @@ def test_flags_take_help_type_and_default_from_the_schema():
             assert action.default is None
             assert field.description.rstrip(".") in action.help and f"Config key {s.key}" in action.help
             checked += 1
-    assert checked >= 25
+    assert checked >= 40
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert "TCP port to listen on. Config key serve.port; default: 8000" in " ".join(help_text.split())
 
@@ -179,11 +179,74 @@ def test_flag_values_are_not_parsed_as_yaml():
 
 
 def test_chat_sampling_flags_default_to_generation_params():
-    from tunelab.cli.chat import params_from_args
+    from tunelab.cli.chat import params_from_config
     from tunelab.inference.engine import GenerationParams
 
-    assert params_from_args(parse("chat", "m")) == GenerationParams()
-    assert params_from_args(parse("chat", "m", "--top-k", "5", "--seed", "3")).top_k == 5
+    assert params_from_config(command_config(parse("chat", "m"))) == GenerationParams()
+    params = params_from_config(command_config(parse("chat", "m", "--top-k", "5", "--seed", "3", "--stop", "END")))
+    assert (params.top_k, params.seed, params.stop) == (5, 3, ["END"])
+
+
+def test_chat_sampling_flag_and_override_are_one_key(tmp_path):
+    """--temperature is an alias of generation.temperature: file < flag < override, as for every key."""
+    from tunelab.cli.chat import params_from_config
+
+    cfg_file = write(tmp_path / "c.yaml", "generation:\n  temperature: 0.3\n  stop: [FILE]\n")
+    assert command_config(parse("chat", "m", "--config", str(cfg_file))).generation.temperature == 0.3
+    assert command_config(parse("chat", "m", "--temperature", "0.7")).generation.temperature == 0.7
+    assert command_config(parse("chat", "m", "generation.temperature=0.7")).generation.temperature == 0.7
+    args = parse("chat", "m", "--config", str(cfg_file), "--temperature", "0.5", "generation.temperature=0.9",
+                 "--stop", "FLAG")
+    params = params_from_config(command_config(args))
+    assert params.temperature == 0.9 and params.stop == ["FILE", "FLAG"]
+    with pytest.raises(ConfigError, match="generation.temperature"):
+        command_config(parse("chat", "m", "generation.temperature=-1"))
+
+
+def test_webui_flags_are_keys_of_the_webui_section(tmp_path, monkeypatch):
+    from tunelab.config.load import dump_config, from_environment
+
+    assert command_config(parse("webui")).webui.model_dump() == {"host": "127.0.0.1", "port": 7860,
+                                                                  "password": None, "lang": "en"}
+    cfg = command_config(parse("webui", "--port", "7861", "--lang", "zh", "--host", "::1"))
+    assert (cfg.webui.port, cfg.webui.lang, cfg.webui.host) == (7861, "zh", "::1")
+    assert command_config(parse("webui", "--port", "7861", "webui.port=7862")).webui.port == 7862
+    cfg_file = write(tmp_path / "c.yaml", "webui:\n  password: file-pw\n")
+    monkeypatch.setenv("TUNELAB_WEBUI_PASSWORD", "env-pw")  # below the file and the flag
+    assert from_environment(command_config(parse("webui")).webui.password, "TUNELAB_WEBUI_PASSWORD") == "env-pw"
+    cfg = command_config(parse("webui", "--config", str(cfg_file)))
+    assert from_environment(cfg.webui.password, "TUNELAB_WEBUI_PASSWORD") == "file-pw"
+    cfg = command_config(parse("webui", "--config", str(cfg_file), "--password", "flag-pw"))
+    assert cfg.webui.password == "flag-pw"
+    assert "flag-pw" not in dump_config(cfg)  # a run's config.yaml never holds the page's password
+    with pytest.raises(SystemExit):  # the schema's choices
+        parse("webui", "--lang", "fr")
+
+
+def test_webui_help_comes_from_the_schema(capsys):
+    from tunelab.config.schema import WebUIConfig
+
+    with pytest.raises(SystemExit):
+        main(["webui", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in ("host", "port", "password", "lang"):
+        description = " ".join(WebUIConfig.model_fields[name].description.rstrip(".").split())
+        assert f"{description}. Config key webui.{name}" in help_text
+
+
+def test_serve_and_export_flags_are_config_keys(run_dir):
+    cfg = command_config(parse("serve", "m", "--shutdown-timeout", "5", "--engine", "hf", "--allow-no-auth"))
+    assert (cfg.serve.shutdown_timeout_s, cfg.serve.engine, cfg.serve.allow_no_auth) == (5.0, "hf", True)
+    assert command_config(parse("serve", "m")).serve.model_dump(include={"engine", "allow_no_auth"}) == {
+        "engine": "hf", "allow_no_auth": False}
+    with pytest.raises(ConfigError, match="serve.engine: unknown inference engine; known: hf, vllm"):
+        command_config(parse("serve", "m", "serve.engine=tgi"))
+    export = importlib.import_module("tunelab.cli.export").export_config
+    cfg = export(parse("export", str(run_dir), "--no-table", "--verify", "--overwrite"))
+    assert (cfg.table, cfg.verify, cfg.overwrite) == (False, True, True)
+    cfg = export(parse("export", str(run_dir)))
+    assert (cfg.table, cfg.verify, cfg.overwrite) == (True, False, False)
+    assert export(parse("export", str(run_dir), "export.table=false")).table is False
 
 
 def test_chat_runs_with_overrides(tiny_llama, capsys):

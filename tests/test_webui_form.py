@@ -179,7 +179,8 @@ def test_cli_webui_arguments_and_no_gradio_import():
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     args = parser.parse_args(["--port", "7999", "--password", "pw", "--lang", "zh"])
-    assert (args.host, args.port, args.password, args.lang) == ("127.0.0.1", 7999, "pw", "zh")
+    web = cli.config_from_args(args).webui  # the flags are webui.* keys; the schema gives the rest
+    assert (web.host, web.port, web.password, web.lang) == ("127.0.0.1", 7999, "pw", "zh")
     assert args.threads is None and parser.parse_args(["--threads", "3"]).threads == 3
     source = Path(cli.__file__).read_text(encoding="utf-8")
     assert "import gradio" not in source.split("def run")[0]

@@ -228,8 +228,9 @@ def _compare(cfg: RunConfig, run_dir: Path):
 
 def _export(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
     from tunelab.export.pipeline import export_model
+    from tunelab.runs.rundir import RunDir
 
-    exported = export_model(str(run_dir), cfg.export, out=run_dir / "export")
+    exported = export_model(str(run_dir), cfg.export, out=RunDir(run_dir).export_dir)
     for path, size in exported.files():
         if path.suffix in {".gguf", ".safetensors"} or path.name == "Modelfile":
             print(f"  {path}  {size / 1e6:.1f} MB")

@@ -21,9 +21,16 @@ SETTINGS = (
     Setting("--threads", "train.threads", note="CPU threads of generation; a run's own train.threads when MODEL is "
             "a run"),
 )
-# sampling: GenerationParams field -> help; the defaults are GenerationParams' own
-SAMPLING = {"temperature": "0: greedy", "top_p": "nucleus sampling threshold", "top_k": "0: off",
-            "repetition_penalty": "1: off", "max_new_tokens": "longest answer, in tokens", "seed": "sampling seed"}
+# sampling: flags of the generation section (GenerationParams' fields), help and defaults from the schema
+SAMPLING = (
+    Setting("--temperature", "generation.temperature"),
+    Setting("--top-p", "generation.top_p"),
+    Setting("--top-k", "generation.top_k"),
+    Setting("--repetition-penalty", "generation.repetition_penalty"),
+    Setting("--max-new-tokens", "generation.max_new_tokens"),
+    Setting("--seed", "generation.seed"),
+    Setting("--stop", "generation.stop", extend=True, metavar="TEXT", note="repeatable, added to the config's"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,33 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "(default: the run's own config.yaml when MODEL is a run)")
     parser.add_argument("-p", "--prompt", help="answer this one prompt and exit ('-': read it from stdin)")
     parser.add_argument("--template", help="override the recorded chat template (name or .jinja path)")
-    add_settings(parser, SETTINGS)
-    add_sampling_arguments(parser)
+    add_settings(parser, (*SETTINGS, *SAMPLING))
     parser.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the weights after loading")
     parser.add_argument("--stats", action="store_true", help="print tokens and tokens/s of each answer to stderr")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per GenerationParams field, typed and defaulted from the dataclass (no default written twice)."""
-    from dataclasses import fields
-
+def params_from_config(cfg):
+    """GenerationParams of the config's generation section (flags and generation.*=... overrides included)."""
     from tunelab.inference.engine import GenerationParams
 
-    defaults = GenerationParams()
-    for f in fields(GenerationParams):
-        if f.name not in SAMPLING:
-            continue
-        default = getattr(defaults, f.name)
-        kind = int if f.name == "seed" else type(default)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
-                            help=f"{SAMPLING[f.name]} (default: {default})")
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def params_from_args(args: argparse.Namespace):
-    from tunelab.inference.engine import GenerationParams
-
-    return GenerationParams(**{name: getattr(args, name) for name in SAMPLING}, stop=list(args.stop))
+    return GenerationParams(**cfg.generation.model_dump())
 
 
 def chat_config(args: argparse.Namespace):
@@ -84,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     inference_threads(cfg.train.threads, args.model)
     options = EngineOptions(device=cfg.model.device, dtype=cfg.model.dtype, template=args.template, merge=args.merge)
     engine = load_engine(args.model or DEFAULT_MODEL, args.adapter, options)
-    session = ChatSession(engine, system=cfg.data.system, params=params_from_args(args))
+    session = ChatSession(engine, system=cfg.data.system, params=params_from_config(cfg))
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         answer(session, text.strip(), args.stats)

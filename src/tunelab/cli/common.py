@@ -98,10 +98,10 @@ def config_from_args(args: argparse.Namespace, model: str | None = None) -> RunC
 
 def run_config_file(model: str | None) -> Path | None:
     """The resolved config.yaml of a run folder (commands given a run start from it); None for anything else."""
-    from tunelab.runs.rundir import is_run_dir
+    from tunelab.runs.rundir import RunDir, is_run_dir
 
     path = Path(model).expanduser() if model else None
-    return path / "config.yaml" if path is not None and is_run_dir(path) else None
+    return RunDir(path).config_file if path is not None and is_run_dir(path) else None
 
 
 def comma_list(text: str) -> list[str]:

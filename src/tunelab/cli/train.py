@@ -28,12 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_run_config(args: argparse.Namespace):
     from tunelab.config import load_config
 
+    from tunelab.runs.rundir import run_folder_config
+
     path = Path(args.config)
     if path.is_dir():  # a run folder: its resolved config, and the same run name
-        if not (path / "config.yaml").is_file():
-            raise TunelabError(f"{path} is a folder without config.yaml (not a tunelab run folder)")
         overrides = [f"train.output_dir={path.parent}", f"train.run_name={path.name}", *args.overrides]
-        return load_config(path / "config.yaml", overrides)
+        return load_config(run_folder_config(path), overrides)
     return load_config(path, args.overrides)
 
 
@@ -57,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_next_steps(result, cfg: RunConfig) -> None:
+    from tunelab.runs.rundir import RunDir
+
     if result.status == "stopped":
         step = result.metrics.get("global_step")
-        print(f"\nstopped at step {step}; checkpoint saved in {result.run_dir / 'checkpoints'}")
+        print(f"\nstopped at step {step}; checkpoint saved in {RunDir(result.run_dir).checkpoints}")
         print(f"continue with: tunelab train {result.run_dir} --resume")
         return
     what = "adapter" if (result.final_dir / "adapter_config.json").is_file() else "model"

@@ -35,7 +35,7 @@ ENVIRONMENT: dict[str, str] = {
     "TUNELAB_DATA_CACHE": "data.cache_dir",
     "TUNELAB_CACHE": "model.cache_dir (also where the GGUF converter and llama-quantize are cached)",
     "OMP_NUM_THREADS": "train.threads (and the threads of chat, eval, serve and the web UI)",
-    "TUNELAB_WEBUI_PASSWORD": "tunelab webui --password",
+    "TUNELAB_WEBUI_PASSWORD": "webui.password (tunelab webui --password)",
     "TUNELAB_API_KEY": "serve.api_key_env's default: more accepted API keys, added to serve.api_keys",
 }
 
@@ -201,4 +201,6 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The config as YAML (a run's config.yaml); the web UI's password is left out: it is no run's setting."""
+    data = cfg.model_dump(mode="json", exclude={"webui": {"password"}})
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -448,6 +448,31 @@ class ServeConfig(Section):
     )
 
 
+# ------------------------------------------------------------------------------------------------------ generation
+class GenerationConfig(Section):
+    """How `tunelab chat` (and the web UI's chat, as its starting values) samples an answer."""
+
+    max_new_tokens: int = Field(256, ge=1, description="Longest answer, in tokens.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0: greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold; 1: off.")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0: off.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already generated; 1: off.")
+    seed: int | None = Field(None, description="Sampling seed (none: a different answer each time).")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings (the template's own always stop).")
+
+
+# ----------------------------------------------------------------------------------------------------------- webui
+class WebUIConfig(Section):
+    host: str = Field("127.0.0.1", description="Bind address of the web UI; 127.0.0.1: this machine only (set a "
+                      "password before exposing it).")
+    port: int = Field(7860, ge=0, le=65535, description="TCP port of the web UI.")
+    password: str | None = Field(
+        None, description="Require this password on a login page (any user name); none: $TUNELAB_WEBUI_PASSWORD, "
+        "else no login."
+    )
+    lang: Literal["en", "zh"] = Field("en", description="Language of the page at start (switchable in the page).")
+
+
 # ------------------------------------------------------------------------------------------------------------- run
 class RunConfig(Section):
     stage: str = Field(
@@ -461,6 +486,8 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    webui: WebUIConfig = Field(default_factory=WebUIConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
 
     @field_validator("stage")

@@ -43,6 +43,7 @@ from tunelab.evaluation.metrics import (
     score_predictions,
 )
 from tunelab.evaluation.results import ComparisonResult, EvalResult, PredictionRecord
+from tunelab.runs.rundir import ADAPTER_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def default_output_dir(engine_or_model, base: str | Path = "eval") -> Path:
     """<run>/eval for a run, else eval/<model name> under the current folder."""
     run_dir = _run_dir(engine_or_model) if not isinstance(engine_or_model, str) else None
     if run_dir is not None:
-        return Path(run_dir) / "eval"
+        return RunDir(run_dir).eval_dir
     name = engine_or_model if isinstance(engine_or_model, str) else engine_or_model.name
     return Path(base) / slug(name)
 
@@ -352,10 +353,11 @@ def _trained_from(path: Path) -> set[str]:
     """The base model names/paths a run folder or adapter folder records."""
     import json
 
+    run = RunDir(path)
     found: set[str] = set()
-    for file, keys in ((path / "run.json", ("model", "model_path", "init_from")),  # init_from: SFT -> DPO chain
-                       (path / "adapter_config.json", ("base_model_name_or_path",)),
-                       (path / "final" / "adapter_config.json", ("base_model_name_or_path",))):
+    for file, keys in ((run.run_json, ("model", "model_path", "init_from")),  # init_from: SFT -> DPO chain
+                       (path / ADAPTER_CONFIG, ("base_model_name_or_path",)),
+                       (run.final / ADAPTER_CONFIG, ("base_model_name_or_path",))):
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError):

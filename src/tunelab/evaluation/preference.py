@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tunelab.errors import DataError, TunelabError
+from tunelab.runs.rundir import ADAPTER_CONFIG, adapter_folder
 
 if TYPE_CHECKING:
     from tunelab.config.schema import RunConfig
@@ -276,8 +277,8 @@ def init_adapter_path(path: Path, run_dir: Path | None = None) -> Path:
     """`init_from` may name a run (its final/ adapter) or an adapter folder; a relative path is tried from here,
     then beside the run (runs/<sft> next to runs/<dpo>)."""
     roots = [path] if path.is_absolute() or run_dir is None else [path, Path(run_dir).parent / path.name]
-    for candidate in (c for root in roots for c in (root / "final", root)):
-        if (candidate / "adapter_config.json").is_file():
+    for candidate in (adapter_folder(root) for root in roots):
+        if (candidate / ADAPTER_CONFIG).is_file():
             return candidate
     raise TunelabError(f"method.init_from {path}: no adapter there (adapter_config.json in it or in its final/); "
                        "the implicit reward needs the model the run started from")

@@ -22,6 +22,7 @@ from tunelab.export.target import check_target, staged_folder
 from tunelab.export.verify import RoundTrip, compare_gguf, template_mismatches
 from tunelab.inference.template import load_template
 from tunelab.runs.artifacts import Artifact, resolve_artifact
+from tunelab.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def export_name(art: Artifact) -> str:
 def default_output_dir(source: str, art: Artifact) -> Path:
     """<run>/export for runs; <folder>-export next to an adapter or model folder; ./<name>-export otherwise."""
     if art.run_dir is not None:
-        return art.run_dir / "export"
+        return RunDir(art.run_dir).export_dir
     path = Path(source).expanduser()
     return path.parent / f"{path.name}-export" if path.exists() else Path(f"{export_name(art)}-export")
 

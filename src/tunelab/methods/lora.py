@@ -29,9 +29,9 @@ def load_initial_adapter(model, path: str):
     """Start a NEW run from an existing adapter (method.init_from): its weights, trainable again."""
     from peft import PeftModel
 
-    folder = Path(path).expanduser()
-    if (folder / "final" / "adapter_config.json").is_file():  # a run folder: its final adapter (SFT -> DPO)
-        folder = folder / "final"
+    from tunelab.runs.rundir import adapter_folder
+
+    folder = adapter_folder(Path(path).expanduser())  # a run folder: its final adapter (SFT -> DPO)
     if not (folder / "adapter_config.json").is_file():
         raise TunelabError(
             f"method.init_from: {folder} has no adapter_config.json; point it at a run's final/ folder or a "

@@ -39,9 +39,45 @@ CHECKPOINTS_DIR = "checkpoints"  # checkpoint-N/ folders, each complete (see STA
 FINAL_DIR = "final"  # adapter or full model, with the tokenizer carrying the training template
 EVAL_DIR = "eval"  # what `tunelab eval` writes for a run (eval/metrics.json)
 EVAL_METRICS = "metrics.json"
+EXPORT_DIR = "export"  # what `tunelab export` writes for a run by default
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"  # transformers' last file of a checkpoint: its presence marks it complete
 STAGING = ".staging"  # checkpoints are written here, then renamed into place
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: an adapter folder (final/ of an adapter run, a checkpoint)
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint saved at optimizer step `step`."""
+    return f"checkpoint-{step}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint-N folder; None for any other name."""
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint under `checkpoints`, oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in checkpoints.iterdir() if p.is_dir()]
+    return sorted((s, p) for s, p in found if s is not None and (p / TRAINER_STATE).is_file())
+
+
+def adapter_folder(path: Path) -> Path:
+    """A run folder's final adapter (the folder SFT -> DPO chains start from), else `path` itself."""
+    final = Path(path) / FINAL_DIR
+    return final if (final / ADAPTER_CONFIG).is_file() else Path(path)
+
+
+def run_folder_config(path: Path) -> Path:
+    """The resolved config.yaml of the run folder `path` (to resume or re-load it); refuses other folders."""
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        raise TunelabError(f"{path} is a folder without {CONFIG_FILE} (not a tunelab run folder)")
+    return config
 
 
 def is_run_dir(path: Path) -> bool:
@@ -81,11 +117,8 @@ def default_run_name(cfg: RunConfig) -> str:
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
     """The newest complete checkpoint; incomplete ones never get a checkpoint-N name (see TunelabTrainer)."""
-    if not checkpoints.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
-             and (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+    found = complete_checkpoints(checkpoints)
+    return found[-1][1] if found else None
 
 
 def git_commit(folder: Path) -> str | None:
@@ -173,6 +206,10 @@ class RunDir:
     @property
     def eval_metrics(self) -> Path:
         return self.eval_dir / EVAL_METRICS
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / EXPORT_DIR
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.checkpoints)

@@ -14,6 +14,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from tunelab.runs.rundir import checkpoint_name
+
 # Trainer log keys -> short names in the console line and metrics.jsonl
 RENAMES = {"learning_rate": "lr", "grad_norm": "grad_norm", "loss": "loss", "eval_loss": "eval_loss"}
 
@@ -126,7 +128,7 @@ class RunStatusCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.run_dir.update(last_checkpoint=f"checkpoint-{state.global_step}", step=state.global_step)
+            self.run_dir.update(last_checkpoint=checkpoint_name(state.global_step), step=state.global_step)
 
 
 class GracefulStop(TrainerCallback):

@@ -17,7 +17,7 @@ from transformers import Trainer
 
 from tunelab.patches.trainer_checkpoint import StagedCheckpointMixin, check_trainer_internals
 from tunelab.patches.trainer_loss import loss_divisor, own_loss_allowed, scale_for_processes
-from tunelab.runs.rundir import CHECKPOINT_RE, STAGING
+from tunelab.runs.rundir import STAGING, TRAINER_STATE, checkpoint_name, checkpoint_step, complete_checkpoints
 from tunelab.training.callbacks import NonFiniteLossError
 from tunelab.training.speed import trained_token_loss
 
@@ -57,7 +57,7 @@ class TunelabTrainer(StagedCheckpointMixin, Trainer):
         """Called by the Trainer where it saves a checkpoint (patches.trainer_checkpoint)."""
         root = Path(self.args.output_dir)
         staging = root / STAGING
-        name = f"checkpoint-{self.state.global_step}"
+        name = checkpoint_name(self.state.global_step)
         if self.args.should_save:
             shutil.rmtree(staging / name, ignore_errors=True)
             staging.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ class TunelabTrainer(StagedCheckpointMixin, Trainer):
         if best and Path(best).parent == staging:  # record where the checkpoint will live, not where it was built
             self.state.best_model_checkpoint = str(root / Path(best).name)
             if self.args.should_save:
-                self.state.save_to_json(str(staging / name / "trainer_state.json"))
+                self.state.save_to_json(str(staging / name / TRAINER_STATE))
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
         if self.args.should_save:
             publish(staging / name, root / name, trash=staging)
@@ -82,7 +82,7 @@ class TunelabTrainer(StagedCheckpointMixin, Trainer):
         large update just broke); the NaN guard then falls back to the proven one (`last_good_checkpoint`)."""
         if not self.keep_checkpoints:
             return
-        found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
+        found = sorted((s, p) for p in root.iterdir() if (s := checkpoint_step(p)) is not None)
         best = Path(self.state.best_model_checkpoint).name if self.state.best_model_checkpoint else None
         proven = last_good_checkpoint(root, self.state.global_step + 1)
         spared = {best, proven.name if proven else None}
@@ -97,9 +97,7 @@ def last_good_checkpoint(checkpoints: Path, nonfinite_step: int) -> Path | None:
     The loss of step S is computed on the weights saved as checkpoint-(S-1); every step before S was finite, so
     checkpoint-(S-2) and older are proven good and checkpoint-(S-1) is the one whose weights gave the NaN.
     """
-    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
-             and (p / "trainer_state.json").is_file()] if checkpoints.is_dir() else []
-    good = [(step, p) for step, p in found if step <= nonfinite_step - 2]
+    good = [(step, p) for step, p in complete_checkpoints(checkpoints) if step <= nonfinite_step - 2]
     return max(good)[1] if good else None
 
 
@@ -110,8 +108,8 @@ def set_aside_nonfinite(checkpoints: Path, nonfinite_step: int) -> list[Path]:
     if not checkpoints.is_dir():
         return moved
     for path in sorted(checkpoints.iterdir()):
-        m = CHECKPOINT_RE.match(path.name)
-        if m and int(m.group(1)) > nonfinite_step - 2:
+        step = checkpoint_step(path)
+        if step is not None and step > nonfinite_step - 2:
             target = path.with_name(f"nonfinite-{path.name}")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(path, target)
