@@ -85,7 +85,7 @@ def test_stage_registry_lists_each_stage_with_its_data_kind():
     assert get_stage("kto").data == "unpaired"
     assert not get_stage("orpo").needs_reference and not get_stage("simpo").needs_reference
     assert "rewards/accuracies" in get_stage("dpo").metric_keys
-    with pytest.raises(TunelabError, match="known stages"):
+    with pytest.raises(TunelabError, match="unknown stage 'ppo'; known: dpo, kto, orpo, rm, sft, simpo"):
         get_stage("ppo")
 
 

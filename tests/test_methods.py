@@ -159,7 +159,7 @@ def test_freeze_errors_name_the_field(tiny_llama):
 
 def test_registry():
     assert set(known_methods()) == {"lora", "dora", "qlora", "full", "freeze", "prefix"}
-    with pytest.raises(TunelabError, match="known methods: dora, freeze, full"):
+    with pytest.raises(TunelabError, match="unknown method 'lorax'; known: lora, dora, qlora, full, freeze, prefix"):
         get_method("lorax")
     with pytest.raises(ValueError, match="already registered"):
         register_method(Method("lora", lambda m, c: m, LoraConfig))

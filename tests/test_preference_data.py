@@ -164,7 +164,7 @@ def test_kto_csv_labels_and_a_format_that_is_not_a_preference_format(tmp_path):
     result = load_preference_examples(DatasetSpec(path=str(path)))
     assert [shape(e) for e in result.examples] == [([("user", "2+2?")], "4.", None, True),
                                                    ([("user", "2+2?")], "5.", None, False)]
-    with pytest.raises(DataError, match="unknown preference format 'text'; known: alpaca, kto, openai, sharegpt"):
+    with pytest.raises(DataError, match="unknown preference format 'text'; known: alpaca, sharegpt, openai, trl, kto"):
         load_preference_examples(DatasetSpec(path=str(path), format="text"))
 
 

@@ -27,7 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_run_config(args: argparse.Namespace):
     from tunelab.config import load_config
-
     from tunelab.runs.rundir import run_folder_config
 
     path = Path(args.config)

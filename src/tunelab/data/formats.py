@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.data.types import Conversation, Message
+from tunelab.registry import Registry
 
 AUTO = "auto"  # DatasetSpec.format's default: detect the format from the first record
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
@@ -69,27 +70,22 @@ class RecordFormat:
         return bool(self.keys) and all(k in record for k in self.keys)
 
 
-_FORMATS: dict[str, RecordFormat] = {}
+# KeyError for an unknown name: the loaders turn it into a DataError naming the dataset
+FORMATS: Registry[RecordFormat] = Registry("record format", unknown=KeyError, reserved=(AUTO,))
 
 
 def register_format(name: str | RecordFormat, converter: Converter | None = None, **info) -> RecordFormat:
     """Register a RecordFormat (or `name, converter, description=..., keys=...`); refuses duplicates."""
-    entry = name if isinstance(name, RecordFormat) else RecordFormat(name, converter, **info)
-    if entry.name in _FORMATS or entry.name == AUTO:
-        raise ValueError(f"record format {entry.name!r} is already registered")
-    _FORMATS[entry.name] = entry
-    return entry
+    return FORMATS.register(name if isinstance(name, RecordFormat) else RecordFormat(name, converter, **info))
 
 
 def unregister_format(name: str) -> RecordFormat:
     """Remove a registered format (tests, plugins reloading); returns its entry."""
-    return _FORMATS.pop(get_format_entry(name).name)
+    return FORMATS.unregister(name)
 
 
 def get_format_entry(name: str) -> RecordFormat:
-    if name not in _FORMATS:
-        raise KeyError(f"unknown record format {name!r}; known: {', '.join(sorted(_FORMATS))}")
-    return _FORMATS[name]
+    return FORMATS.get(name)
 
 
 def get_format(name: str) -> Converter:
@@ -98,20 +94,20 @@ def get_format(name: str) -> Converter:
 
 def known_formats() -> list[str]:
     """Registered formats in detection order (without `auto`)."""
-    return list(_FORMATS)
+    return FORMATS.names()
 
 
 def format_choices() -> list[str]:
     """What `format:` accepts: auto, then every registered format."""
-    return [AUTO, *_FORMATS]
+    return [AUTO, *FORMATS.names()]
 
 
 def detect_format(record: dict, options: FormatOptions) -> str:
     """Guess the format from one record's keys (columns given by the user take precedence)."""
-    for entry in _FORMATS.values():
+    for entry in FORMATS:
         if entry.matches(record, options):
             return entry.name
-    expected = ", ".join(f"{e.name} ({', '.join(e.keys)})" if e.keys else e.name for e in _FORMATS.values())
+    expected = ", ".join(f"{e.name} ({', '.join(e.keys)})" if e.keys else e.name for e in FORMATS)
     raise RecordError("", f"cannot tell the format from the keys {sorted(record)}; expected {expected}; "
                       "or set `format`", "format")
 

@@ -27,6 +27,7 @@ from tunelab.data.formats import (
     known_formats,
 )
 from tunelab.data.types import Conversation, Message
+from tunelab.registry import Registry
 
 PREFERENCE_COLUMNS = {
     "alpaca": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
@@ -59,13 +60,12 @@ class PreferenceExample:
 
 
 Converter = Callable[[dict, FormatOptions], PreferenceExample]
-_FORMATS: dict[str, Converter] = {}
+# KeyError for an unknown name: the loader turns it into a DataError naming the dataset
+PREFERENCE_FORMATS: Registry[Converter] = Registry("preference format", unknown=KeyError)
 
 
 def register_preference_format(name: str, converter: Converter) -> None:
-    if name in _FORMATS:
-        raise ValueError(f"preference format {name!r} is already registered")
-    _FORMATS[name] = converter
+    PREFERENCE_FORMATS.register(converter, name)
 
 
 def dataset_format_choices() -> list[str]:
@@ -73,13 +73,11 @@ def dataset_format_choices() -> list[str]:
     from tunelab.data.formats import format_choices
 
     sft = format_choices()
-    return [*sft, *(name for name in _FORMATS if name not in sft)]
+    return [*sft, *(name for name in PREFERENCE_FORMATS.names() if name not in sft)]
 
 
 def get_preference_format(name: str) -> Converter:
-    if name not in _FORMATS:
-        raise KeyError(f"unknown preference format {name!r}; known: {', '.join(sorted(_FORMATS))}")
-    return _FORMATS[name]
+    return PREFERENCE_FORMATS.get(name)
 
 
 def preference_options(fmt: str, user: FormatOptions, record: dict) -> FormatOptions:

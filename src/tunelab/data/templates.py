@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tunelab.errors import TunelabError
+from tunelab.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,7 @@ class TemplateSpec:
         return "tools" in self.jinja
 
 
-_REGISTRY: dict[str, TemplateSpec] = {}
-_ALIASES: dict[str, str] = {}
+TEMPLATES: Registry[TemplateSpec] = Registry("chat template", sort=True)  # the built-ins are read on first use
 
 # name -> (file, stop strings, the family's special tokens, description). The text of each is its .jinja file.
 _BUILTIN: dict[str, tuple[str, tuple[str, ...], dict, str]] = {
@@ -210,43 +210,45 @@ def register_template(name: str, jinja: str, stop_strings: tuple[str, ...] | lis
                       special_tokens: dict | None = None, description: str = "") -> TemplateSpec:
     """Add a named template; `stop_strings` may contain EOS for the bound tokenizer's eos token."""
     _load_builtins()
-    if name in _REGISTRY or name in _ALIASES:
+    if name in TEMPLATES:
         raise ValueError(f"chat template {name!r} is already registered")
     compile_jinja(jinja)  # fail now on a syntax error, not when the first record is rendered
-    spec = TemplateSpec(name, jinja, tuple(stop_strings), dict(special_tokens or {}), description)
-    _REGISTRY[name] = spec
-    return spec
+    return TEMPLATES.register(TemplateSpec(name, jinja, tuple(stop_strings), dict(special_tokens or {}), description))
+
+
+ALIASES = {"default": "vicuna", "qwen2": "qwen", "qwen2.5": "qwen", "llama-3": "llama3", "phi-3": "phi3"}
 
 
 def _load_builtins() -> None:
-    if _REGISTRY:
+    if len(TEMPLATES):
         return
     for name, (file, stops, special, description) in _BUILTIN.items():
         text = (TEMPLATE_DIR / file).read_text(encoding="utf-8")
-        _REGISTRY[name] = TemplateSpec(name, text, stops, special, description)
-    _ALIASES.update({"default": "vicuna", "qwen2": "qwen", "qwen2.5": "qwen", "llama-3": "llama3", "phi-3": "phi3"})
+        TEMPLATES.register(TemplateSpec(name, text, stops, special, description))
+    for alias, name in ALIASES.items():
+        TEMPLATES.alias(alias, name)
 
 
 def template_names() -> list[str]:
     _load_builtins()
-    return sorted(_REGISTRY)
+    return TEMPLATES.names()
 
 
 def template_specs() -> list[TemplateSpec]:
     """Every registered template with its description and capabilities, by name."""
     _load_builtins()
-    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+    return TEMPLATES.entries()
 
 
 def get_template(name: str, enable_thinking: bool | None = None) -> ChatTemplate:
     """A registered template with its family's own special tokens (no tokenizer bound)."""
     _load_builtins()
-    spec = _REGISTRY.get(_ALIASES.get(name, name))
-    if spec is None:
+    if name not in TEMPLATES:
         raise TunelabError(
             f"unknown chat template {name!r}; known: {', '.join(template_names())}, "
             "'auto' (the tokenizer's own) or a path to a .jinja file"
         )
+    spec = TEMPLATES.get(name)
     _check_thinking(spec.name, spec.jinja, enable_thinking)
     return ChatTemplate(spec.name, spec.jinja, spec.stop_strings, spec.special_tokens, enable_thinking)
 
@@ -279,7 +281,7 @@ def resolve_template(name: str, tokenizer=None, enable_thinking: bool | None = N
         return ChatTemplate(path.stem, text, _probe_stop_strings(text, tokenizer, special), special, enable_thinking)
     base = get_template(name, enable_thinking)
     merged = {**base.special_tokens, **special}
-    spec = _REGISTRY[base.name]
+    spec = TEMPLATES.get(base.name)
     template = ChatTemplate(spec.name, spec.jinja, spec.stop_strings, merged, enable_thinking)
     _warn_split_stops(template, tokenizer)
     return template

@@ -46,13 +46,14 @@ def encode_all(conversations: Sequence[Conversation], template, tokenizer,
 
 
 def compute_loss(model, tokenizer, template, conversations: Sequence[Conversation],
-                 settings: EncodeSettings = EncodeSettings(1024), batch_size: int = 8) -> LossResult:
+                 settings: EncodeSettings | None = None, batch_size: int = 8) -> LossResult:
     """Loss and perplexity of `model` on `conversations`, batched (similar lengths together, less padding).
 
     `settings`: the cutoff_len and train_on training used, so the scored tokens are the trained ones (one
-    example per conversation: a long document is truncated, never chunked)."""
+    example per conversation: a long document is truncated, never chunked). None: cutoff_len 1024, all replies."""
     from tunelab.data.collate import padding_collator
 
+    settings = settings or EncodeSettings(1024)
     cutoff_len, train_on = settings.cutoff_len, settings.train_on
     encoded = encode_all(conversations, template, tokenizer, settings)
     usable = [i for i, e in enumerate(encoded) if e is not None and any(x != -100 for x in e["labels"][1:])]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from tunelab.errors import DataError, TunelabError
+from tunelab.registry import Registry
 
 # Han ideographs (CJK Unified Ideographs, extensions A-F, compatibility ideographs): the characters that
 # jieba segments into words. Other scripts are split into words by the regex below.
@@ -199,26 +200,20 @@ class Metric:
         return self.keys or (self.name,)
 
 
-_METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
 def register_metric(name: str | Metric, fn: TextMetric | None = None, **info) -> Metric:
     """Register a text metric: fn(prediction, reference) -> {score name: value} (or a Metric entry)."""
-    entry = name if isinstance(name, Metric) else Metric(name, fn, **info)
-    if entry.name in _METRICS:
-        raise ValueError(f"metric {entry.name!r} is already registered")
-    _METRICS[entry.name] = entry
-    return entry
+    return METRICS.register(name if isinstance(name, Metric) else Metric(name, fn, **info))
 
 
 def unregister_metric(name: str) -> Metric:
-    return _METRICS.pop(metric_info(name).name)
+    return METRICS.unregister(name)
 
 
 def metric_info(name: str) -> Metric:
-    if name not in _METRICS:
-        raise TunelabError(f"unknown metric {name!r}; known: {', '.join(known_metrics())}")
-    return _METRICS[name]
+    return METRICS.get(name)
 
 
 def get_metric(name: str) -> TextMetric:
@@ -229,7 +224,7 @@ def get_metric(name: str) -> TextMetric:
 
 
 def known_metrics() -> list[str]:
-    return list(_METRICS)
+    return METRICS.names()
 
 
 def needs_generation(name: str) -> bool:
@@ -238,11 +233,11 @@ def needs_generation(name: str) -> bool:
 
 def lower_is_better(score_name: str) -> bool:
     """Whether a reported score improves downwards (loss, perplexity), by the metric that reports it."""
-    return any(score_name in m.reports and not m.higher_is_better for m in _METRICS.values())
+    return any(score_name in m.reports and not m.higher_is_better for m in METRICS)
 
 
 def check_metric_names(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in _METRICS]
+    unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise TunelabError(f"eval.metrics: unknown metric(s) {', '.join(unknown)}; "
                            f"known: {', '.join(known_metrics())}")

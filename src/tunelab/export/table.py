@@ -95,7 +95,7 @@ def _perplexity(model, tokenizer, template, conversations, data_cfg) -> float:
     from tunelab.data.encode import EncodeSettings
     from tunelab.evaluation.loss import compute_loss
 
-    settings = EncodeSettings(data_cfg.cutoff_len, data_cfg.train_on) if data_cfg is not None else EncodeSettings(1024)
+    settings = EncodeSettings(data_cfg.cutoff_len, data_cfg.train_on) if data_cfg is not None else None
     return compute_loss(model, tokenizer, template, conversations, settings).perplexity
 
 

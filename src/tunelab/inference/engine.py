@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from tunelab.registry import Registry
+
 
 @dataclass
 class GenerationParams:
@@ -86,31 +88,24 @@ class EngineKind:
     supports_batching: bool = False  # several requests generated together
 
 
-_ENGINES: dict[str, EngineKind] = {}
+ENGINES: Registry[EngineKind] = Registry("inference engine")
 
 
 def register_engine(kind: EngineKind) -> EngineKind:
-    if kind.name in _ENGINES:
-        raise ValueError(f"inference engine {kind.name!r} is already registered")
-    _ENGINES[kind.name] = kind
-    return kind
+    return ENGINES.register(kind)
 
 
 def get_engine(name: str) -> EngineKind:
-    from tunelab.errors import TunelabError
-
-    if name not in _ENGINES:
-        raise TunelabError(f"unknown inference engine {name!r}; known: {', '.join(_ENGINES)}")
-    return _ENGINES[name]
+    return ENGINES.get(name)
 
 
 def known_engines() -> list[str]:
     """Registered engine names; the first is the default."""
-    return list(_ENGINES)
+    return ENGINES.names()
 
 
 def engine_kinds() -> list[EngineKind]:
-    return list(_ENGINES.values())
+    return ENGINES.entries()
 
 
 def _load_hf(model: str, adapter: str | None, options: EngineOptions) -> Engine:

@@ -14,6 +14,7 @@ from typing import Any
 
 from tunelab.config.schema import MethodSection
 from tunelab.errors import TunelabError
+from tunelab.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -72,35 +73,29 @@ class Method:
             raise ValueError(f"method {self.name!r}: an adapter leaves the base weights frozen")
 
 
-_REGISTRY: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(method: Method) -> Method:
-    if method.name in _REGISTRY:
-        raise ValueError(f"method {method.name!r} is already registered")
-    _REGISTRY[method.name] = method
-    return method
+    return METHODS.register(method)
 
 
 def unregister_method(name: str) -> Method:
     """Remove a registered method (tests, plugins reloading); returns its entry."""
-    return _REGISTRY.pop(get_method(name).name)
+    return METHODS.unregister(name)
 
 
 def get_method(name: str) -> Method:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise TunelabError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}") from None
+    return METHODS.get(name)
 
 
 def known_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(METHODS.names())
 
 
 def method_sections() -> list[type[MethodSection]]:
     """The config sections `method:` accepts, in registration order (the first ones are the built-ins)."""
-    return [method.config for method in _REGISTRY.values()]
+    return [method.config for method in METHODS]
 
 
 def check_method_available(method_cfg, device: str) -> None:

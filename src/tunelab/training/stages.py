@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tunelab.errors import TunelabError
+from tunelab.registry import Registry
 
 DataKind = Literal["sft", "paired", "unpaired"]
 
@@ -27,25 +27,19 @@ class Stage:
     description: str = ""
 
 
-_REGISTRY: dict[str, Stage] = {}
+STAGES: Registry[Stage] = Registry("stage", sort=True)
 
 
 def register_stage(stage: Stage) -> Stage:
-    if stage.name in _REGISTRY:
-        raise ValueError(f"stage {stage.name!r} is already registered")
-    _REGISTRY[stage.name] = stage
-    return stage
+    return STAGES.register(stage)
 
 
 def get_stage(name: str) -> Stage:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise TunelabError(f"unknown stage {name!r}; known stages: {', '.join(known_stages())}") from None
+    return STAGES.get(name)
 
 
 def known_stages() -> list[str]:
-    return sorted(_REGISTRY)
+    return STAGES.names()
 
 
 def _lazy(module: str, function: str) -> Callable[..., Any]:
