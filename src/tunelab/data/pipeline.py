@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -99,30 +100,43 @@ def data_fingerprint(cfg: DataConfig, tokenizer, template: ChatTemplate, prefere
 
 
 # -------------------------------------------------------------------------------------------------------- loading
-def load_all(cfg: DataConfig, progress: Progress | None = None) -> tuple[list[Conversation], list[Reject], dict]:
-    """Load, validate and clean every configured dataset; duplicates are found across datasets too."""
-    conversations: list[Conversation] = []
+def load_datasets(cfg: DataConfig, load: Callable, keep: Callable,
+                  progress: Progress | None = None) -> tuple[list, list[Reject], dict]:
+    """The loop both loaders (SFT conversations, preference examples) share: `load(spec, dataset_dir, variables)`
+    each configured dataset (a result with .rejects, .records_read, .name), refuse any reject in strict mode,
+    `keep(result, seen) -> (kept, cleaning counts)` (`seen`: duplicates are found across datasets too; keep may add
+    rejects), and report records read, rejected and kept per dataset."""
+    items: list = []
     rejects: list[Reject] = []
     report: dict[str, Any] = {"datasets": [], "records_read": 0, "cleaning": Counter()}
     seen: set = set()
     for spec in cfg.datasets:
-        result = load_conversations(spec, cfg.dataset_dir, cfg.variables)
+        result = load(spec, cfg.dataset_dir, cfg.variables)
         if cfg.strict and result.rejects:
             raise DataError(f"strict mode: {result.rejects[0]}")
-        kept, cleaned = clean_conversations(result.conversations, cfg.clean, seen)
+        kept, cleaned = keep(result, seen)
         report["cleaning"].update(cleaned)
         report["records_read"] += result.records_read
         report["datasets"].append({"name": result.name, "records_read": result.records_read,
                                    "rejected": len(result.rejects), "kept": len(kept)})
-        conversations += kept
+        items += kept
         rejects += result.rejects
         if progress is not None:
             progress.advance("load", result.records_read)
+    report["cleaning"] = dict(report["cleaning"])
+    return items, rejects, report
+
+
+def load_all(cfg: DataConfig, progress: Progress | None = None) -> tuple[list[Conversation], list[Reject], dict]:
+    """Load, validate and clean every configured dataset; duplicates are found across datasets too."""
+    def keep(result, seen: set):
+        return clean_conversations(result.conversations, cfg.clean, seen)
+
+    conversations, rejects, report = load_datasets(cfg, load_conversations, keep, progress)
     if cfg.system:
         for conv in conversations:
             if conv.text is None and not (conv.messages and conv.messages[0].role == "system"):
                 conv.messages.insert(0, Message("system", cfg.system))
-    report["cleaning"] = dict(report["cleaning"])
     return conversations, rejects, report
 
 

@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from tunelab.config.schema import DataConfig, DatasetSpec
 from tunelab.data.clean import clean_conversations
@@ -26,6 +25,7 @@ from tunelab.data.pipeline import (
     check_rejects,
     data_fingerprint,
     length_summary,
+    load_datasets,
     load_prepared,
     reuse_prepared,
     save_prepared,
@@ -122,16 +122,8 @@ def load_all_preference(cfg: DataConfig, paired: bool,
                         progress: Progress | None = None) -> tuple[list[PreferenceExample], list[Reject], dict]:
     """Load, clean and check every configured dataset. `paired=False` (KTO) splits each pair into a desirable and
     an undesirable example, as TRL does; `paired=True` rejects unpaired records."""
-    examples: list[PreferenceExample] = []
-    rejects: list[Reject] = []
-    report: dict[str, Any] = {"datasets": [], "records_read": 0, "cleaning": Counter()}
-    seen: set = set()
-    for spec in cfg.datasets:
-        result = load_preference_examples(spec, cfg.dataset_dir, cfg.variables)
-        if cfg.strict and result.rejects:
-            raise DataError(f"strict mode: {result.rejects[0]}")
+    def keep(result, seen: set):
         kept, cleaned = _clean(result.examples, cfg, seen)
-        report["cleaning"].update(cleaned)
         usable = []
         for ex in kept:
             problem = check_example(ex) or _shape_problem(ex, paired)
@@ -139,18 +131,13 @@ def load_all_preference(cfg: DataConfig, paired: bool,
                 result.rejects.append(Reject(ex.source, problem.field, problem.reason, problem.rule))
             else:
                 usable += [ex] if paired or not ex.paired else unpair(ex)
-        report["records_read"] += result.records_read
-        report["datasets"].append({"name": result.name, "records_read": result.records_read,
-                                   "rejected": len(result.rejects), "kept": len(usable)})
-        examples += usable
-        rejects += result.rejects
-        if progress is not None:
-            progress.advance("load", result.records_read)
+        return usable, cleaned
+
+    examples, rejects, report = load_datasets(cfg, load_preference_examples, keep, progress)
     if cfg.system:
         for ex in examples:
             if not (ex.prompt.messages and ex.prompt.messages[0].role == "system"):
                 ex.prompt.messages.insert(0, Message("system", cfg.system))
-    report["cleaning"] = dict(report["cleaning"])
     return examples, rejects, report
 
 
