@@ -26,6 +26,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return _Lazy()
 
 
+@pytest.fixture(scope="session")
+def tokenizers(tiny_models):
+    """family -> the tiny model's tokenizer, loaded once per session on first use."""
+    from transformers import AutoTokenizer
+
+    class _Lazy(dict):
+        def __missing__(self, family: str):
+            self[family] = AutoTokenizer.from_pretrained(tiny_models[family])
+            return self[family]
+
+    return _Lazy()
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def any_family(request, tiny_models) -> tuple[str, Path]:
     return request.param, tiny_models[request.param]

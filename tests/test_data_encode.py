@@ -11,18 +11,6 @@ from tunelab.data.types import Conversation, Message
 IGNORE = -100
 
 
-@pytest.fixture(scope="module")
-def tokenizers(tiny_models):
-    from transformers import AutoTokenizer
-
-    class _Lazy(dict):
-        def __missing__(self, family):
-            self[family] = AutoTokenizer.from_pretrained(tiny_models[family])
-            return self[family]
-
-    return _Lazy()
-
-
 def trained_text(example, tokenizer) -> list[str]:
     """The decoded runs of trained tokens."""
     runs, current = [], []

@@ -28,18 +28,6 @@ REPO = Path(__file__).parents[1]
 BUNDLED = REPO / "examples" / "alignment" / "data"
 
 
-@pytest.fixture(scope="module")
-def tokenizers(tiny_models):
-    from transformers import AutoTokenizer
-
-    class _Lazy(dict):
-        def __missing__(self, family):
-            self[family] = AutoTokenizer.from_pretrained(tiny_models[family])
-            return self[family]
-
-    return _Lazy()
-
-
 def write(path: Path, rows: list) -> Path:
     if path.suffix == ".json":
         path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
