@@ -274,3 +274,24 @@ def test_start_refuses_missing_data_before_spawning_a_run(tmp_path):
     with pytest.raises(ConfigError, match="nowhere.jsonl"):
         _start_job(ui, specs, values, {}, resume=False)
     assert ui.runner.job is None and not (tmp_path / "runs" / "_webui").exists()
+
+
+def test_chat_handlers_build_their_dataclasses_from_the_page_values():
+    pytest.importorskip("gradio")
+    from tunelab.config.schema import GenerationConfig
+    from tunelab.inference.engine import GenerationParams
+    from tunelab.webui import chat_tab
+
+    # the page's starting values are the generation section's defaults, which are GenerationParams' own
+    assert GenerationParams(**GenerationConfig().model_dump()) == GenerationParams()
+    settings = chat_tab.settings_of("Be brief.", 0.7, 0.9, 32, 1.1)
+    assert settings == chat_tab.ChatSettings("Be brief.", GenerationParams(max_new_tokens=32, temperature=0.7,
+                                                                           top_p=0.9, repetition_penalty=1.1))
+    assert chat_tab.settings_of(None, None, None, None, None) == chat_tab.ChatSettings()
+    seen = []
+    ui = SimpleNamespace(apply_threads=lambda: None, engines=SimpleNamespace(get=lambda m, a=None: seen.append((m, a))))
+    with pytest.raises(AttributeError):  # the recorded call is enough: the fake engine cannot chat
+        list(chat_tab.send_event(ui, "en", "hi", [], [], "runs/r", "ad", "", False, "", 0.0, 1.0, 8, 1.0))
+    assert seen == [("runs/r", "ad")]
+    assert list(chat_tab.send_event(ui, "en", " ", [], [], "runs/r", "", "", False, "", 0, 1, 8, 1)) == [
+        (chat_tab.gr.skip(),) * 4]  # an empty message sends nothing

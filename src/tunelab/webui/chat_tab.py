@@ -186,15 +186,19 @@ def _settings(L) -> list:
     def label(lang: str) -> dict:
         return {"label": f"{text('chat.system', lang)} / {text('chat.temperature', lang)}"}
 
+    from tunelab.config.schema import GenerationConfig
+
+    start = GenerationConfig()  # the generation section's defaults, as `tunelab chat` starts
     with gr.Accordion(open=True, elem_id="chat-settings", **label(L.lang)) as acc:
         system = L.make(gr.Textbox, "chat.system", lines=2, elem_id="chat-system")
         with gr.Row():
             controls = [
-                L.make(gr.Slider, "chat.temperature", minimum=0, maximum=2, step=0.05, value=0.0),
-                L.make(gr.Slider, "chat.top_p", minimum=0.05, maximum=1, step=0.05, value=1.0),
-                L.make(gr.Slider, "chat.max_new_tokens", minimum=1, maximum=4096, step=1, value=256,
+                L.make(gr.Slider, "chat.temperature", minimum=0, maximum=2, step=0.05, value=start.temperature),
+                L.make(gr.Slider, "chat.top_p", minimum=0.05, maximum=1, step=0.05, value=start.top_p),
+                L.make(gr.Slider, "chat.max_new_tokens", minimum=1, maximum=4096, step=1, value=start.max_new_tokens,
                        elem_id="chat-max-new"),
-                L.make(gr.Slider, "chat.repetition_penalty", minimum=1.0, maximum=2.0, step=0.05, value=1.0),
+                L.make(gr.Slider, "chat.repetition_penalty", minimum=1.0, maximum=2.0, step=0.05,
+                       value=start.repetition_penalty),
             ]
     L.add(acc, label)
     return [system, *controls]
