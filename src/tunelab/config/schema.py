@@ -437,7 +437,7 @@ class ServeConfig(Section):
         5.0, ge=0, description="How long the first queued request waits for others to share its batch."
     )
     engine: Registered("engine") = Field(
-        "hf", description="Inference engine: hf (transformers with continuous batching) or vllm (CUDA only)."
+        "hf", description="Inference engine that loads and runs the model: one of the registered engines."
     )
     allow_no_auth: bool = Field(
         False, description="Allow a non-loopback host without an API key (anyone on the network can use the model)."
