@@ -33,7 +33,7 @@ def test_demo_sizes_itself_for_a_slow_fp32_cpu(monkeypatch):
     plan = demo.plan_demo(cfg, _Data(), gflops=32.0)
     assert plan.precision == "fp32" and plan.tokens_per_s == pytest.approx(demo.TOKENS_PER_GFLOP["fp32"] * 32)
     assert "train.batch_size=4" in plan.overrides and f"train.max_steps={plan.steps}" in plan.overrides
-    other = demo.OTHER_STAGES_S * demo.OTHER_STAGES_GFLOPS / 32
+    other = demo.OTHER_STAGES_FIXED_S + demo.OTHER_STAGES_GFLOP / 32
     assert plan.other_s == pytest.approx(other)
     fit = int((demo.DEMO_BUDGET_S - other) * plan.tokens_per_s / (4 * 50.3))
     assert plan.steps == max(demo.SMALL_MIN_STEPS, fit)
