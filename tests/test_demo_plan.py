@@ -75,6 +75,11 @@ def test_the_bf16_path_probes_bf16_for_training_and_fp32_for_the_rest(monkeypatc
     plan = demo.plan_demo(cfg, _Data())
     assert plan.precision == "bf16" and probed == [torch.bfloat16, torch.float32]
     assert plan.tokens_per_s == pytest.approx(demo.TOKENS_PER_GFLOP["bf16"] * 100)
+    # the development machine's probes (bf16 ~725, fp32 ~320 GFLOP/s): the config's 60 x 8 schedule, as measured
+    speeds = {torch.bfloat16: 725.0, torch.float32: 320.0}
+    monkeypatch.setattr(demo, "measure_matmul_gflops", lambda dtype=None, **_: speeds[dtype])
+    plan = demo.plan_demo(cfg, _Data())
+    assert plan.overrides == [] and plan.steps == 60 and plan.estimate_s + plan.other_s < 240
 
 
 def test_matmul_probe_measures_something():
@@ -110,3 +115,17 @@ def test_questions_are_asked_with_the_training_system_prompt(monkeypatch):
 def test_demo_config_uses_a_short_system_prompt():
     cfg = load_config(CONFIG)
     assert cfg.data.system and len(cfg.data.system.split()) <= 6
+
+
+def test_demo_command_passes_gflops_to_the_planner(monkeypatch):
+    from tunelab.cli.main import main
+
+    seen = {}
+
+    def fake_run_demo(config, overrides, size_for_hardware=True, gflops=None):
+        seen.update(config=config, overrides=overrides, size=size_for_hardware, gflops=gflops)
+        return demo.DemoResult()
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", str(CONFIG), "--gflops", "32", "train.mixed_precision=no"]) == 1  # nothing learned
+    assert seen == {"config": str(CONFIG), "overrides": ["train.mixed_precision=no"], "size": True, "gflops": 32.0}
