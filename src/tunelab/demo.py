@@ -13,11 +13,22 @@ from tunelab.config import RunConfig, load_config
 QUESTIONS = ("Who are you?", "你是谁？", "Reverse the order of these words: lemon violin harbor")
 
 # Training tokens per second per GFLOP/s of the matmul probe (`measure_matmul_gflops`, in the dtype training
-# computes in). Calibrated on the demo itself: 2-core AMD EPYC with AVX-512 BF16, bf16 path, ~270 tokens/s at a
-# ~600 GFLOP/s bf16 probe (0.45); 2-core AMD EPYC with AVX2 only, fp32, ~15 tokens/s at a ~32 GFLOP/s fp32 probe
-# (0.47, issue 12). The smaller value is used, so the estimate errs on the long side.
-TOKENS_PER_GFLOP = 0.45
-TRAIN_BUDGET_S = 300.0  # training share of `make demo`'s 10 minutes; the other stages take 1-3 minutes
+# computes in), per training precision; where two machines disagree the smaller value is kept, so estimates err
+# long. bf16: ~270 tokens/s at a ~600 GFLOP/s probe (2-core AMD EPYC with AVX-512 BF16) and ~220 tokens/s at a
+# ~725 GFLOP/s probe (2-core Intel Xeon with AMX). fp32 (train.mixed_precision=no, the fp32 path of issue 17):
+# ~207 tokens/s at a ~320 GFLOP/s probe on that Xeon, 2 threads. An AVX2-only CPU is assumed to reach the same
+# share of its probe (README, "Sized for the CPU it finds"); the issue 12 reporter measured 0.45 there before
+# issue 17's fp32 work.
+TOKENS_PER_GFLOP = {"bf16": 0.30, "fp32": 0.65}
+# The whole demo on a slow CPU should end within 10 minutes; this leaves a margin for the estimate's error.
+DEMO_BUDGET_S = 540.0
+# Everything but training (data, base and tuned answers, base-vs-tuned evaluation, export with its table) took 91 s
+# on the Xeon above in fp32. Only a small part of it is matmul work that slows down with the probe: ~6,000 token
+# forwards of the 135M model (~2,000 GFLOP, ~6 s there); the rest (loading, decoding overhead, writing and
+# converting files) is taken as the same on any CPU. A projection, not a measurement on a slow CPU.
+OTHER_STAGES_FIXED_S = 85.0
+OTHER_STAGES_GFLOP = 2000.0
+MIN_TRAIN_BUDGET_S = 120.0
 # The demo on hardware too slow for the full schedule: fewer tokens, more updates (batch 4), a higher peak lr.
 SMALL_PROFILE = {"train.batch_size": 4, "train.lr": 2e-3}
 SMALL_MIN_STEPS = 16  # below this the held-out reversal is not learned reliably
@@ -28,29 +39,50 @@ class DemoPlan:
     """How the demo trains on this machine, and how long that should take (printed before training)."""
 
     precision: str  # "bf16" or "fp32": what the training matmuls run in
-    gflops: float  # measured matmul speed in that precision
+    gflops: float  # measured (or assumed, --gflops) matmul speed in that precision
     tokens_per_step: float
     steps: int
     overrides: list[str] = field(default_factory=list)  # applied to the config; empty = the config as written
     note: str = ""
+    other_s: float = 0.0  # estimated time of the stages other than training
+    cpu: str = ""
 
     @property
     def tokens_per_s(self) -> float:
-        return TOKENS_PER_GFLOP * self.gflops
+        return TOKENS_PER_GFLOP[self.precision] * self.gflops
 
     @property
     def estimate_s(self) -> float:
         return self.steps * self.tokens_per_step / max(self.tokens_per_s, 1e-9)
 
     def describe(self) -> str:
-        minutes, seconds = divmod(round(self.estimate_s), 60)
-        lines = [(f"hardware: {self.precision} matmul {self.gflops:.0f} GFLOP/s measured "
-                 f"-> ~{self.tokens_per_s:.0f} training tokens/s expected"),
-                 (f"estimated training time: {minutes} min {seconds:02d} s "
-                 f"({self.steps} steps x ~{self.tokens_per_step:.0f} tokens)")]
+        lines = [(f"hardware: {self.cpu or 'this CPU'}; training in {self.precision}, {self.precision} matmul "
+                  f"{self.gflops:.0f} GFLOP/s -> ~{self.tokens_per_s:.0f} training tokens/s expected"),
+                 (f"estimated training time: {_minutes(self.estimate_s)} ({self.steps} steps x "
+                  f"~{self.tokens_per_step:.0f} tokens); the whole demo ~{_minutes(self.estimate_s + self.other_s)}")]
         if self.note:
             lines.append(self.note)
         return "\n".join(lines)
+
+
+def _minutes(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s"
+
+
+def cpu_description() -> str:
+    """The CPU's model name and whether it has the fast bf16 instructions training's `auto` looks for."""
+    import platform
+
+    from tunelab.training.sft import cpu_has_fast_bf16
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {'with' if cpu_has_fast_bf16() else 'no'} AVX-512 BF16/AMX"
 
 
 def measure_matmul_gflops(dtype=None, size: int = 1024, seconds: float = 0.5) -> float:
@@ -77,10 +109,13 @@ def planned_steps(cfg: RunConfig, examples: int) -> int:
     return max(1, math.ceil(math.ceil(examples / t.batch_size) / t.grad_accum * t.epochs))
 
 
-def plan_demo(cfg: RunConfig, data, budget_s: float = TRAIN_BUDGET_S, adapt: bool = True) -> DemoPlan:
-    """Measure this CPU, estimate the training time of the demo config, and when it exceeds `budget_s` switch to
-    SMALL_PROFILE with as many steps as fit (at least SMALL_MIN_STEPS). The precision is the one training will
-    choose (`train.mixed_precision: auto`: bf16 autocast on CPUs with AVX-512 BF16 or AMX, else fp32)."""
+def plan_demo(cfg: RunConfig, data, budget_s: float | None = None, adapt: bool = True,
+              gflops: float | None = None) -> DemoPlan:
+    """Measure this CPU, estimate the demo's time, and when the config's schedule would take the whole demo past
+    DEMO_BUDGET_S switch to SMALL_PROFILE with as many steps as fit (at least SMALL_MIN_STEPS). `budget_s` is the
+    training budget (default: DEMO_BUDGET_S less the estimated other stages); `gflops` replaces both probes (to
+    see how the demo sizes itself for a slower CPU). The precision is the one training will choose
+    (`train.mixed_precision: auto`: bf16 autocast on CPUs with AVX-512 BF16 or AMX, else fp32)."""
     import torch
 
     from tunelab.models.load import pick_device
@@ -88,24 +123,32 @@ def plan_demo(cfg: RunConfig, data, budget_s: float = TRAIN_BUDGET_S, adapt: boo
 
     device = pick_device(cfg.model.device)
     precision = "bf16" if plan_precision(cfg, device).autocast == "bf16" else "fp32"
-    gflops = measure_matmul_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    probe = gflops or measure_matmul_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    fp32 = probe if precision == "fp32" else (gflops or measure_matmul_gflops(torch.float32))
     mean_length = float((data.stats.get("length") or {}).get("mean") or 64)
     examples = int(data.stats.get("train_examples") or len(data.train))
     per_step = mean_length * cfg.train.batch_size * cfg.train.grad_accum
-    plan = DemoPlan(precision, gflops, per_step, planned_steps(cfg, examples))
+    other_s = OTHER_STAGES_FIXED_S + OTHER_STAGES_GFLOP / max(fp32, 1e-9)
+    if budget_s is None:
+        budget_s = max(MIN_TRAIN_BUDGET_S, DEMO_BUDGET_S - other_s)
+    plan = DemoPlan(precision, probe, per_step, planned_steps(cfg, examples), other_s=other_s,
+                    cpu=cpu_description())
     if device != "cpu" or not adapt or plan.estimate_s <= budget_s:
         return plan
     small_per_step = mean_length * SMALL_PROFILE["train.batch_size"] * cfg.train.grad_accum
     fit = int(budget_s * plan.tokens_per_s / small_per_step)
-    steps = max(SMALL_MIN_STEPS, min(fit, planned_steps(cfg, examples)))
-    full_min = plan.estimate_s / 60
-    small = DemoPlan(precision, gflops, small_per_step, steps,
-                     [f"{k}={v}" for k, v in SMALL_PROFILE.items()] + [f"train.max_steps={steps}"])
-    small.note = (f"sized for this hardware: the full schedule ({plan.steps} steps) would take ~{full_min:.0f} min "
-                  f"here, so the demo trains {steps} steps of batch {SMALL_PROFILE['train.batch_size']} at lr "
-                  f"{SMALL_PROFILE['train.lr']:g} (tunelab demo --full keeps the config as written)")
+    full_small = planned_steps(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"batch_size": SMALL_PROFILE["train.batch_size"]})}), examples)
+    steps = max(SMALL_MIN_STEPS, min(fit, full_small))
+    small = DemoPlan(precision, probe, small_per_step, steps,
+                     [f"{k}={v}" for k, v in SMALL_PROFILE.items()] + [f"train.max_steps={steps}"],
+                     other_s=other_s, cpu=plan.cpu)
+    small.note = (f"sized for this hardware: the full schedule ({plan.steps} steps) would take "
+                  f"~{plan.estimate_s / 60:.0f} min here, so the demo trains {steps} steps of batch "
+                  f"{SMALL_PROFILE['train.batch_size']} at lr {SMALL_PROFILE['train.lr']:g} to end within "
+                  f"~{DEMO_BUDGET_S / 60:.0f} min (tunelab demo --full keeps the config as written)")
     if small.estimate_s > budget_s:
-        small.note += f"; even so this exceeds the {budget_s / 60:.0f} min training budget on this CPU"
+        small.note += f"; even so training exceeds its {budget_s / 60:.0f} min budget on this CPU"
     return small
 
 
@@ -131,13 +174,16 @@ class DemoResult:
         return bool(self.name) and self.name in answer and (not self.author or self.author in answer)
 
 
-def ask(model: str, questions: tuple[str, ...] = QUESTIONS, max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers of `model` (hub id, run dir or exported folder) to each question, rendered by its template."""
+def ask(model: str, questions: tuple[str, ...] = QUESTIONS, max_new_tokens: int = 48,
+        system: str | None = None) -> list[str]:
+    """Greedy answers of `model` (hub id, run dir or exported folder) to each question, rendered by its template
+    after `system` (the run's data.system, so base and tuned models are asked as training framed the data)."""
     from tunelab.inference.engine import GenerationParams
     from tunelab.inference.hf import load_engine
 
     engine = load_engine(model)
-    prompts = [engine.render([{"role": "user", "content": q}]) for q in questions]
+    head = [{"role": "system", "content": system}] if system else []
+    prompts = [engine.render([*head, {"role": "user", "content": q}]) for q in questions]
     answers = [c.text.strip() for c in engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens))]
     del engine
     gc.collect()
@@ -150,9 +196,10 @@ def _stage(title: str) -> float:
 
 
 def run_demo(config: str | Path, overrides: list[str] | None = None, size_for_hardware: bool = True,
-             train_budget_s: float = TRAIN_BUDGET_S) -> DemoResult:
-    """The whole pipeline. With `size_for_hardware`, the training schedule is fitted to `train_budget_s` on this
-    machine (measured matmul speed; see `plan_demo`) unless the overrides set the schedule themselves."""
+             train_budget_s: float | None = None, gflops: float | None = None) -> DemoResult:
+    """The whole pipeline. With `size_for_hardware`, the training schedule is fitted to `train_budget_s` (default:
+    what the 10-minute demo leaves for training) on this machine (measured matmul speed, or `gflops`; see
+    `plan_demo`) unless the overrides set the schedule themselves."""
     cfg = load_config(config, overrides)
     result = DemoResult(name=cfg.data.variables.get("name", ""), author=cfg.data.variables.get("author", ""))
     start = time.perf_counter()
@@ -162,13 +209,13 @@ def run_demo(config: str | Path, overrides: list[str] | None = None, size_for_ha
     result.timings["data"] = time.perf_counter() - t
     schedule_set = any(o.split("=", 1)[0] in ("train.max_steps", "train.epochs", "train.batch_size")
                        for o in overrides or [])
-    result.plan = plan_demo(cfg, data, train_budget_s, adapt=size_for_hardware and not schedule_set)
+    result.plan = plan_demo(cfg, data, train_budget_s, adapt=size_for_hardware and not schedule_set, gflops=gflops)
     print(result.plan.describe(), flush=True)
     if result.plan.overrides:
         cfg = load_config(config, [*(overrides or []), *result.plan.overrides])
 
     t = _stage(f"2/6 base model {cfg.model.name}: before tuning")
-    result.base_answers = ask(cfg.model.name)
+    result.base_answers = ask(cfg.model.name, system=cfg.data.system)
     _print_answers(result.base_answers)
     result.timings["base answers"] = time.perf_counter() - t
 
@@ -180,7 +227,7 @@ def run_demo(config: str | Path, overrides: list[str] | None = None, size_for_ha
     result.timings["train"] = time.perf_counter() - t
 
     t = _stage("4/6 tuned model: the same questions")
-    result.tuned_answers = ask(str(run.run_dir))
+    result.tuned_answers = ask(str(run.run_dir), system=cfg.data.system)
     _print_answers(result.tuned_answers, result.base_answers)
     result.timings["tuned answers"] = time.perf_counter() - t
 
@@ -219,7 +266,8 @@ def _compare(cfg: RunConfig, run_dir: Path):
     from tunelab.evaluation.evaluate import compare_models
 
     eval_cfg = cfg.eval.model_copy(update={"metrics": ["exact_match", "bleu", "rouge"]})
-    comparison = compare_models([cfg.model.name, str(run_dir)], eval_cfg.datasets or None, eval_cfg,
+    # the run first: the shared examples are rendered with its data settings (data.system), as it was trained
+    comparison = compare_models([str(run_dir), cfg.model.name], eval_cfg.datasets or None, eval_cfg,
                                 output_dir=run_dir / "eval-compare")
     print(comparison.table())
     print(f"  reports: {run_dir / 'eval-compare'}")
@@ -234,7 +282,7 @@ def _export(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
     for path, size in exported.files():
         if path.suffix in {".gguf", ".safetensors"} or path.name == "Modelfile":
             print(f"  {path}  {size / 1e6:.1f} MB")
-    answer = ask(str(exported.out_dir), QUESTIONS[:1])[0]
+    answer = ask(str(exported.out_dir), QUESTIONS[:1], system=cfg.data.system)[0]
     print(f"  exported model, Q: {QUESTIONS[0]}  A: {answer[:160]!r}")
     return exported.out_dir, answer
 
@@ -245,7 +293,8 @@ def _print_summary(result: DemoResult) -> None:
         print(f"  {stage:<14} {seconds:7.1f} s")
     if result.plan is not None and "train" in result.timings:
         print(f"  training took {result.timings['train']:.0f} s, estimated {result.plan.estimate_s:.0f} s "
-              f"({result.plan.steps} steps, {result.plan.precision})")
+              f"({result.plan.steps} steps, {result.plan.precision}); the whole demo {result.timings['total']:.0f} s, "
+              f"estimated {result.plan.estimate_s + result.plan.other_s:.0f} s")
     verdict = "yes" if result.learned_identity else "NO"
     print(f"  learned identity ({result.name} / {result.author}): {verdict}")
     print(f"  run: {result.run_dir}\n  export: {result.export_dir}")
