@@ -487,3 +487,28 @@ def test_an_aligned_run_exports_chats_and_serves_like_an_sft_run(tiny_llama, tmp
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         reply = client.chat.completions.create(model="dpo", messages=question, max_tokens=8, temperature=0)
     assert reply.choices[0].message.content == expected
+
+
+def test_sft_weight_adds_the_chosen_replies_nll_to_the_dpo_loss(tiny_llama, tmp_path):
+    """RPO: loss = DPO + w * mean NLL over the chosen tokens. At step 1 the policy is the reference (LoRA B = 0), so
+    the sigmoid DPO term is exactly log 2; the NLL is computed here from the base model, independently of TRL."""
+    import math
+
+    from tunelab.data.templates import resolve_template
+    from tunelab.data.types import Message
+    from tunelab.models.load import load_tokenizer
+
+    cfg = make_config(tiny_llama, tmp_path, "dpo", "align.sft_weight=0.5", "train.max_steps=1",
+                      f"train.batch_size={len(PAIRS)}", "train.mixed_precision=no")
+    loss = records(run_stage(cfg).run_dir)[0]["loss"]
+    tokenizer = load_tokenizer(cfg.model)
+    template, base = resolve_template("auto", tokenizer), load_base(tiny_llama).eval()
+    total, count = 0.0, 0
+    for question, chosen, _ in PAIRS:
+        prompt, reply = encode_reply([Message("user", question)], chosen, template, tokenizer, 64)
+        with torch.no_grad():
+            logits = base(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1 : -1].float()
+        total -= torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply)[:, None]).sum().item()
+        count += len(reply)
+    assert loss == pytest.approx(math.log(2) + 0.5 * total / count, rel=2e-3)
+    assert make_config(tiny_llama, tmp_path, "dpo").align.sft_weight == 0.0  # off unless asked for
