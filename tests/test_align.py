@@ -487,3 +487,52 @@ def test_an_aligned_run_exports_chats_and_serves_like_an_sft_run(tiny_llama, tmp
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         reply = client.chat.completions.create(model="dpo", messages=question, max_tokens=8, temperature=0)
     assert reply.choices[0].message.content == expected
+
+
+def test_sft_weight_adds_the_chosen_replies_nll_to_the_dpo_loss(tiny_llama, tmp_path):
+    """RPO: loss = DPO + w * mean NLL over the chosen tokens. At step 1 the policy is the reference (LoRA B = 0), so
+    the sigmoid DPO term is exactly log 2; the NLL is computed here from the base model, independently of TRL."""
+    import math
+
+    from tunelab.data.templates import resolve_template
+    from tunelab.data.types import Message
+    from tunelab.models.load import load_tokenizer
+
+    cfg = make_config(tiny_llama, tmp_path, "dpo", "align.sft_weight=0.5", "train.max_steps=1",
+                      f"train.batch_size={len(PAIRS)}", "train.mixed_precision=no")
+    loss = records(run_stage(cfg).run_dir)[0]["loss"]
+    tokenizer = load_tokenizer(cfg.model)
+    template, base = resolve_template("auto", tokenizer), load_base(tiny_llama).eval()
+    total, count = 0.0, 0
+    for question, chosen, _ in PAIRS:
+        prompt, reply = encode_reply([Message("user", question)], chosen, template, tokenizer, 64)
+        with torch.no_grad():
+            logits = base(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1 : -1].float()
+        total -= torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply)[:, None]).sum().item()
+        count += len(reply)
+    assert loss == pytest.approx(math.log(2) + 0.5 * total / count, rel=2e-3)
+    assert make_config(tiny_llama, tmp_path, "dpo").align.sft_weight == 0.0  # off unless asked for
+
+
+def test_two_cpu_processes_follow_the_one_process_dpo_curve(tiny_llama, tmp_path):
+    """`tunelab train --nproc 2` (torchrun, gloo) on a dpo stage: two processes of 2 pairs each follow one process
+    of 4 pairs, step for step (the same global batches, gradients averaged across the two)."""
+    import os
+    import subprocess
+    import sys
+
+    from tunelab.config import dump_config
+
+    common = ["train.max_steps=3", "train.mixed_precision=no", "train.save_steps=3"]
+    one = run_stage(make_config(tiny_llama, tmp_path, "dpo", "train.run_name=one", *common))
+    cfg = make_config(tiny_llama, tmp_path, "dpo", "train.run_name=two", "train.batch_size=2", *common)
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(dump_config(cfg), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli.main", "train", str(config_file), "--nproc", "2"],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = tmp_path / "runs" / "two"
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    assert [r["loss"] for r in records(two)] == pytest.approx([r["loss"] for r in records(one.run_dir)], rel=1e-4)
+    assert (two / "final" / "adapter_config.json").is_file()

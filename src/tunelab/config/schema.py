@@ -349,6 +349,11 @@ class AlignConfig(Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="dpo (sigmoid, robust) and simpo: assumed share of flipped preference labels."
     )
+    sft_weight: float = Field(
+        0.0, ge=0, description="dpo: weight of an NLL (SFT) term on the chosen reply added to the preference loss "
+        "(RPO; TRL's loss_type 'sft'); 0: off. It keeps greedy answers from collapsing onto what many chosen replies "
+        "share once the preference loss is near 0."
+    )
     reference_free: bool = Field(
         False, description="dpo: score against a uniform reference (reference log-probs 0): no reference forward."
     )

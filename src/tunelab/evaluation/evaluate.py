@@ -316,6 +316,9 @@ def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | No
             examples, label = load_examples(data, cfg, engine)
         results[i] = evaluate_engine(engine, examples, cfg, name=engine.name, data_label=label)
         log.info("evaluated %s (%d/%d)", engine.name, len(results), len(models))
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()  # its generation thread ends here, not at interpreter exit (which can abort the process)
         del engine
         gc.collect()  # free one model before loading the next
     ordered = [results[i] for i in range(len(models))]

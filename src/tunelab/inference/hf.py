@@ -123,8 +123,8 @@ class HFEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def close(self) -> None:
-        """End the generation thread (requests still in flight fail)."""
-        self.scheduler.close()
+        """End the generation thread (requests still in flight fail) and wait for it, up to 10 s."""
+        self.scheduler.close(wait=10.0)
 
     def __del__(self) -> None:  # an engine dropped by the web UI's cache must not leave its thread and model behind
         scheduler = getattr(self, "scheduler", None)

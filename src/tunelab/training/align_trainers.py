@@ -168,8 +168,10 @@ def stage_arguments(setup: AlignSetup):
     beta = a.beta if a.beta is not None else DEFAULT_BETA.get(setup.stage.name, 0.1)
     name = setup.stage.name
     if name == "dpo":
-        return trl_arguments(DPOConfig, base, beta=beta, loss_type=[a.loss_type], label_smoothing=a.label_smoothing,
-                             max_length=None, precompute_ref_log_probs=a.precompute_ref_log_probs or a.reference_free)
+        losses = [(a.loss_type, 1.0)] + ([("sft", a.sft_weight)] if a.sft_weight > 0 else [])
+        return trl_arguments(DPOConfig, base, beta=beta, loss_type=[n for n, _ in losses],
+                             loss_weights=[w for _, w in losses], label_smoothing=a.label_smoothing, max_length=None,
+                             precompute_ref_log_probs=a.precompute_ref_log_probs or a.reference_free)
     if name == "kto":
         return trl_arguments(KTOConfig, base, beta=beta, desirable_weight=a.desirable_weight,
                              undesirable_weight=a.undesirable_weight, max_length=None,
