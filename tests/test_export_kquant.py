@@ -236,3 +236,12 @@ def test_table_says_whether_the_kquants_used_an_imatrix(tmp_path):
     assert text.endswith("k-quants with an importance matrix from 20 training examples")
     assert json.loads((tmp_path / "export_table.json").read_text())["notes"] == [
         "k-quants with an importance matrix from 20 training examples"]
+
+
+def test_cpu_options_native_unless_the_cpu_has_amx():
+    from tunelab.export.llamacpp_build import cpu_options
+
+    assert cpu_options("flags\t\t: fpu sse4_2 avx avx2 fma f16c\n") == ["-DGGML_NATIVE=ON"]
+    amx = cpu_options("processor: 0\nflags\t\t: sse4_2 avx avx2 fma f16c bmi2 avx512f avx512_bf16 amx_tile amx_int8\n")
+    assert amx[0] == "-DGGML_NATIVE=OFF" and "-DGGML_AVX512=ON" in amx and "-DGGML_AVX512_BF16=ON" in amx
+    assert "-DGGML_AVX512_VNNI=OFF" in amx and "-DGGML_AMX_TILE=OFF" in amx and "-DGGML_AMX_INT8=OFF" in amx

@@ -10,7 +10,7 @@ Everything lives in tunelab's cache:
     ~/.cache/tunelab/llama.cpp/build/bin/                                 the tools and shared libraries
     ~/.cache/tunelab/llama.cpp/python/                                    llama_cpp (the binding) + its libs, for tests
 
-CPU only, Release, native instructions (-march=native: the build is for this machine), shared libraries so the
+CPU only, Release, this machine's instruction sets (-march=native, AMX left out: see cpu_options), shared libraries so the
 Python binding of the same sdist can load them without a second compile.
 """
 
@@ -36,11 +36,15 @@ log = logging.getLogger(__name__)
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 BUILD_COMMAND = "`make llama-cpp` or `tunelab export --build-quantizer`"
 CMAKE_OPTIONS = (  # CPU only; no server, web UI, tests or examples; no OpenSSL (nothing is downloaded)
-    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF",
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_CUDA=OFF",
     "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TOOLS=ON",
 )
 Progress = Callable[[str], None]
+# x86 CPU flags (/proc/cpuinfo) -> ggml's options for a non-native build: every instruction set of this CPU but AMX
+X86_FLAGS = {"sse4_2": "GGML_SSE42", "avx": "GGML_AVX", "avx2": "GGML_AVX2", "bmi2": "GGML_BMI2", "fma": "GGML_FMA",
+             "f16c": "GGML_F16C", "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512",
+             "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}
 
 
 class BuildError(TunelabError):
@@ -122,6 +126,23 @@ def generator() -> list[str]:
     raise BuildError("building llama.cpp needs make or ninja: `sudo apt-get install make` (or `pip install ninja`)")
 
 
+def cpu_options(cpuinfo: str | None = None) -> list[str]:
+    """-march=native, except on CPUs advertising AMX: there every other instruction set of the CPU is named and AMX
+    is left out. ggml's AMX kernels (quantized matmuls) died with a general protection fault on `ldtilecfg` on
+    this project's Xeon (in a container; the kernel granted the AMX permission), taking every q4/q5/q8 GGUF down."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+        except OSError:
+            cpuinfo = ""
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    if "amx_tile" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    chosen = [f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in X86_FLAGS.items()]
+    return ["-DGGML_NATIVE=OFF", *chosen, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
 # ------------------------------------------------------------------------------------------------ sources
 def fetch_sdist(cache_dir: str | None = None, version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
     """The llama-cpp-python sdist (77 MB), downloaded once with pip into the cache."""
@@ -184,7 +205,7 @@ def build_llama_cpp(cache_dir: str | None = None, jobs: int = 2, tools: tuple[st
     marker.unlink(missing_ok=True)
     progress(f"building llama.cpp ({version}'s vendor copy) with {cmake}, {cc['C++']}, -j{jobs}: {', '.join(tools)}; "
              f"log in {log_file}")
-    configure = [str(cmake), "-S", str(sources), "-B", str(build), *generator(), *CMAKE_OPTIONS,
+    configure = [str(cmake), "-S", str(sources), "-B", str(build), *generator(), *CMAKE_OPTIONS, *cpu_options(),
                  f"-DCMAKE_C_COMPILER={cc['C']}", f"-DCMAKE_CXX_COMPILER={cc['C++']}"]
     compile_ = [str(cmake), "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *tools]
     with open(log_file, "w", encoding="utf-8") as log_out:
@@ -199,7 +220,7 @@ def build_llama_cpp(cache_dir: str | None = None, jobs: int = 2, tools: tuple[st
 
 
 def _stamp(version: str, tools: tuple[str, ...]) -> str:
-    return f"{version} {' '.join(sorted(tools))}"
+    return f"{version} {' '.join(sorted(tools))} {' '.join(cpu_options())}"
 
 
 def _run_logged(cmd: list[str], step: str, log_out, log_file: Path, progress: Progress) -> None:
