@@ -30,8 +30,8 @@ if os.environ.get("TUNELAB_TEST_LLAMACPP") != "1":
     pytest.skip("opt-in llama.cpp runtime check: run `make test-llamacpp` (TUNELAB_TEST_LLAMACPP=1)",
                 allow_module_level=True)
 
-from tunelab.config.schema import ExportConfig, ModelConfig  # noqa: E402
-from tunelab.export.llamacpp_build import python_runtime  # noqa: E402
+from tunelab.config.schema import ExportConfig, ModelConfig
+from tunelab.export.llamacpp_build import python_runtime
 
 TYPES = os.environ.get("TUNELAB_LLAMACPP_TYPES", "f16,q8_0,q4_0,q4_k_m,q5_k_m,q6_k").split(",")
 PROMPTS = ["What is the capital of France? Answer in one sentence.", "Who are you?",
@@ -158,12 +158,11 @@ def llama_perplexity(llm, ref) -> float:
 
 def llama_tokens_per_s(llm, ids: list[int], n: int = 64) -> float:
     llm.reset()
-    start, count = None, 0
-    for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):  # the binding's own sampler, greedy
-        count += 1
-        if count == 1:
+    start = None
+    for count, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True)):  # the binding's sampler, greedy
+        if count == 0:
             start = time.perf_counter()  # after the prompt and the first token
-        if count == n + 1:
+        if count == n:
             break
     return n / (time.perf_counter() - start)
 
@@ -241,13 +240,15 @@ def test_every_type_agreement_perplexity_and_speed_table(llama_cpp, export, refe
 
 
 def _format(rows, hf_ppl: float, f16_ppl: float | None, export, label: str) -> str:
-    lines = ["| GGUF | size | perplexity (llama.cpp) | vs transformers | next-token agreement | identical 16-token "
-             "answers | tokens/s (llama.cpp) |", "|---|---|---|---|---|---|---|"]
+    header = ("| GGUF | size | perplexity (llama.cpp) | vs transformers | next-token agreement | identical 16-token "
+              "answers | tokens/s (llama.cpp) |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for kind, size, ppl, agreement, identical, speed in rows:
         lines.append(f"| {kind} | {size / 1e6:.1f} MB | {ppl:.3f} | {ppl - hf_ppl:+.3f} | {agreement:.0%} | "
                      f"{identical}/{len(PROMPTS)} | {speed:.1f} |")
-    notes = [f"merged model in transformers (fp32): perplexity {hf_ppl:.3f} on the same tokens; {label}, every "
-             "token of each rendered conversation", f"export of {', '.join(export.gguf)} took {export.seconds:.0f} s"]
+    scored = f"merged model in transformers (fp32): perplexity {hf_ppl:.3f} on the same tokens; {label}, every " \
+             "token of each rendered conversation"
+    notes = [scored, f"export of {', '.join(export.gguf)} took {export.seconds:.0f} s"]
     if export.imatrix is not None:
         notes.append(export.imatrix.describe())
     if f16_ppl is not None:
