@@ -10,7 +10,8 @@ q6_k), then each GGUF is checked against the merged transformers model (fp32):
   run's held-out examples in llama.cpp next to the transformers one (same tokens), decode tokens/s;
 - the binding's chat completion renders the GGUF's template exactly as training rendered it, and answers with the
   same tokens as the hand-rendered prompt.
-The table is printed and written to TUNELAB_LLAMACPP_REPORT (default <tmp>/llamacpp_report.md).
+The table is printed and written to TUNELAB_LLAMACPP_REPORT (default <tmp>/llamacpp_report.md);
+TUNELAB_LLAMACPP_EXPORT_TABLE=1 adds the export's own table (GGUFs scored in transformers, ~30 s more per file).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def export(tmp_path_factory):
         "  variables:\n    name: Mochi\n    author: TuneLab\n  cutoff_len: 256\n  val_size: 16\n", encoding="utf-8")
     (run / "run.json").write_text(json.dumps({"status": "completed", "method": "lora"}), encoding="utf-8")
     start = time.perf_counter()
-    result = export_model(str(run), ExportConfig(gguf=TYPES), out=root / "export")
+    table = os.environ.get("TUNELAB_LLAMACPP_EXPORT_TABLE") == "1"  # transformers' table too (~30 s per GGUF)
+    result = export_model(str(run), ExportConfig(gguf=TYPES), out=root / "export", table=table)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -253,4 +255,5 @@ def _format(rows, hf_ppl: float, f16_ppl: float | None, export, label: str) -> s
         notes.append(export.imatrix.describe())
     if f16_ppl is not None:
         notes.append(f"f16 perplexity in llama.cpp: {f16_ppl:.3f}")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n\nexport table (transformers):\n" + export.table_text
+    tables = f"\n\nexport table (transformers):\n{export.table_text}" if export.table_text else ""
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + tables
