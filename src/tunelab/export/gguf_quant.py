@@ -128,10 +128,11 @@ def kquantize_gguf(source: Path, out_file: Path, target: str, cache_dir: str | N
     refuse_existing_file(out_file, overwrite, written_by_tunelab=False)
     quantizer = find_quantizer(cache_dir)
     partial = out_file.with_name(f".{out_file.name}.partial")
-    options = ["--imatrix", str(imatrix)] if imatrix is not None else []
+    # run in the output folder with a relative imatrix path: llama-quantize records it in the GGUF's metadata
+    options = ["--imatrix", os.path.relpath(imatrix, out_file.parent)] if imatrix is not None else []
     try:
         proc = subprocess.run([str(quantizer), *options, str(source), str(partial), target.upper()], check=False,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, cwd=out_file.parent)
         if proc.returncode != 0 or not partial.is_file():
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
             raise TunelabError(f"{quantizer} failed to write {target} from {source}:\n{tail}")

@@ -101,10 +101,11 @@ def run_imatrix(model: Path, text_file: Path, out_file: Path, context: int, cach
     from tunelab.export.llamacpp_build import find_tool
 
     tool = find_tool("llama-imatrix", cache_dir, purpose="the importance matrix for k-quants (export.imatrix)")
-    cmd = [str(tool), "-m", str(model), "-f", str(text_file), "-o", str(out_file), "-c", str(context),
-           "-b", str(context), "--parse-special", "--no-ppl", "--output-format", "gguf"]
+    # relative names, run in the output folder: the matrix records its dataset's name (and the GGUFs the matrix's)
+    cmd = [str(tool), "-m", str(model.resolve()), "-f", text_file.name, "-o", str(out_file.resolve()), "-c",
+           str(context), "-b", str(context), "--parse-special", "--no-ppl", "--output-format", "gguf"]
     log.info("computing the importance matrix: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=text_file.parent)
     if proc.returncode != 0 or not out_file.is_file():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise TunelabError(f"{tool} failed to compute the importance matrix from {text_file.name}:\n{tail}\n"
