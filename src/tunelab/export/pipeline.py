@@ -36,6 +36,7 @@ class ExportResult:
     gguf: dict[str, Path] = field(default_factory=dict)
     modelfile: Path | None = None
     quantized: dict | None = None  # folder, size, tokens/s (quantize.py)
+    imatrix: object | None = None  # imatrix.ImatrixInfo when k-quants were written
     template_problems: list[str] = field(default_factory=list)
     modelfile_problems: list[str] = field(default_factory=list)
     round_trips: list[RoundTrip] = field(default_factory=list)
@@ -104,7 +105,8 @@ def _measure_table(result: ExportResult, art: Artifact, template, tokenizer) -> 
     conversations, label = held_out_conversations(art, template, tokenizer)
     data_cfg = art.run_config.data if art.run_config is not None else None
     result.table = build_table(result.out_dir, result.gguf, result.quantized, conversations, template, data_cfg)
-    result.table_text = write_table(result.out_dir, result.table, label)
+    notes = [result.imatrix.describe()] if result.imatrix is not None else []
+    result.table_text = write_table(result.out_dir, result.table, label, notes)
 
 
 def _moved(result: ExportResult, staging: Path, out_dir: Path) -> ExportResult:
@@ -143,9 +145,10 @@ def _write_gguf_and_modelfile(result: ExportResult, cfg: ExportConfig, types: li
         if temporary:
             source = convert_to_gguf(result.out_dir, folder / f".{name}-f16.gguf", "f16", cfg.converter_dir,
                                      art.model_cfg.cache_dir)
+        imatrix = _imatrix(result, cfg, art, template, tokenizer, source) if kquant_types else None
         for outtype in numpy_types:
             target = folder / f"{name}-{outtype}.gguf"
-            result.gguf[outtype] = (kquantize_gguf(source, target, outtype, art.model_cfg.cache_dir)
+            result.gguf[outtype] = (kquantize_gguf(source, target, outtype, art.model_cfg.cache_dir, imatrix=imatrix)
                                     if outtype in KQUANT_TYPES else quantize_gguf(source, target, outtype))
         if temporary:
             source.unlink()
@@ -159,6 +162,19 @@ def _write_gguf_and_modelfile(result: ExportResult, cfg: ExportConfig, types: li
         result.modelfile_problems = modelfile.mismatches
         if modelfile.family is None:
             result.notes.append("Modelfile has no TEMPLATE: unknown chat template family (see the Modelfile)")
+
+
+def _imatrix(result: ExportResult, cfg: ExportConfig, art: Artifact, template, tokenizer, source: Path) -> Path | None:
+    """The importance matrix for the k-quants (imatrix.py), recorded in result.imatrix and its notes."""
+    from tunelab.export.imatrix import ImatrixInfo, build_imatrix
+
+    if cfg.imatrix:
+        result.imatrix = build_imatrix(art, template, tokenizer, source, source.parent / "imatrix.gguf",
+                                       result.out_dir)
+    else:
+        result.imatrix = ImatrixInfo(None, reason="turned off (export.imatrix: false)")
+    result.notes.append(result.imatrix.describe())
+    return result.out_dir / result.imatrix.file if result.imatrix.file else None
 
 
 def training_template(art: Artifact, tokenizer):

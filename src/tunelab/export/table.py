@@ -74,11 +74,12 @@ def build_table(out_dir: Path, gguf: dict[str, Path], quantized: dict | None, co
     return rows
 
 
-def write_table(out_dir: Path, rows: list[TableRow], data_label: str) -> str:
-    text = format_table(rows, data_label)
+def write_table(out_dir: Path, rows: list[TableRow], data_label: str, notes: list[str] = ()) -> str:
+    """`notes`: lines under the table (e.g. whether the k-quants used an importance matrix)."""
+    text = "\n".join([format_table(rows, data_label), *notes])
     (out_dir / "export_table.md").write_text(text + "\n", encoding="utf-8")
-    (out_dir / "export_table.json").write_text(json.dumps({"data": data_label, "rows": [asdict(r) for r in rows]},
-                                                          indent=2), encoding="utf-8")
+    (out_dir / "export_table.json").write_text(json.dumps({"data": data_label, "rows": [asdict(r) for r in rows],
+                                                           "notes": list(notes)}, indent=2), encoding="utf-8")
     return text
 
 
