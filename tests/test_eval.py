@@ -168,6 +168,18 @@ def test_evaluate_run_uses_its_validation_split_and_curve(tiny_models, tmp_path)
     assert [p.reference for p in cmp.results[0].predictions] == refs and cmp.models == ["llama", "run1"]
 
 
+def test_compare_asks_every_model_the_way_the_run_was_trained(tiny_models, tmp_path):
+    """Base listed first, explicit data: the examples still carry the run's data.system, for both models."""
+    from tunelab.config import dump_config, load_config
+
+    run = make_training_run(tiny_models["llama"], tmp_path)
+    cfg = load_config(run / "config.yaml", ["data.system=Answer in one word."])
+    (run / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    data = write_jsonl(tmp_path / "eval.jsonl", RECORDS[:2])
+    cmp = compare_models([str(tiny_models["llama"]), str(run)], data, EvalConfig(max_new_tokens=2, metrics=["loss"]))
+    assert all("Answer in one word." in p.prompt for r in cmp.results for p in r.predictions)
+
+
 def test_bad_inputs_give_clear_errors(engine, tmp_path, capsys):
     missing = write_jsonl(tmp_path / "missing.jsonl", [RECORDS[0], {"instruction": "no answer"}])
     with pytest.raises(DataError, match=r"missing\.jsonl:2 field 'output': missing"):

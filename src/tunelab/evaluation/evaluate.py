@@ -306,7 +306,7 @@ def compare_models(models: Sequence[Any], data: Any = None, cfg: EvalConfig | No
     cfg = cfg or EvalConfig()
     check_metric_names(cfg.metrics)
     make_checks(cfg.checks)  # a bad check fails before any model is loaded
-    first = _examples_source(models) if data is None and not cfg.datasets else 0
+    first = _examples_source(models)  # a run among them sets how examples are asked (its data.system...)
     results: dict[int, EvalResult] = {}
     examples, label = None, ""
     for i in [first, *(j for j in range(len(models)) if j != first)]:
