@@ -18,6 +18,7 @@ SETTINGS = (
     Setting("--system", "data.system", note="a run's own data.system when MODEL is a run"),
     Setting("--device", "model.device"),
     Setting("--dtype", "model.dtype"),
+    Setting("--quantize", "model.quantize"),
     Setting("--threads", "train.threads", note="CPU threads of generation; a run's own train.threads when MODEL is "
             "a run"),
 )
@@ -81,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
     inference_threads(cfg.train.threads, args.model)
-    engine = load_engine(args.model or DEFAULT_MODEL, args.adapter, device=cfg.model.device, dtype=cfg.model.dtype,
-                         template=args.template, merge=args.merge)
+    model = cfg.model.model_copy(update={"name": args.model or DEFAULT_MODEL})  # its device, dtype, quantize apply
+    engine = load_engine(model, args.adapter, template=args.template, merge=args.merge)
     session = ChatSession(engine, system=cfg.data.system, params=params_from_args(args))
     if args.prompt is not None:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -17,6 +17,7 @@ SETTINGS = (
     Setting("--max-new-tokens", "serve.max_new_tokens"),
     Setting("--cors-origin", "serve.cors_origins", metavar="ORIGIN", note="repeatable"),
     Setting("--threads", "train.threads", note="also a run's own train.threads when MODEL is a run"),
+    Setting("--quantize", "model.quantize", note="engine hf"),
 )
 
 
@@ -57,6 +58,14 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.serving.server import serve
 
     cfg = run_config(args)  # a bad flag or override is a ConfigError naming the key (exit 2)
-    serve(args.model, adapter=args.adapter, cfg=cfg.serve, allow_no_auth=args.allow_no_auth,
+    model = args.model
+    if cfg.model.quantize != "none":  # bitsandbytes base (models/quantized.py): the section names what to load
+        if args.engine != "hf":
+            from tunelab.errors import TunelabError
+
+            raise TunelabError(f"--quantize / model.quantize={cfg.model.quantize} is bitsandbytes in the hf engine; "
+                               f"engine {args.engine} serves quantized checkpoints itself (e.g. a GPTQ/AWQ export)")
+        model = cfg.model.model_copy(update={"name": args.model})
+    serve(model, adapter=args.adapter, cfg=cfg.serve, allow_no_auth=args.allow_no_auth,
           shutdown_timeout_s=args.shutdown_timeout, threads=cfg.train.threads, engine=args.engine)
     return 0

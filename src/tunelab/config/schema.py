@@ -88,6 +88,10 @@ class ModelConfig(Section):
         "sdpa", description="Attention kernel passed to transformers."
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model repository (ChatGLM, Baichuan).")
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        "none", description="Inference only (chat, eval, serve): load the base weights with bitsandbytes in 8-bit "
+        "(LLM.int8) or 4-bit NF4; a run's adapter is applied on top. Training refuses it (use method qlora)."
+    )
     cache_dir: str | None = Field(None, description="Where converted models are cached (default ~/.cache/tunelab).")
 
 

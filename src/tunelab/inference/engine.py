@@ -101,7 +101,7 @@ def _load_hf(model: str, adapter: str | None = None, *, threads: int | None = No
              **kwargs) -> Engine:
     from tunelab.inference.hf import inference_threads, load_engine
 
-    inference_threads(threads, model)
+    inference_threads(threads, getattr(model, "name", model))  # a model section (ModelConfig) names the model
     return load_engine(model, adapter=adapter, max_batch_size=max_batch_size, **kwargs)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from tunelab.config.schema import ModelConfig
 from tunelab.errors import TunelabError
 from tunelab.inference.engine import Completion, GenerationParams, StreamEvent
 from tunelab.inference.scheduler import Request, Scheduler
@@ -154,10 +155,11 @@ def _stop_token_ids(model, tokenizer, template) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def load_engine(model: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto",
+def load_engine(model: str | ModelConfig, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto",
                 template: str | None = None, merge: bool = False, max_batch_size: int = 8,
                 threads: int | None = None) -> HFEngine:
-    """Load `model` (run dir, adapter, exported/HF folder, hub id or .gguf) for inference.
+    """Load `model` (run dir, adapter, exported/HF folder, hub id or .gguf; or a command's model section naming
+    one, whose device, dtype and quantize apply: runs/artifacts.py) for inference.
 
     `template` overrides the recorded chat template (a registered name or a .jinja path); `merge` folds a
     LoRA adapter into the weights after loading (faster generation, same outputs). `max_batch_size`: rows
