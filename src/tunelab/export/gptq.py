@@ -37,11 +37,18 @@ def check_weight_quant(methods: list[str]) -> None:
     """Refuse, before anything is written, a GPTQ/AWQ export this environment cannot run."""
     if not methods:
         return
+    import torch
+
     flags = " / ".join(f"--{m}" for m in methods)
-    if importlib.util.find_spec("gptqmodel") is None:
+    if "awq" in methods and not torch.cuda.is_available():  # gptqmodel 7.6 has no CPU AWQ kernel
+        raise TunelabError("export --awq needs a CUDA GPU: GPT-QModel 7.6 selects no AWQ kernel without CUDA "
+                           "(\"AWQ: CUDA is not available\"); on CPU use --gptq (or GGUF q4_1/q5_1). Nothing was written.")
+    missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
+    if missing:
         raise TunelabError(
-            f"export {flags} needs GPT-QModel, which is not installed: {INSTALL} (gptqmodel 7.6.x; 7.7 requires "
-            "torch>=2.14.1 and would replace this torch). Nothing was written."
+            f"export {flags} needs GPT-QModel (and optimum, with which transformers loads the result); not "
+            f"installed: {', '.join(missing)}. {INSTALL} (gptqmodel 7.6.x; 7.7 requires torch>=2.14.1 and would "
+            "replace this torch). Nothing was written."
         )
     version = importlib.metadata.version("gptqmodel")
     if not version.startswith(SUPPORTED):
@@ -78,6 +85,10 @@ def group_size_for(folder: Path) -> int:
 
 def quantize_weights(merged_dir: Path, method: str, calibration: list[str], device: str = "cpu") -> dict:
     """Write <merged_dir>/<method>/ (GPTQ or AWQ W4A16) and return {method, folder, size_bytes, seconds}."""
+    import os
+
+    if device == "cpu":  # gptqmodel's CPU pool gets (cores + 1) // 2 workers, its model loader asks for 2: on a
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 1) // 2)))  # 2-core CPU fails
     from gptqmodel import AWQConfig, GPTQConfig, GPTQModel
 
     target = merged_dir / method
