@@ -106,8 +106,10 @@ def test_group_size_divides_every_layer_input(tiny_llama, tmp_path):
                     reason="gptqmodel is not installed (pip install 'tunelab[gptq]')")
 @pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="AWQ needs a CUDA GPU (gptqmodel 7.6)"))])
-def test_weight_quant_export_loads_in_transformers(method, tiny_llama, tmp_path):
+def test_weight_quant_export_loads_in_transformers(method, tiny_llama, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)  # gptqmodel writes its per-layer log into ./logs/ (a fixed relative path)
 
     run = run_with_data(tiny_llama, tmp_path)
     result = export_model(str(run), ExportConfig(**{method: True}, calibration_samples=6), table=False)

@@ -1,7 +1,8 @@
 """Export, optional step: GPTQ / AWQ 4-bit weight-only (W4A16) copies of the MERGED model, calibrated on the run's
 own training data, through GPT-QModel (`gptqmodel`, ModelCloud's maintained successor of the archived auto-gptq).
 
-The copies go to <out>/gptq/ and <out>/awq/: safetensors with a `quantization_config` that transformers (with
+gptqmodel also writes a per-layer quantization log to ./logs/ in the working directory (a fixed relative path in
+gptqmodel 7.6; not configurable). The copies go to <out>/gptq/ and <out>/awq/: safetensors with a `quantization_config` that transformers (with
 gptqmodel installed) and vLLM load. `check_weight_quant` runs before anything is written, so a missing library or
 an environment it cannot run in is refused at once with what to install (docs/export.md, "GPTQ and AWQ").
 """
