@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_inference_support import make_run_dir
+
 from tunelab.cli.main import main
 from tunelab.config.schema import ModelConfig, RunConfig
 from tunelab.errors import TunelabError
