@@ -18,6 +18,7 @@ SETTINGS = (
     Setting("--system", "data.system", note="a run's own data.system when MODEL is a run"),
     Setting("--device", "model.device"),
     Setting("--dtype", "model.dtype"),
+    Setting("--quantize", "model.quantize"),
     Setting("--threads", "train.threads", note="CPU threads of generation; a run's own train.threads when MODEL is "
             "a run"),
 )
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
     inference_threads(cfg.train.threads, args.model)
-    options = EngineOptions(device=cfg.model.device, dtype=cfg.model.dtype, template=args.template, merge=args.merge)
+    options = EngineOptions(device=cfg.model.device, dtype=cfg.model.dtype, template=args.template, merge=args.merge,
+                            quantize=cfg.model.quantize)
     engine = load_engine(args.model or DEFAULT_MODEL, args.adapter, options)
     session = ChatSession(engine, system=cfg.data.system, params=params_from_config(cfg))
     if args.prompt is not None:

@@ -21,6 +21,7 @@ SETTINGS = (
     Setting("--output", "eval.output_dir", metavar="DIR"),
     Setting("--device", "model.device"),
     Setting("--dtype", "model.dtype"),
+    Setting("--quantize", "model.quantize"),
     Setting("--threads", "train.threads", note="CPU threads of generation; a run's own train.threads when MODEL is "
             "a run"),
 )
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.evaluation.evaluate import LoadOptions, evaluate
 
     result = evaluate(args.model, data, cfg, LoadOptions(args.adapter, args.template, run_cfg.model.device,
-                                                         run_cfg.model.dtype))
+                                                         run_cfg.model.dtype, run_cfg.model.quantize))
     print(result.table())
     _print_speed(result.info)
     print(f"\nReports: {result.output_dir} (report.html, report.md, predictions.jsonl, metrics.json)")
@@ -112,7 +113,8 @@ def _run_compare(args: argparse.Namespace, models: list[str], data, run_cfg: Run
     out = Path(cfg.output_dir) if cfg.output_dir else default
     cfg.output_dir = None  # each model's reports go in a subfolder of `out`
     comparison = compare_models(models, data, cfg, LoadOptions(None, args.template, run_cfg.model.device,
-                                                                run_cfg.model.dtype), output_dir=out)
+                                                                run_cfg.model.dtype, run_cfg.model.quantize),
+                                output_dir=out)
     print(comparison.table())
     key = comparison.differences()[0]["score"] if comparison.results[0].predictions else None
     counts = comparison.example_counts(key) if key else None

@@ -22,6 +22,8 @@ SETTINGS = (
     Setting("--dtype", "export.dtype"),
     Setting("--max-shard-size", "export.max_shard_size"),
     Setting("--quantize", "export.quantize"),
+    Setting("--gptq", "export.gptq"),
+    Setting("--awq", "export.awq"),
     Setting("--converter-dir", "export.converter_dir"),
     Setting("--overwrite", "export.overwrite"),
     Setting("--verify", "export.verify"),

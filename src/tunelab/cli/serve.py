@@ -19,6 +19,7 @@ SETTINGS = (
     Setting("--threads", "train.threads", note="also a run's own train.threads when MODEL is a run"),
     Setting("--allow-no-auth", "serve.allow_no_auth"),
     Setting("--shutdown-timeout", "serve.shutdown_timeout_s", metavar="S"),
+    Setting("--quantize", "model.quantize", note="engine hf"),
 )
 
 
@@ -55,5 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.serving.server import serve
 
     cfg = run_config(args)  # a bad flag or override is a ConfigError naming the key (exit 2)
-    serve(args.model, args.adapter, cfg.serve, EngineOptions(threads=cfg.train.threads))
+    if cfg.model.quantize != "none" and cfg.serve.engine != "hf":  # bitsandbytes base: models/quantized.py
+        from tunelab.errors import TunelabError
+
+        raise TunelabError(f"--quantize / model.quantize={cfg.model.quantize} is bitsandbytes in the hf engine; "
+                           f"engine {cfg.serve.engine} serves quantized checkpoints itself (e.g. a GPTQ/AWQ export)")
+    serve(args.model, args.adapter, cfg.serve, EngineOptions(threads=cfg.train.threads, quantize=cfg.model.quantize))
     return 0

@@ -89,6 +89,10 @@ class ModelConfig(Section):
         "sdpa", description="Attention kernel passed to transformers."
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model repository (ChatGLM, Baichuan).")
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        "none", description="Inference only (chat, eval, serve): load the base weights with bitsandbytes in 8-bit "
+        "(LLM.int8) or 4-bit NF4; a run's adapter is applied on top. Training refuses it (use method qlora)."
+    )
     cache_dir: str | None = Field(None, description="Where converted models are cached (default ~/.cache/tunelab).")
 
 
@@ -416,6 +420,14 @@ class ExportConfig(Section):
     )
     ollama: bool = Field(False, description="Write an Ollama Modelfile (needs a GGUF; q8_0 is written if none is asked).")
     quantize: Literal["none", "int8", "bnb8", "bnb4"] = Field("none", description="Post-merge quantization.")
+    gptq: bool = Field(
+        False, description="Also write a GPTQ W4A16 copy (<out>/gptq/, 4-bit weights, groups of 128) with GPT-QModel, "
+        "calibrated on the run's training data; loads in transformers and vLLM (pip install 'tunelab[gptq]')."
+    )
+    awq: bool = Field(False, description="Also write an AWQ W4A16 copy (<out>/awq/) the same way.")
+    calibration_samples: int = Field(
+        128, ge=1, description="GPTQ/AWQ: training examples (rendered with the training template) to calibrate on."
+    )
     converter_dir: str | None = Field(
         None, description="A llama.cpp checkout with convert_hf_to_gguf.py (default: fetched from the "
         "llama-cpp-python sdist on PyPI into the cache)."

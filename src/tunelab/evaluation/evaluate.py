@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 
 def open_engine(model: str, adapter: str | None = None, *, template: str | None = None, device: str = "auto",
-                dtype: str = "auto"):
-    """Load a model for evaluation with the same loader chat and serving use (an rm run: its value head)."""
+                dtype: str = "auto", quantize: str = "none"):
+    """Load a model for evaluation with the same loader chat and serving use (an rm run: its value head);
+    `quantize` int8/nf4: its base through bitsandbytes (models/quantized.py)."""
     from tunelab.inference.engine import EngineOptions
     from tunelab.inference.hf import load_engine
     from tunelab.runs.rundir import is_run_dir
@@ -60,8 +61,11 @@ def open_engine(model: str, adapter: str | None = None, *, template: str | None 
         from tunelab.runs.read import read_run_config
 
         if run_stage(read_run_config(Path(model))) == "rm":
+            if quantize != "none":
+                raise TunelabError(f"{model}: a reward model (stage rm) is evaluated in full precision; drop "
+                                   f"model.quantize={quantize}")
             return load_reward_engine(Path(model), device=device, dtype=dtype)
-    return load_engine(model, adapter, EngineOptions(device=device, dtype=dtype, template=template))
+    return load_engine(model, adapter, EngineOptions(device=device, dtype=dtype, template=template, quantize=quantize))
 
 
 def run_data_config(engine) -> DataConfig:
@@ -160,6 +164,9 @@ def evaluate_engine(engine, examples: list[EvalExample], cfg: EvalConfig, *, nam
     checks = make_checks(cfg.checks)
     info: dict[str, Any] = {"model": name or engine.name, "data": data_label, "num_examples": len(examples),
                             "template": getattr(engine.template, "name", "?"), "date": _now()}
+    model_cfg = getattr(getattr(engine, "artifact", None), "model_cfg", None)
+    if getattr(model_cfg, "quantize", "none") != "none":  # the scores are the bitsandbytes-quantized model's
+        info["quantize"] = model_cfg.quantize
     metrics: dict[str, float] = {}
     preference = _measure_preference(engine, examples, cfg, info)
     if preference is not None:
@@ -262,12 +269,13 @@ class LoadOptions:
     template: str | None = None  # overrides the recorded chat template (a name or a .jinja file)
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"  # model.quantize: int8 / nf4 loads the base through bitsandbytes (inference only)
 
     def open(self, model, adapter: bool = True):
         if not isinstance(model, (str, Path)):
             return model  # already loaded
         return open_engine(model, self.adapter if adapter else None, template=self.template, device=self.device,
-                           dtype=self.dtype)
+                           dtype=self.dtype, quantize=self.quantize)
 
 
 def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, load: LoadOptions | None = None, *,

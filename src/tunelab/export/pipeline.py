@@ -5,6 +5,7 @@
     <out>/prefix_adapter/  prefix-tuning runs only: the adapter next to its base (cannot be merged)
     <out>/gguf/            <name>-<type>.gguf files and the Ollama Modelfile
     <out>/<quant>/         post-merge quantized copy (int8, bnb8, bnb4)
+    <out>/gptq/, <out>/awq/  GPTQ / AWQ W4A16 copies calibrated on the run's training data (gptq.py)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from tunelab.config.schema import ExportConfig
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import convert_to_gguf
+from tunelab.export.gptq import asked_methods, calibration_texts, check_weight_quant, quantize_weights
 from tunelab.export.merge import PREFIX_NOTE, load_merged, save_hf_folder, save_prefix_export, write_marker
 from tunelab.export.target import check_target, staged_folder
 from tunelab.export.verify import RoundTrip, compare_gguf, template_mismatches
@@ -37,6 +39,7 @@ class ExportResult:
     modelfile: Path | None = None
     quantized: dict | None = None  # folder, size, tokens/s (quantize.py)
     imatrix: object | None = None  # imatrix.ImatrixInfo when k-quants were written
+    weight_quant: dict[str, dict] = field(default_factory=dict)  # gptq/awq -> folder, size, seconds (gptq.py)
     template_problems: list[str] = field(default_factory=list)
     modelfile_problems: list[str] = field(default_factory=list)
     round_trips: list[RoundTrip] = field(default_factory=list)
@@ -61,6 +64,7 @@ def export_model(source: str, cfg: ExportConfig | None = None, *, adapter: str |
     cfg = cfg or (art.run_config.export if art.run_config is not None else ExportConfig())
     out_dir = Path(out or cfg.output_dir or default_output_dir(source, art)).expanduser()
     check_target(out_dir, cfg.overwrite, sources=(art.base_path, art.adapter_path))
+    check_weight_quant(asked_methods(cfg))  # GPTQ/AWQ refused before anything is written
     with staged_folder(out_dir) as staging:
         result = _export_into(staging, art, cfg, source)
     return _moved(result, staging, out_dir)
@@ -74,7 +78,7 @@ def planned_gguf_types(cfg: ExportConfig) -> list[str]:
 def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str) -> ExportResult:
     gguf_types = planned_gguf_types(cfg)
     model, tokenizer, kind = load_merged(art, cfg.dtype)
-    if kind == "prefix" and (gguf_types or cfg.quantize != "none"):
+    if kind == "prefix" and (gguf_types or cfg.quantize != "none" or asked_methods(cfg)):
         raise TunelabError(f"cannot write GGUF or quantize this run: {PREFIX_NOTE}")
     template = training_template(art, tokenizer)
     result = ExportResult(out_dir, kind, source)
@@ -91,6 +95,9 @@ def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str) -
         from tunelab.export.quantize import quantize_export
 
         result.quantized = quantize_export(out_dir, cfg.quantize)
+    if asked_methods(cfg):
+        calibration = calibration_texts(art, template, cfg.calibration_samples)
+        result.weight_quant = {m: quantize_weights(out_dir, m, calibration) for m in asked_methods(cfg)}
     _write_gguf_and_modelfile(result, cfg, gguf_types, art, template, tokenizer)
     if cfg.verify:
         result.round_trips = [compare_gguf(path, out_dir) for path in result.gguf.values()]
@@ -122,6 +129,8 @@ def _moved(result: ExportResult, staging: Path, out_dir: Path) -> ExportResult:
         rt.gguf = move(rt.gguf)
     if result.quantized:
         result.quantized["folder"] = str(out_dir / result.quantized["method"])
+    for info in result.weight_quant.values():
+        info["folder"] = str(out_dir / info["method"])
     return result
 
 

@@ -35,6 +35,7 @@ class EngineOptions:
     merge: bool = False  # fold a LoRA adapter into the weights after loading (faster, same outputs)
     max_batch_size: int = 8  # rows generated together (1: no batching); serve.max_batch_size
     threads: int | None = None  # torch threads of the generation thread (None: the count in force when loading)
+    quantize: str = "none"  # model.quantize: int8 / nf4 loads the base through bitsandbytes (inference only)
 
 
 @dataclass

@@ -159,12 +159,14 @@ def _stop_token_ids(model, tokenizer, template) -> set[int]:
 def load_engine(model: str, adapter: str | None = None, options: EngineOptions | None = None) -> HFEngine:
     """Load `model` (run dir, adapter, exported/HF folder, hub id or .gguf) for inference.
 
-    `options` (engine.EngineOptions): device and dtype; `template` overrides the recorded chat template; `merge`
-    folds a LoRA adapter into the weights after loading (faster generation, same outputs); `max_batch_size` rows
-    generated together; `threads` of the generation thread (None: the count in force, see inference_threads).
+    `options` (engine.EngineOptions): device and dtype; `quantize` int8/nf4 loads the base through bitsandbytes
+    (inference only); `template` overrides the recorded chat template; `merge` folds a LoRA adapter into the
+    weights after loading (faster generation, same outputs); `max_batch_size` rows generated together; `threads` of the generation thread (None: the count in force, see inference_threads).
     """
     options = options or EngineOptions()
     art = resolve_artifact(model, adapter, device=options.device, dtype=options.dtype)
+    if options.quantize != "none":  # bitsandbytes int8/nf4 base for inference only (models/quantized.py)
+        art.model_cfg.quantize = options.quantize
     tokenizer = load_tokenizer(art.model_cfg, path=art.tokenizer_path)
     net = load_model(art.model_cfg, path=art.base_path)
     if art.adapter_path is not None:

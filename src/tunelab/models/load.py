@@ -84,6 +84,10 @@ def load_model(cfg: ModelConfig, path: Path | None = None, **kwargs: Any):
     path = path or resolve_model_path(cfg)
     device = pick_device(cfg.device)
     dtype = kwargs.pop("dtype", None) or pick_dtype(cfg.dtype, device)
+    if cfg.quantize != "none":  # bitsandbytes 8/4-bit, for inference only (models/quantized.py)
+        from tunelab.models.quantized import load_quantized
+
+        return load_quantized(cfg, path, device, dtype, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,

@@ -57,8 +57,16 @@ def adapter_base_name(adapter: Path) -> str:
     return str(base)
 
 
-def resolve_artifact(model: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto") -> Artifact:
-    """Classify `model` (and an optional explicit `adapter`) into an Artifact; nothing heavy is loaded."""
+def resolve_artifact(model: str | ModelConfig, adapter: str | None = None, *, device: str = "auto",
+                     dtype: str = "auto") -> Artifact:
+    """Classify `model` (and an optional explicit `adapter`) into an Artifact; nothing heavy is loaded.
+
+    `model` may be a command's model section whose `name` is any of the strings above: its device, dtype and
+    quantize (bitsandbytes inference, models/quantized.py) then apply to what is loaded."""
+    if isinstance(model, ModelConfig):
+        art = resolve_artifact(model.name, adapter, device=model.device, dtype=model.dtype)
+        art.model_cfg.quantize = model.quantize
+        return art
     path = Path(model).expanduser()
     if is_run_dir(path):
         art = _from_run_dir(path, device, dtype)

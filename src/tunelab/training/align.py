@@ -143,6 +143,9 @@ def check_alignment(cfg: RunConfig, stage: Stage) -> None:
     if importlib.util.find_spec("trl") is None:
         raise TunelabError(f"stage {stage.name} runs on TRL, which is not installed: pip install 'tunelab[align]'")
     a = cfg.align
+    from tunelab.models.quantized import refuse_training_config
+
+    refuse_training_config(cfg.model)  # model.quantize: bitsandbytes inference only; training has method qlora
     if cfg.method.name == "prefix":
         raise TunelabError(f"stage {stage.name}: method prefix is not supported for alignment (TRL's log-prob "
                            "forward does not pass a prefix cache); use lora, dora, qlora, full or freeze")

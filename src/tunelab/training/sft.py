@@ -108,7 +108,9 @@ def open_run(cfg: RunConfig, resume: bool, state):
 def check_combination(cfg: RunConfig) -> None:
     """Settings that are each valid but cannot work together, refused before anything is loaded."""
     from tunelab.methods import get_method
+    from tunelab.models.quantized import refuse_training_config
 
+    refuse_training_config(cfg.model)  # model.quantize: bitsandbytes inference only; training has method qlora
     if cfg.train.gradient_checkpointing and not get_method(cfg.method.name).supports_gradient_checkpointing:
         # e.g. prefix tuning: transformers drops past_key_values in checkpointed layers, and the prefix IS one
         raise TunelabError(f"method {cfg.method.name} cannot train with train.gradient_checkpointing (the "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import Trainer
 
+from tunelab.models.quantized import refuse_training
 from tunelab.patches.trainer_checkpoint import StagedCheckpointMixin, check_trainer_internals
 from tunelab.patches.trainer_loss import loss_divisor, own_loss_allowed, scale_for_processes
 from tunelab.runs.rundir import STAGING, TRAINER_STATE, checkpoint_name, checkpoint_step, complete_checkpoints
@@ -27,6 +28,7 @@ class TunelabTrainer(StagedCheckpointMixin, Trainer):
 
     def __init__(self, *args, keep_checkpoints: int | None = None, sparse_logits: bool = False, **kwargs):
         check_trainer_internals()
+        refuse_training(kwargs.get("model", args[0] if args else None))  # a model.quantize (inference) model
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
         self.sparse_logits = sparse_logits
