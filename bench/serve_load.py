@@ -1,10 +1,12 @@
-"""Load test of `tunelab serve` on loopback: requests/s, tokens/s and latency at 1, 4 and 16 concurrent clients.
+"""Load test of `tunelab serve` on loopback: requests/s, tokens/s and latency at 1, 4, 16, ... concurrent clients.
 
 By default it serves the embedded SmolLM2-135M-Instruct in this process (uvicorn in a thread, on a free
 127.0.0.1 port) and sends a bounded number of greedy chat requests per level, so it stops by itself:
 
     .venv/bin/python bench/serve_load.py                      # 1, 4, 16 clients, 32 new tokens each
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --model NAME   # an already running server
+    .venv/bin/python bench/serve_load.py --stream --compare-batching --clients 1,4,16,32 --off-max-clients 16
+    .venv/bin/python bench/serve_load.py --compare-threads --threads 1   # reused vs fresh generation thread
 """
 
 from __future__ import annotations

@@ -37,5 +37,5 @@ def test_compare_threads_reports_both_generation_threads(tiny_llama):
     out = run_bench("--model", str(tiny_llama), "--compare-threads", "--threads", "1", "--min-requests", "2",
                     "--max-tokens", "4")
     assert "identical answers: True" in out
-    rows = [line for line in out.splitlines() if line.startswith("| reused") or line.startswith("| fresh")]
+    rows = [line for line in out.splitlines() if line.startswith(("| reused", "| fresh"))]
     assert len(rows) == 2 and all(float(r.split("|")[3]) > 0 for r in rows)

@@ -2,7 +2,9 @@
 
 Requests join the running batch at a token boundary (their prompts are prefilled together, then their cache rows
 are left-padded and stacked onto the batch's) and leave it when they end, each with its own sampling parameters,
-stop strings, token limit and cancel event. Every row gets explicit position ids and an attention mask over its
+stop strings, token limit and cancel event. Requests that arrive during a prefill are prefilled next, before the
+batch's next decode step, and a prompt that starts like the last one prefilled (the same system prompt, an earlier
+turn) reuses that prompt's keys and values for the shared start and prefills only the rest. Every row gets explicit position ids and an attention mask over its
 own tokens, so a request's greedy output does not depend on what it is batched with (tested).
 
 Why not transformers' `init_continuous_batching` / `generate_batch`: its paged cache takes no initial per-request
@@ -132,8 +134,8 @@ class Scheduler:
     def _admit(self) -> None:
         """Prefill the requests that arrived, and those that arrived meanwhile, before the batch's next step.
 
-        A newcomer's first token then waits for at most one prefill (not a prefill and a decode step of everything
-        running); `PREFILL_ROUNDS` bounds how long running rows wait for newcomers."""
+        A newcomer's first token then waits for the prefill in progress, not also for a decode step of everything
+        running; `PREFILL_ROUNDS` bounds how long running rows wait for newcomers."""
         for _ in range(PREFILL_ROUNDS):
             joiners = self._take_pending(block=not self._rows)
             if not joiners:
