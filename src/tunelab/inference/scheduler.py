@@ -4,8 +4,9 @@ Requests join the running batch at a token boundary (their prompts are prefilled
 are left-padded and stacked onto the batch's) and leave it when they end, each with its own sampling parameters,
 stop strings, token limit and cancel event. Requests that arrive during a prefill are prefilled next, before the
 batch's next decode step, and a prompt that starts like the last one prefilled (the same system prompt, an earlier
-turn) reuses that prompt's keys and values for the shared start and prefills only the rest. Every row gets explicit position ids and an attention mask over its
-own tokens, so a request's greedy output does not depend on what it is batched with (tested).
+turn) reuses that prompt's keys and values for the shared start and prefills only the rest. Every row gets
+explicit position ids and an attention mask over its own tokens, so a request's greedy output does not depend on
+what it is batched with (tested).
 
 Why not transformers' `init_continuous_batching` / `generate_batch`: its paged cache takes no initial per-request
 cache, so P-Tuning v2 prefixes (a trained KV cache in every layer) could not be applied, and tunelab needs per-row
