@@ -218,3 +218,24 @@ def test_a_failing_prefill_fails_its_requests_instead_of_hanging(tiny_models):
         assert eng.generate([render(eng, "hi")], GenerationParams(max_new_tokens=3))[0].completion_tokens == 3
     finally:
         eng.close()
+
+
+def test_an_idle_loop_thread_ends_and_the_next_request_gets_a_fresh_one(tiny_models):
+    eng = load_engine(str(tiny_models["llama"]), threads=1)
+    eng.scheduler.idle_exit_s = 0.05
+    params, prompt = GenerationParams(max_new_tokens=4), render(eng, "hi")
+    try:
+        first = eng.generate([prompt], params)
+        thread = eng.scheduler._thread
+        for _ in range(100):
+            if eng.scheduler._thread is None:
+                break
+            threading.Event().wait(0.05)
+        assert eng.scheduler._thread is None and not thread.is_alive()  # idle: the loop thread ended
+        seen = []
+        req = submit(eng, prompt, params, on_token=lambda ids: seen.append(torch.get_num_threads()))
+        assert req.wait() == first[0] and eng.scheduler.threads_started == 2 and set(seen) == {1}
+    finally:
+        eng.scheduler.close(wait=10)
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.generate([prompt], params)  # after close: an error, not a request waiting forever

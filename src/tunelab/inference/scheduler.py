@@ -36,6 +36,7 @@ from tunelab.inference.stopping import ends_with_stop, find_stop
 log = logging.getLogger(__name__)
 
 PREFILL_ROUNDS = 2  # prefills in a row before the running batch's next decode step (requests arriving meanwhile)
+IDLE_EXIT_S = 0.5  # the loop thread ends after this long without work; the next request starts a fresh one
 
 
 @dataclass
@@ -75,7 +76,11 @@ class Request:
 
 
 class Scheduler:
-    """Owns the model on one long-lived thread; `submit` may be called from any thread."""
+    """Owns the model on one loop thread at a time; `submit` may be called from any thread.
+
+    The thread ends when it has had no work for `idle_exit_s` seconds (None: never) and the next `submit` starts a
+    fresh one: with 2 torch threads on a loaded 2-core machine, a generation thread that had waited idle generated
+    1.5x slower than a fresh thread (docs/serving.md, Threads)."""
 
     def __init__(self, model, tokenizer, stop_ids: set[int], max_batch_size: int = 8, threads: int | None = None):
         self.tokenizer = tokenizer
@@ -100,26 +105,48 @@ class Scheduler:
         self.reused_tokens = 0  # prompt tokens taken from it instead of prefilled (for tests and the bench)
         self.steps = 0  # decode steps run, and the most rows one of them carried (for tests and the bench)
         self.largest_batch = 0
-        self._thread = threading.Thread(target=self._loop, name="tunelab-scheduler", daemon=True)
-        self._thread.start()
+        self.idle_exit_s: float | None = IDLE_EXIT_S
+        self.threads_started = 0
+        self._lock = threading.Lock()  # submit vs a loop thread deciding to end
+        self._thread: threading.Thread | None = None
+        self._idle = False
         # a daemon thread still inside torch when the interpreter finalizes aborts the process ("terminate called
         # without an active exception", exit 134 after a chat's /exit): end the loop before that
         atexit.register(_close_at_exit, weakref.ref(self))
 
     def submit(self, request: Request) -> Request:
-        self._pending.put(request)
+        with self._lock:
+            self._pending.put(request)
+            if self._thread is None:
+                self._start_thread()
         return request
 
     def close(self, wait: float = 0.0) -> None:
         """End the loop (requests still in flight fail); with `wait`, block up to that many seconds until it ended."""
-        self._pending.put(None)
-        if wait and threading.current_thread() is not self._thread:
-            self._thread.join(wait)
+        with self._lock:
+            self._pending.put(None)
+            thread = self._thread
+            if thread is None:  # no loop running: it would never read the sentinel
+                self._start_thread()
+                thread = self._thread
+        if wait and threading.current_thread() is not thread:
+            thread.join(wait)
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tunelab-scheduler", daemon=True)
+        self.threads_started += 1
+        self._thread.start()
 
     # ------------------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
-        torch.set_num_threads(self.threads)  # a long-lived thread keeps the count it was given
+        torch.set_num_threads(self.threads)  # torch's count is per OS thread: each loop thread sets its own
         while not self._closed:
+            if self._idle and not self._rows:
+                with self._lock:  # submit starts a new thread only once this one has given up its place
+                    if self._pending.empty():
+                        self._thread = None
+                        return
+                self._idle = False
             try:
                 with torch.inference_mode():
                     self._admit()
@@ -129,8 +156,10 @@ class Scheduler:
                 log.exception("generation step failed")
                 self._fail_all(e)
         self._fail_all(RuntimeError("the engine was closed"))
-        while not self._pending.empty():  # submitted after close
-            self._fail(self._pending.get(), RuntimeError("the engine was closed"))
+        with self._lock:  # what is submitted later starts a thread that fails it here too
+            self._thread = None
+            while not self._pending.empty():
+                self._fail(self._pending.get(), RuntimeError("the engine was closed"))
 
     def _admit(self) -> None:
         """Prefill the requests that arrived, and those that arrived meanwhile, before the batch's next step.
@@ -152,9 +181,11 @@ class Scheduler:
         room = self.max_batch_size - len(self._rows)
         taken: list[Request] = []
         while len(taken) < room:
+            wait = block and not taken
             try:
-                item = self._pending.get(block=block and not taken)
+                item = self._pending.get(block=wait, timeout=self.idle_exit_s if wait else None)
             except queue.Empty:
+                self._idle = wait
                 break
             if item is None:
                 self._closed = True
