@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-threads", action="store_true",
                         help="no HTTP: non-streaming generation on the engine's long-lived thread vs a fresh "
                         "generation thread per request, both with --threads, alternated")
+    parser.add_argument("--long-lived", action="store_true", help="with --compare-threads: the engine's thread "
+                        "never ends when idle (as before it ended after 0.5 s without work)")
     args = parser.parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     levels = [int(c) for c in args.clients.split(",")]
@@ -259,6 +261,8 @@ def compare_threads(args) -> int:
     prompts = [engine.render([{"role": "user", "content": f"Write a few sentences about {t}."}]) for t in TOPICS]
     engine.generate(prompts[:1], GenerationParams(max_new_tokens=4))  # warm-up
     reused = engine.scheduler
+    if args.long_lived:
+        reused.idle_exit_s = None
 
     def fresh_thread(prompt: str):
         engine.scheduler = Scheduler(engine.model, engine.tokenizer, engine.stop_ids, 1, args.threads)
@@ -278,7 +282,8 @@ def compare_threads(args) -> int:
             timings[name].append((time.perf_counter() - start, completion.completion_tokens))
             answers[name].append(completion.text)
     print(f"\nnon-streaming, one request at a time, {args.max_tokens} new tokens, --threads {args.threads} "
-          f"(generation thread: {engine.threads} torch threads), {os.cpu_count()} cores; identical answers: "
+          f"(generation thread: {engine.threads} torch threads, long-lived: {args.long_lived}), {os.cpu_count()} cores; "
+          f"identical answers: "
           f"{answers['reused'] == answers['fresh']}")
     print("| generation thread | requests | tokens/s | p50 latency s | load avg |")
     print("|---|---|---|---|---|")
