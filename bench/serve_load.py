@@ -1,10 +1,12 @@
-"""Load test of `tunelab serve` on loopback: requests/s, tokens/s and latency at 1, 4 and 16 concurrent clients.
+"""Load test of `tunelab serve` on loopback: requests/s, tokens/s and latency at 1, 4, 16, ... concurrent clients.
 
 By default it serves the embedded SmolLM2-135M-Instruct in this process (uvicorn in a thread, on a free
 127.0.0.1 port) and sends a bounded number of greedy chat requests per level, so it stops by itself:
 
     .venv/bin/python bench/serve_load.py                      # 1, 4, 16 clients, 32 new tokens each
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --model NAME   # an already running server
+    .venv/bin/python bench/serve_load.py --stream --compare-batching --clients 1,4,16,32 --off-max-clients 16
+    .venv/bin/python bench/serve_load.py --compare-threads --threads 1   # reused vs fresh generation thread
 """
 
 from __future__ import annotations
@@ -84,14 +86,19 @@ def ask(client: httpx.Client, url: str, model: str, i: int, max_tokens: int, str
 
 def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int, headers: dict,
               stream: bool = False) -> Level:
-    """`requests` requests spread over `clients` threads, each sending its next request when the last returns."""
+    """`requests` requests spread over `clients` threads, each sending its next request when the last returns.
+
+    The clients are made first and start together (an httpx.Client takes tens of ms to make: made on the clock,
+    they would trickle in and measure a ramp-up instead of `clients` concurrent users)."""
     latencies, tokens, errors, firsts, gaps = [], 0, 0, [], []
     lock = threading.Lock()
     counter = iter(range(requests))
+    ready = threading.Barrier(clients + 1)
 
     def client_loop() -> None:
         nonlocal tokens, errors
         with httpx.Client(timeout=600, headers=headers) as client:
+            ready.wait()
             while True:
                 with lock:
                     i = next(counter, None)
@@ -112,9 +119,11 @@ def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int
                     if gap is not None:
                         gaps.append(gap)
 
-    start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        for f in [pool.submit(client_loop) for _ in range(clients)]:
+        futures = [pool.submit(client_loop) for _ in range(clients)]
+        ready.wait()
+        start = time.perf_counter()
+        for f in futures:
             f.result()
     return Level(clients, len(latencies), time.perf_counter() - start, tokens, latencies, errors, firsts, gaps,
                  os.getloadavg()[0])
@@ -173,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="streaming requests (first-token, inter-token times)")
     parser.add_argument("--compare-batching", action="store_true",
                         help="local only: also serve with max_batch_size=1 and alternate the two servers per level")
+    parser.add_argument("--off-max-clients", type=int, help="with --compare-batching: run batching off only at "
+                        "levels up to this many clients (one request at a time is slow: 32 clients take minutes)")
+    parser.add_argument("--compare-threads", action="store_true",
+                        help="no HTTP: non-streaming generation on the engine's long-lived thread vs a fresh "
+                        "generation thread per request, both with --threads, alternated")
+    parser.add_argument("--long-lived", action="store_true", help="with --compare-threads: the engine's thread "
+                        "never ends when idle (as before it ended after 0.5 s without work)")
     args = parser.parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     levels = [int(c) for c in args.clients.split(",")]
@@ -195,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.compare_batching:
         return compare_batching(args, levels, headers)
+    if args.compare_threads:
+        return compare_threads(args)
     with local_server(args.model, args.max_batch_size, args.threads) as (url, state):
         results = bench(url, state.model_name)
         batches = f"{state.batcher.batches} engine calls, largest batch {state.batcher.largest_batch}"
@@ -218,6 +236,8 @@ def compare_batching(args, levels: list[int], headers: dict) -> int:
         for clients in levels:
             n = max(args.min_requests, args.requests_per_client * clients)
             for name, url, state in (("on", on_url, on), ("off", off_url, off)):
+                if name == "off" and args.off_max_clients and clients > args.off_max_clients:
+                    continue
                 results[name].append(run_level(url, state.model_name, clients, n, args.max_tokens, headers,
                                                args.stream))
                 print(f"  batching {name}, {clients} clients: {results[name][-1].row()}", file=sys.stderr)
@@ -225,6 +245,54 @@ def compare_batching(args, levels: list[int], headers: dict) -> int:
     for name, size in (("on", args.max_batch_size), ("off", 1)):
         report(results[name], args.max_tokens, f"{kind}, batching {name} (max_batch_size={size}), {threads} torch "
                f"threads, {os.cpu_count()} cores")
+    return 0
+
+
+def compare_threads(args) -> int:
+    """Non-streaming generation on the engine's own long-lived thread (the scheduler's, reused for every request)
+    vs a fresh generation thread per request (a new Scheduler over the same model), both with --threads; the
+    arms alternate request by request so load changes hit both."""
+
+    from tunelab.inference.engine import GenerationParams
+    from tunelab.inference.hf import load_engine
+    from tunelab.inference.scheduler import Scheduler
+
+    engine = load_engine(args.model, max_batch_size=1, threads=args.threads)
+    params = GenerationParams(max_new_tokens=args.max_tokens)
+    prompts = [engine.render([{"role": "user", "content": f"Write a few sentences about {t}."}]) for t in TOPICS]
+    engine.generate(prompts[:1], GenerationParams(max_new_tokens=4))  # warm-up
+    reused = engine.scheduler
+    if args.long_lived:
+        reused.idle_exit_s = None
+
+    def fresh_thread(prompt: str):
+        engine.scheduler = Scheduler(engine.model, engine.tokenizer, engine.stop_ids, 1, args.threads)
+        try:
+            return engine.generate([prompt], params)[0]
+        finally:
+            engine.scheduler.close(wait=10)
+            engine.scheduler = reused
+
+    timings: dict[str, list[tuple[float, int]]] = {"reused": [], "fresh": []}
+    answers: dict[str, list[str]] = {"reused": [], "fresh": []}
+    for i in range(max(args.min_requests, args.requests_per_client)):
+        prompt = prompts[i % len(prompts)]
+        for name, run in (("reused", lambda p: engine.generate([p], params)[0]), ("fresh", fresh_thread)):
+            start = time.perf_counter()
+            completion = run(prompt)
+            timings[name].append((time.perf_counter() - start, completion.completion_tokens))
+            answers[name].append(completion.text)
+    print(f"\nnon-streaming, one request at a time, {args.max_tokens} new tokens, --threads {args.threads} "
+          f"(generation thread: {engine.threads} torch threads, long-lived: {args.long_lived}), {os.cpu_count()} cores; "
+          f"identical answers: "
+          f"{answers['reused'] == answers['fresh']}")
+    print("| generation thread | requests | tokens/s | p50 latency s | load avg |")
+    print("|---|---|---|---|---|")
+    for name, rows in timings.items():
+        seconds = sum(t for t, _ in rows)
+        print(f"| {name} | {len(rows)} | {sum(n for _, n in rows) / seconds:.1f} | "
+              f"{statistics.median(t for t, _ in rows):.2f} | {os.getloadavg()[0]:.1f} |")
+    engine.close()
     return 0
 
 

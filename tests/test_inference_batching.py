@@ -152,3 +152,90 @@ def test_default_threads_follow_training(monkeypatch, tiny_models, tmp_path):
         eng.close()
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_prompt_sharing_the_last_prompts_start_prefills_only_the_rest(tiny_models):
+    eng = load_engine(str(tiny_models["llama"]))
+    fresh = load_engine(str(tiny_models["llama"]))
+    fresh.scheduler.reuse_prompts = False  # the reference: every prompt prefilled in full
+    try:
+        params = GenerationParams(max_new_tokens=12)
+        prompts = [render(eng, q) for q in QUESTIONS[:6]]
+        shared = 0
+        for p in prompts:
+            before = eng.scheduler.reused_tokens
+            assert eng.generate([p], params) == fresh.generate([p], params)
+            shared += eng.scheduler.reused_tokens > before
+        assert shared == len(prompts) - 1  # all but the first start like the prompt before them
+        assert fresh.scheduler.reused_tokens == 0
+        again = eng.scheduler.reused_tokens
+        assert eng.generate([prompts[-1]], params) == fresh.generate([prompts[-1]], params)
+        assert eng.scheduler.reused_tokens - again == eng.count_tokens(prompts[-1]) - 1  # the same prompt again
+    finally:
+        eng.close()
+        fresh.close()
+
+
+def test_requests_arriving_during_a_prefill_get_their_first_token_before_the_next_step(engine):
+    scheduler, params = engine.scheduler, GenerationParams(max_new_tokens=6)
+    prompts = [render(engine, q) for q in QUESTIONS[:3]]
+    alone = [engine.generate([p], params)[0] for p in prompts]
+    first_at: dict[int, int] = {}
+    late: list = []
+    real_prefill = scheduler._prefill
+
+    def prefill(joiners):  # more requests arrive while the first one is prefilled
+        if not late:
+            late.extend(submit(engine, p, params, on_token=lambda ids, i=i: first_at.setdefault(i, scheduler.steps))
+                        for i, p in enumerate(prompts[1:], 1))
+        real_prefill(joiners)
+
+    scheduler._prefill = prefill
+    try:
+        steps = scheduler.steps
+        first = submit(engine, prompts[0], params, on_token=lambda ids: first_at.setdefault(0, scheduler.steps))
+        done = [first.wait(), *(r.wait() for r in late)]
+    finally:
+        del scheduler._prefill
+    assert done == alone
+    assert first_at == {0: steps, 1: steps, 2: steps}  # no decode step ran before the newcomers' first tokens
+
+
+def test_a_failing_prefill_fails_its_requests_instead_of_hanging(tiny_models):
+    eng = load_engine(str(tiny_models["llama"]))
+    model = eng.scheduler.model
+
+    def broken(**kwargs):
+        eng.scheduler.model = model
+        raise RuntimeError("out of memory")
+
+    eng.scheduler.model = broken
+    try:
+        req = submit(eng, render(eng, "hi"), GenerationParams(max_new_tokens=3))
+        assert req.done.wait(30), "the request was never ended"
+        with pytest.raises(RuntimeError, match="out of memory"):
+            req.wait()
+        assert eng.generate([render(eng, "hi")], GenerationParams(max_new_tokens=3))[0].completion_tokens == 3
+    finally:
+        eng.close()
+
+
+def test_an_idle_loop_thread_ends_and_the_next_request_gets_a_fresh_one(tiny_models):
+    eng = load_engine(str(tiny_models["llama"]), threads=1)
+    eng.scheduler.idle_exit_s = 0.05
+    params, prompt = GenerationParams(max_new_tokens=4), render(eng, "hi")
+    try:
+        first = eng.generate([prompt], params)
+        thread = eng.scheduler._thread
+        for _ in range(100):
+            if eng.scheduler._thread is None:
+                break
+            threading.Event().wait(0.05)
+        assert eng.scheduler._thread is None and not thread.is_alive()  # idle: the loop thread ended
+        seen = []
+        req = submit(eng, prompt, params, on_token=lambda ids: seen.append(torch.get_num_threads()))
+        assert req.wait() == first[0] and eng.scheduler.threads_started == 2 and set(seen) == {1}
+    finally:
+        eng.scheduler.close(wait=10)
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.generate([prompt], params)  # after close: an error, not a request waiting forever

@@ -2,8 +2,11 @@
 
 Requests join the running batch at a token boundary (their prompts are prefilled together, then their cache rows
 are left-padded and stacked onto the batch's) and leave it when they end, each with its own sampling parameters,
-stop strings, token limit and cancel event. Every row gets explicit position ids and an attention mask over its
-own tokens, so a request's greedy output does not depend on what it is batched with (tested).
+stop strings, token limit and cancel event. Requests that arrive during a prefill are prefilled next, before the
+batch's next decode step, and a prompt that starts like the last one prefilled (the same system prompt, an earlier
+turn) reuses that prompt's keys and values for the shared start and prefills only the rest. Every row gets
+explicit position ids and an attention mask over its own tokens, so a request's greedy output does not depend on
+what it is batched with (tested).
 
 Why not transformers' `init_continuous_batching` / `generate_batch`: its paged cache takes no initial per-request
 cache, so P-Tuning v2 prefixes (a trained KV cache in every layer) could not be applied, and tunelab needs per-row
@@ -31,6 +34,9 @@ from tunelab.inference.engine import Completion, GenerationParams
 from tunelab.inference.stopping import ends_with_stop, find_stop
 
 log = logging.getLogger(__name__)
+
+PREFILL_ROUNDS = 2  # prefills in a row before the running batch's next decode step (requests arriving meanwhile)
+IDLE_EXIT_S = 0.5  # the loop thread ends after this long without work; the next request starts a fresh one
 
 
 @dataclass
@@ -70,7 +76,11 @@ class Request:
 
 
 class Scheduler:
-    """Owns the model on one long-lived thread; `submit` may be called from any thread."""
+    """Owns the model on one loop thread at a time; `submit` may be called from any thread.
+
+    The thread ends when it has had no work for `idle_exit_s` seconds (None: never) and the next `submit` starts a
+    fresh one: with 2 torch threads on a loaded 2-core machine, a generation thread that had waited idle generated
+    1.5x slower than a fresh thread (docs/serving.md, Threads)."""
 
     def __init__(self, model, tokenizer, stop_ids: set[int], max_batch_size: int = 8, threads: int | None = None):
         self.tokenizer = tokenizer
@@ -87,85 +97,150 @@ class Scheduler:
         self._rows: list[Request] = []
         self._cache = None
         self._mask: torch.Tensor | None = None  # (rows, cache length): 1 where a row has a real token
+        self._closed = False
+        # the keys/values of the last prompt prefilled: a newcomer sharing its start (the system prompt, an earlier
+        # turn of the conversation) prefills only the rest. Off for prefix adapters (their cache starts with it).
+        self.reuse_prompts = self.prefix_model is None
+        self._last_prompt: _HeldPrompt | None = None
+        self.reused_tokens = 0  # prompt tokens taken from it instead of prefilled (for tests and the bench)
         self.steps = 0  # decode steps run, and the most rows one of them carried (for tests and the bench)
         self.largest_batch = 0
-        self._thread = threading.Thread(target=self._loop, name="tunelab-scheduler", daemon=True)
-        self._thread.start()
+        self.idle_exit_s: float | None = IDLE_EXIT_S
+        self.threads_started = 0
+        self._lock = threading.Lock()  # submit vs a loop thread deciding to end
+        self._thread: threading.Thread | None = None
+        self._idle = False
         # a daemon thread still inside torch when the interpreter finalizes aborts the process ("terminate called
         # without an active exception", exit 134 after a chat's /exit): end the loop before that
         atexit.register(_close_at_exit, weakref.ref(self))
 
     def submit(self, request: Request) -> Request:
-        self._pending.put(request)
+        with self._lock:
+            self._pending.put(request)
+            if self._thread is None:
+                self._start_thread()
         return request
 
     def close(self, wait: float = 0.0) -> None:
         """End the loop (requests still in flight fail); with `wait`, block up to that many seconds until it ended."""
-        self._pending.put(None)
-        if wait and threading.current_thread() is not self._thread:
-            self._thread.join(wait)
+        with self._lock:
+            self._pending.put(None)
+            thread = self._thread
+            if thread is None:  # no loop running: it would never read the sentinel
+                self._start_thread()
+                thread = self._thread
+        if wait and threading.current_thread() is not thread:
+            thread.join(wait)
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tunelab-scheduler", daemon=True)
+        self.threads_started += 1
+        self._thread.start()
 
     # ------------------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
-        torch.set_num_threads(self.threads)  # a long-lived thread keeps the count it was given
-        while True:
-            joiners = self._take_pending(block=not self._rows)
-            if joiners is None:
-                self._fail_all(RuntimeError("the engine was closed"))
-                return
+        torch.set_num_threads(self.threads)  # torch's count is per OS thread: each loop thread sets its own
+        while not self._closed:
+            if self._idle and not self._rows:
+                with self._lock:  # submit starts a new thread only once this one has given up its place
+                    if self._pending.empty():
+                        self._thread = None
+                        return
+                self._idle = False
             try:
                 with torch.inference_mode():
-                    if joiners:
-                        self._prefill(joiners)
+                    self._admit()
                     if self._rows:
                         self._decode()
             except BaseException as e:
                 log.exception("generation step failed")
                 self._fail_all(e)
+        self._fail_all(RuntimeError("the engine was closed"))
+        with self._lock:  # what is submitted later starts a thread that fails it here too
+            self._thread = None
+            while not self._pending.empty():
+                self._fail(self._pending.get(), RuntimeError("the engine was closed"))
 
-    def _take_pending(self, block: bool) -> list[Request] | None:
+    def _admit(self) -> None:
+        """Prefill the requests that arrived, and those that arrived meanwhile, before the batch's next step.
+
+        A newcomer's first token then waits for the prefill in progress, not also for a decode step of everything
+        running; `PREFILL_ROUNDS` bounds how long running rows wait for newcomers."""
+        for _ in range(PREFILL_ROUNDS):
+            joiners = self._take_pending(block=not self._rows)
+            if not joiners:
+                return
+            try:
+                self._prefill(joiners)
+            except BaseException as e:  # not rows yet: _fail_all would not reach them
+                for r in joiners:
+                    self._fail(r, e)
+                raise
+
+    def _take_pending(self, block: bool) -> list[Request]:
         room = self.max_batch_size - len(self._rows)
         taken: list[Request] = []
         while len(taken) < room:
+            wait = block and not taken
             try:
-                item = self._pending.get(block=block and not taken)
+                item = self._pending.get(block=wait, timeout=self.idle_exit_s if wait else None)
             except queue.Empty:
+                self._idle = wait
                 break
             if item is None:
-                return None
+                self._closed = True
+                for r in taken:
+                    self._fail(r, RuntimeError("the engine was closed"))
+                return []
             if item.cancelled():
                 self._finish(item)
                 continue
             taken.append(item)
         return taken
 
+    @staticmethod
+    def _fail(r: Request, error: BaseException) -> None:
+        if r is not None and not r.done.is_set():
+            r.error = error
+            r.end()
+
     def _fail_all(self, error: BaseException) -> None:
         for req in self._rows:
-            req.error = error
-            req.end()
+            self._fail(req, error)
         self._rows, self._cache, self._mask = [], None, None
 
     # ---------------------------------------------------------------------------------------------- model calls
     def _prefill(self, joiners: list[Request]) -> None:
-        """Run the joiners' prompts together (left-padded), sample their first tokens, add them to the batch."""
-        n, width = len(joiners), max(len(r.ids) for r in joiners)
+        """Run the joiners' prompts together, sample their first tokens (streamed at once), add them to the batch.
+
+        Cache columns: [adapter prefix][the start of the last prompt][the rest of each prompt, left-padded]; a row
+        attends to the columns of the held prompt it shares (`held[i]` tokens) and to its own tokens."""
+        n = len(joiners)
+        cache, prefix_len, held = self._start_cache(joiners)
+        start = prefix_len + max(held)
+        rest = [r.ids[h:] for r, h in zip(joiners, held)]
+        width = max(len(t) for t in rest)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(joiners):
-            ids[i, width - len(r.ids):] = torch.tensor(r.ids)
-            mask[i, width - len(r.ids):] = 1
-        cache, prefix_len = self._start_cache(n)
-        mask = torch.cat([torch.ones((n, prefix_len), dtype=torch.long), mask], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
-                         **{self._cache_arg: cache})
+        mask = torch.zeros((n, start + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        for i, (h, tokens) in enumerate(zip(held, rest)):
+            ids[i, width - len(tokens):] = torch.tensor(tokens)
+            mask[i, prefix_len:prefix_len + h] = 1
+            mask[i, start + width - len(tokens):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        mask = mask.to(self.device)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=positions.to(self.device),
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         for r in joiners:
             r.pos = prefix_len + len(r.ids)
             if r.params.seed is not None:
                 r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
-        self._merge(_returned_cache(out), mask.to(self.device), joiners)
+        cache = _returned_cache(out)
+        if self.reuse_prompts:
+            self.reused_tokens += sum(held)
+            self._last_prompt = _HeldPrompt.of(joiners[-1].ids, cache, mask, row=n - 1)
+        self._merge(cache, mask, joiners)
         self._advance(joiners, out.logits[:, -1, :])
 
     def _decode(self) -> None:
@@ -182,13 +257,22 @@ class Scheduler:
         self.largest_batch = max(self.largest_batch, len(rows))
         self._advance(rows, out.logits[:, -1, :])
 
-    def _start_cache(self, n: int):
+    def _start_cache(self, joiners: list[Request]):
+        """The cache the joiners' prefill continues, the adapter prefix's length, and per row how many of its prompt
+        tokens are already in it (at least one token of every prompt is left to prefill: it gives the logits)."""
         from transformers import DynamicCache
 
-        if self.prefix_model is None:
-            return DynamicCache(), 0
-        prompt = self.prefix_model.get_prompt(batch_size=n)
-        return _plain_cache(_layers(prompt)), self.prefix_model.peft_config["default"].num_virtual_tokens
+        n = len(joiners)
+        if self.prefix_model is not None:
+            prompt = self.prefix_model.get_prompt(batch_size=n)
+            return _plain_cache(_layers(prompt)), self.prefix_model.peft_config["default"].num_virtual_tokens, [0] * n
+        last = self._last_prompt if self.reuse_prompts else None
+        held = [min(last.shared(r.ids), len(r.ids) - 1) if last is not None else 0 for r in joiners]
+        if not any(held):
+            return DynamicCache(), 0, [0] * n
+        width = max(held)  # every row gets these columns; the mask hides those past a row's own count
+        return _plain_cache([(k[:, :, :width].expand(n, -1, -1, -1), v[:, :, :width].expand(n, -1, -1, -1))
+                             for k, v in last.layers]), 0, held
 
     # ------------------------------------------------------------------------------------------- cache rows
     def _merge(self, cache, mask: torch.Tensor, joiners: list[Request]) -> None:
@@ -245,6 +329,28 @@ class Scheduler:
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class _HeldPrompt:
+    """A prompt's tokens and their keys/values (one row, every layer), to start the next prompts that share its
+    beginning. A token's keys and values depend only on the tokens before it, so reusing them changes nothing."""
+
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def of(cls, ids: list[int], cache, mask: torch.Tensor, row: int) -> _HeldPrompt:
+        cols = mask[row].nonzero().squeeze(1)  # the row's own tokens, without the padding of the batch
+        return cls(list(ids), [(k[row:row + 1, :, cols].clone(), v[row:row + 1, :, cols].clone())
+                               for k, v in _layers(cache)])
+
+    def shared(self, ids: list[int]) -> int:
+        n = min(len(ids), len(self.ids))
+        for i in range(n):
+            if ids[i] != self.ids[i]:
+                return i
+        return n
 
 
 def _pick(logits: torch.Tensor, r: Request) -> int:
