@@ -253,11 +253,11 @@ def compare_threads(args) -> int:
     vs a fresh generation thread per request (a new Scheduler over the same model), both with --threads; the
     arms alternate request by request so load changes hit both."""
 
-    from tunelab.inference.engine import GenerationParams
+    from tunelab.inference.engine import EngineOptions, GenerationParams
     from tunelab.inference.hf import load_engine
     from tunelab.inference.scheduler import Scheduler
 
-    engine = load_engine(args.model, max_batch_size=1, threads=args.threads)
+    engine = load_engine(args.model, options=EngineOptions(max_batch_size=1, threads=args.threads))
     params = GenerationParams(max_new_tokens=args.max_tokens)
     prompts = [engine.render([{"role": "user", "content": f"Write a few sentences about {t}."}]) for t in TOPICS]
     engine.generate(prompts[:1], GenerationParams(max_new_tokens=4))  # warm-up

@@ -39,14 +39,14 @@ def child(model: str, setting: str, n: int, max_new_tokens: int) -> dict:
     """Load the engine with `setting` threads ("torch": leave torch's default) and time the prompts."""
     import torch
 
-    from tunelab.inference.engine import GenerationParams
+    from tunelab.inference.engine import EngineOptions, GenerationParams
     from tunelab.inference.hf import load_engine
 
     threads = None if setting == "torch" else int(setting)
     if threads:
         torch.set_num_threads(threads)  # what inference_threads does for `--threads N`
     started = time.perf_counter()
-    engine = load_engine(model, threads=threads)
+    engine = load_engine(model, options=EngineOptions(threads=threads))
     load_s = time.perf_counter() - started
     params = GenerationParams(max_new_tokens=max_new_tokens)
     prompts = [engine.render([{"role": "user", "content": p}]) for p in (PROMPTS * n)[:n]]

@@ -221,7 +221,7 @@ def test_a_failing_prefill_fails_its_requests_instead_of_hanging(tiny_models):
 
 
 def test_an_idle_loop_thread_ends_and_the_next_request_gets_a_fresh_one(tiny_models):
-    eng = load_engine(str(tiny_models["llama"]), threads=1)
+    eng = load_engine(str(tiny_models["llama"]), options=EngineOptions(threads=1))
     eng.scheduler.idle_exit_s = 0.05
     params, prompt = GenerationParams(max_new_tokens=4), render(eng, "hi")
     try:
@@ -239,3 +239,22 @@ def test_an_idle_loop_thread_ends_and_the_next_request_gets_a_fresh_one(tiny_mod
         eng.scheduler.close(wait=10)
     with pytest.raises(RuntimeError, match="closed"):
         eng.generate([prompt], params)  # after close: an error, not a request waiting forever
+
+
+def test_closing_an_idle_engine_starts_no_thread(tiny_models):
+    """An engine whose loop thread ended after idling is closed without starting one (a thread started while the
+    interpreter finalizes, when an engine is collected at exit, aborts the process with exit 134)."""
+    eng = load_engine(str(tiny_models["llama"]), options=EngineOptions(threads=1))
+    eng.scheduler.idle_exit_s = 0.05
+    params, prompt = GenerationParams(max_new_tokens=2), render(eng, "hi")
+    eng.generate([prompt], params)
+    for _ in range(100):
+        if eng.scheduler._thread is None:
+            break
+        threading.Event().wait(0.05)
+    started = eng.scheduler.threads_started
+    eng.close()
+    assert eng.scheduler.threads_started == started and eng.scheduler._thread is None
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.generate([prompt], params)
+    assert eng.scheduler.threads_started == started

@@ -116,19 +116,27 @@ class Scheduler:
 
     def submit(self, request: Request) -> Request:
         with self._lock:
+            if self._closed and self._thread is None:  # closed for good: nothing would ever read it
+                self._fail(request, RuntimeError("the engine was closed"))
+                return request
             self._pending.put(request)
             if self._thread is None:
                 self._start_thread()
         return request
 
     def close(self, wait: float = 0.0) -> None:
-        """End the loop (requests still in flight fail); with `wait`, block up to that many seconds until it ended."""
+        """End the loop (requests still in flight fail); with `wait`, block up to that many seconds until it ended.
+
+        Closing never starts a thread: when no loop runs (it ended after idling), what is pending fails right here.
+        A thread started while the interpreter finalizes (an engine collected at exit) aborts the process."""
         with self._lock:
-            self._pending.put(None)
             thread = self._thread
-            if thread is None:  # no loop running: it would never read the sentinel
-                self._start_thread()
-                thread = self._thread
+            if thread is None:
+                self._closed = True
+                while not self._pending.empty():
+                    self._fail(self._pending.get(), RuntimeError("the engine was closed"))
+                return
+            self._pending.put(None)
         if wait and threading.current_thread() is not thread:
             thread.join(wait)
 
