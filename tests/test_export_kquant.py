@@ -211,7 +211,7 @@ def test_kquant_export_of_a_run_quantizes_with_an_imatrix_of_its_training_data(t
                             for i in range(24)))
     with open(run / "config.yaml", "a") as f:
         f.write(f"data:\n  datasets:\n    - path: {data}\n  val_size: 4\n")
-    result = export_model(str(run), ExportConfig(gguf=["q4_k_m", "q6_k"]), out=tmp_path / "out", table=False)
+    result = export_model(str(run), ExportConfig(gguf=["q4_k_m", "q6_k"], table=False), out=tmp_path / "out")
     assert result.imatrix.file == "gguf/imatrix.gguf" and (tmp_path / "out" / "gguf" / "imatrix.gguf").is_file()
     assert result.imatrix.examples == 20  # 24 minus the 4 held out for the validation split
     args = (bin_dir / "imatrix-args").read_text().split()
@@ -221,7 +221,7 @@ def test_kquant_export_of_a_run_quantizes_with_an_imatrix_of_its_training_data(t
     assert any("importance matrix from 20 training examples" in n for n in result.notes)
     assert not list((tmp_path / "out" / "gguf").glob(".*"))  # no calibration text or temporary f16 left
 
-    plain = export_model(str(run), ExportConfig(gguf=["q6_k"], imatrix=False), out=tmp_path / "out2", table=False)
+    plain = export_model(str(run), ExportConfig(gguf=["q6_k"], imatrix=False, table=False), out=tmp_path / "out2")
     assert plain.imatrix.file is None and "turned off" in plain.imatrix.describe()
     assert not (bin_dir / "quantize-args").read_text().splitlines()[-1].startswith("--imatrix")
 

@@ -75,7 +75,7 @@ def export(tmp_path_factory):
     (run / "run.json").write_text(json.dumps({"status": "completed", "method": "lora"}), encoding="utf-8")
     start = time.perf_counter()
     table = os.environ.get("TUNELAB_LLAMACPP_EXPORT_TABLE") == "1"  # transformers' table too (~30 s per GGUF)
-    result = export_model(str(run), ExportConfig(gguf=TYPES), out=root / "export", table=table)
+    result = export_model(str(run), ExportConfig(gguf=TYPES, table=table), out=root / "export")
     result.seconds = time.perf_counter() - start
     return result
 
