@@ -283,19 +283,15 @@ def table(rows: list[dict], gpu: bool) -> str:
             continue
         gap = curve_gap(r["losses"], base["losses"]) if base else None
         acc = next((a for a in reversed(r.get("accuracies") or []) if a is not None), None)
-        cells = [label, f"{r['tokens_per_s']:.1f}", _ratio(r, base, "tokens_per_s"),
+        cells = [label, f"{r['tokens_per_s']:.1f}", BT.ratio(r, base, "tokens_per_s"),
                  f"{r['steady_tokens_per_s']:.1f}" if r.get("steady_tokens_per_s") else "-",
-                 _ratio(r, base, "steady_tokens_per_s"), f"{r['train_s']:.1f}", f"{r['peak_rss_gb']:.2f}",
+                 BT.ratio(r, base, "steady_tokens_per_s"), f"{r['train_s']:.1f}", f"{r['peak_rss_gb']:.2f}",
                  f"{sum(r['losses']) / len(r['losses']):.4f}" if r["losses"] else "-",
                  f"{100 * gap:.2f}%" if gap is not None else "-", f"{acc:.2f}" if acc is not None else "-"]
         if gpu:
             cells.append(f"{r.get('peak_gpu_gb', 0):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _ratio(row: dict, base: dict | None, key: str) -> str:
-    return f"{row[key] / base[key]:.2f}x" if base and row.get(key) and base.get(key) else "-"
 
 
 def render(args, spec: dict, rows: list[dict], seconds: float) -> str:

@@ -454,7 +454,7 @@ def table(rows: list[dict], gpu: bool) -> str:
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error'][:150]} |")
             continue
-        speed, steady, memory = (_ratio(r, base, k) for k in ("tokens_per_s", "steady_tokens_per_s", "peak_rss_gb"))
+        speed, steady, memory = (ratio(r, base, k) for k in ("tokens_per_s", "steady_tokens_per_s", "peak_rss_gb"))
         loss = f"{100 * (r['loss'] / base['loss'] - 1):+.2f}%" if base else "-"
         rate = f"{r['steady_tokens_per_s']:.1f}" if r.get("steady_tokens_per_s") else "-"
         load = "-".join(f"{x:.1f}" for x in r.get("load", ()))
@@ -468,7 +468,8 @@ def table(rows: list[dict], gpu: bool) -> str:
     return "\n".join(lines)
 
 
-def _ratio(row: dict, base: dict | None, key: str) -> str:
+def ratio(row: dict, base: dict | None, key: str) -> str:
+    """row[key] / base[key] as '1.23x' ('-' when either is missing); bench/align.py uses it too."""
     return f"{row[key] / base[key]:.2f}x" if base and row.get(key) and base.get(key) else "-"
 
 

@@ -517,22 +517,11 @@ def test_sft_weight_adds_the_chosen_replies_nll_to_the_dpo_loss(tiny_llama, tmp_
 def test_two_cpu_processes_follow_the_one_process_dpo_curve(tiny_llama, tmp_path):
     """`tunelab train --nproc 2` (torchrun, gloo) on a dpo stage: two processes of 2 pairs each follow one process
     of 4 pairs, step for step (the same global batches, gradients averaged across the two)."""
-    import os
-    import subprocess
-    import sys
-
-    from tunelab.config import dump_config
+    from test_train_resume import train_in_two_processes
 
     common = ["train.max_steps=3", "train.mixed_precision=no", "train.save_steps=3"]
     one = run_stage(make_config(tiny_llama, tmp_path, "dpo", "train.run_name=one", *common))
-    cfg = make_config(tiny_llama, tmp_path, "dpo", "train.run_name=two", "train.batch_size=2", *common)
-    config_file = tmp_path / "two.yaml"
-    config_file.write_text(dump_config(cfg), encoding="utf-8")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tunelab.cli.main", "train", str(config_file), "--nproc", "2"],
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    two = tmp_path / "runs" / "two"
-    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    two, _ = train_in_two_processes(make_config(tiny_llama, tmp_path, "dpo", "train.run_name=two",
+                                                "train.batch_size=2", *common), tmp_path)
     assert [r["loss"] for r in records(two)] == pytest.approx([r["loss"] for r in records(one.run_dir)], rel=1e-4)
     assert (two / "final" / "adapter_config.json").is_file()

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from test_inference_support import make_run_dir
+from test_inference_support import add_reverse_data, make_run_dir
 
 from tunelab.config.schema import ExportConfig
 from tunelab.export.gguf import ConverterUnavailableError, find_converter
@@ -30,12 +30,7 @@ def exported(tiny_models, tmp_path_factory):
         pytest.skip(f"GGUF converter not fetched: {e}")
     root = tmp_path_factory.mktemp("quant")
     run = make_run_dir(tiny_models["llama"], root, "lora")
-    data = root / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Reverse: a{i} b{i}"},
-                                                     {"role": "assistant", "content": f"b{i} a{i}"}]}) + "\n"
-                            for i in range(12)))
-    with open(run / "config.yaml", "a") as f:
-        f.write(f"data:\n  datasets:\n    - path: {data}\n  val_size: 4\n")
+    add_reverse_data(run, 12)
     return export_model(str(run), ExportConfig(gguf=["f16", *NUMPY_TYPES], ollama=True, verify=True))
 
 

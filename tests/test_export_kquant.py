@@ -189,9 +189,8 @@ FAKE_QUANTIZE = 'echo "$@" >> "$(dirname "$0")/quantize-args"\nshift $(($# - 3))
 
 
 def test_kquant_export_of_a_run_quantizes_with_an_imatrix_of_its_training_data(tiny_models, tmp_path, monkeypatch):
-    import json
 
-    from test_inference_support import make_run_dir
+    from test_inference_support import add_reverse_data, make_run_dir
 
     from tunelab.export.gguf import ConverterUnavailableError, find_converter
     from tunelab.export.pipeline import export_model
@@ -205,12 +204,7 @@ def test_kquant_export_of_a_run_quantizes_with_an_imatrix_of_its_training_data(t
     _script(bin_dir / "llama-quantize", FAKE_QUANTIZE)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     run = make_run_dir(tiny_models["llama"], tmp_path, "lora")
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Reverse: a{i} b{i} c{i}"},
-                                                     {"role": "assistant", "content": f"c{i} b{i} a{i}"}]}) + "\n"
-                            for i in range(24)))
-    with open(run / "config.yaml", "a") as f:
-        f.write(f"data:\n  datasets:\n    - path: {data}\n  val_size: 4\n")
+    add_reverse_data(run, 24, words=3)
     result = export_model(str(run), ExportConfig(gguf=["q4_k_m", "q6_k"], table=False), out=tmp_path / "out")
     assert result.imatrix.file == "gguf/imatrix.gguf" and (tmp_path / "out" / "gguf" / "imatrix.gguf").is_file()
     assert result.imatrix.examples == 20  # 24 minus the 4 held out for the validation split

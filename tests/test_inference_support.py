@@ -44,6 +44,19 @@ def make_adapter(base: Path, out: Path, kind: str = "lora", seed: int = 1, templ
     return out
 
 
+def add_reverse_data(run: Path, count: int, words: int = 2) -> Path:
+    """Give a run's config.yaml a training file of `count` "Reverse: a0 b0" conversations, 4 of them held out."""
+    letters = "abcdefgh"[:words]
+    data = run.parent / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "Reverse: " + " ".join(f"{x}{i}" for x in letters)},
+        {"role": "assistant", "content": " ".join(f"{x}{i}" for x in reversed(letters))}]}) + "\n"
+        for i in range(count)))
+    with open(run / "config.yaml", "a") as f:
+        f.write(f"data:\n  datasets:\n    - path: {data}\n  val_size: 4\n")
+    return data
+
+
 def make_run_dir(base: Path, root: Path, kind: str = "lora", template: str | None = None,
                  method_yaml: str | None = None) -> Path:
     """runs/<name>/ with config.yaml, run.json, chat_template.jinja and final/ (adapter or full model)."""

@@ -104,23 +104,29 @@ def test_cli_resume_from_the_run_folder(tiny_llama, tmp_path, capsys):
     assert losses(run)[-1] and json.loads((run / "run.json").read_text())["metrics"]["global_step"] == 6
 
 
-def test_two_cpu_processes_follow_the_one_process_loss_curve(tiny_llama, tmp_path):
-    common = ["train.max_steps=4", "train.save_steps=2", "train.group_by_length=false", "train.mixed_precision=no"]
-    single = train(make_config(tiny_llama, tmp_path, "train.run_name=one", "train.batch_size=4", *common), echo=False)
-    cfg = make_config(tiny_llama, tmp_path, "train.run_name=two", "train.batch_size=2", *common)
-    config_file = tmp_path / "two.yaml"
+def train_in_two_processes(cfg, tmp_path: Path) -> tuple[Path, str]:
+    """`tunelab train CONFIG --nproc 2` (torchrun, gloo) in a subprocess: its run folder and printed output."""
+    config_file = tmp_path / f"{cfg.train.run_name}.yaml"
     config_file.write_text(dump_config(cfg), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "tunelab.cli.main", "train", str(config_file), "--nproc", "2"],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = tmp_path / "runs" / "two"
+    run = Path(cfg.train.output_dir) / cfg.train.run_name
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    return run, proc.stdout
+
+
+def test_two_cpu_processes_follow_the_one_process_loss_curve(tiny_llama, tmp_path):
+    common = ["train.max_steps=4", "train.save_steps=2", "train.group_by_length=false", "train.mixed_precision=no"]
+    single = train(make_config(tiny_llama, tmp_path, "train.run_name=one", "train.batch_size=4", *common), echo=False)
+    run, stdout = train_in_two_processes(make_config(tiny_llama, tmp_path, "train.run_name=two", "train.batch_size=2",
+                                                     *common), tmp_path)
     assert losses(run) == pytest.approx(losses(single.run_dir), rel=1e-4)
     assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-4").glob("rng_state_*.pth")) == [
         "rng_state_0.pth", "rng_state_1.pth"]
     assert (run / "final" / "adapter_config.json").is_file()
-    assert proc.stdout.count("tunelab chat") == 1  # printed once, by rank 0
+    assert stdout.count("tunelab chat") == 1  # printed once, by rank 0
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
