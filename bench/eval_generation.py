@@ -61,8 +61,9 @@ def main() -> None:
 
     from tunelab.config.schema import EvalConfig
     from tunelab.evaluation.evaluate import generation_params, open_engine
+    from tunelab.inference.engine import EngineOptions
 
-    engine = open_engine(args.model, device=args.device)
+    engine = open_engine(args.model, None, EngineOptions(device=args.device))
     prompts = [engine.render([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True)
                for i in range(args.n)]
     params = generation_params(EvalConfig(max_new_tokens=args.max_new_tokens),

@@ -277,3 +277,14 @@ def test_cli_compare_in_readme_order_reports_tuned_minus_base(tiny_models, tmp_p
     assert loss["delta"] == pytest.approx(tuned_loss - base_loss)
     assert "llama (base)" in out and "change (tuned - base)" in out and "vs the base llama" in out
     assert sum(loss["counts"].values()) == 3
+
+
+def test_load_options_open_models_with_the_engine_options_chat_takes(tiny_models):
+    from tunelab.evaluation.evaluate import LoadOptions
+    from tunelab.inference.engine import EngineOptions
+
+    default = LoadOptions().open(str(tiny_models["llama"]))
+    chosen = LoadOptions(engine=EngineOptions(template="vicuna", dtype="float32")).open(str(tiny_models["llama"]))
+    assert chosen.template.name == "vicuna" != default.template.name
+    assert next(chosen.model.parameters()).dtype == torch.float32
+    assert LoadOptions().open(chosen) is chosen  # a loaded engine is used as it is

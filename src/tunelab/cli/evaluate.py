@@ -11,6 +11,7 @@ from tunelab.cli.common import Setting, add_override_argument, add_settings, com
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
     from tunelab.config.schema import EvalConfig
+    from tunelab.inference.engine import EngineOptions
 
 
 SETTINGS = (
@@ -98,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_compare(args, models, data, run_cfg, cfg)
     from tunelab.evaluation.evaluate import LoadOptions, evaluate
 
-    result = evaluate(args.model, data, cfg, LoadOptions(args.adapter, args.template, run_cfg.model.device,
-                                                         run_cfg.model.dtype, run_cfg.model.quantize))
+    result = evaluate(args.model, data, cfg, LoadOptions(args.adapter, engine_options(args, run_cfg)))
     print(result.table())
     _print_speed(result.info)
     print(f"\nReports: {result.output_dir} (report.html, report.md, predictions.jsonl, metrics.json)")
@@ -112,9 +112,7 @@ def _run_compare(args: argparse.Namespace, models: list[str], data, run_cfg: Run
     default = Path("eval") / ("compare-" + "-vs-".join(slug(m) for m in models))
     out = Path(cfg.output_dir) if cfg.output_dir else default
     cfg.output_dir = None  # each model's reports go in a subfolder of `out`
-    comparison = compare_models(models, data, cfg, LoadOptions(None, args.template, run_cfg.model.device,
-                                                                run_cfg.model.dtype, run_cfg.model.quantize),
-                                output_dir=out)
+    comparison = compare_models(models, data, cfg, LoadOptions(None, engine_options(args, run_cfg)), output_dir=out)
     print(comparison.table())
     key = comparison.differences()[0]["score"] if comparison.results[0].predictions else None
     counts = comparison.example_counts(key) if key else None
@@ -123,6 +121,14 @@ def _run_compare(args: argparse.Namespace, models: list[str], data, run_cfg: Run
               f"({comparison.models[comparison.tuned]} vs the base {comparison.base_model})")
     print(f"\nReports: {out} (comparison.html, comparison.md, comparison.json, one folder per model)")
     return 0
+
+
+def engine_options(args: argparse.Namespace, cfg: RunConfig) -> EngineOptions:
+    """The engine settings eval loads models with: the same keys and flags as `tunelab chat`."""
+    from tunelab.inference.engine import EngineOptions
+
+    return EngineOptions(device=cfg.model.device, dtype=cfg.model.dtype, template=args.template,
+                         quantize=cfg.model.quantize)
 
 
 def _print_speed(info: dict) -> None:

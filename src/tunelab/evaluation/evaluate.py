@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,29 +43,29 @@ from tunelab.evaluation.metrics import (
     score_predictions,
 )
 from tunelab.evaluation.results import ComparisonResult, EvalResult, PredictionRecord
+from tunelab.inference.engine import EngineOptions
 from tunelab.runs.rundir import ADAPTER_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 
 
-def open_engine(model: str, adapter: str | None = None, *, template: str | None = None, device: str = "auto",
-                dtype: str = "auto", quantize: str = "none"):
-    """Load a model for evaluation with the same loader chat and serving use (an rm run: its value head);
-    `quantize` int8/nf4: its base through bitsandbytes (models/quantized.py)."""
-    from tunelab.inference.engine import EngineOptions
+def open_engine(model: str, adapter: str | None = None, options: EngineOptions | None = None):
+    """Load a model for evaluation with the same loader and options chat and serving use (an rm run: its value
+    head); `options.quantize` int8/nf4 loads its base through bitsandbytes (models/quantized.py)."""
     from tunelab.inference.hf import load_engine
     from tunelab.runs.rundir import is_run_dir
 
+    options = options or EngineOptions()
     if adapter is None and is_run_dir(Path(model)):
         from tunelab.evaluation.preference import load_reward_engine, run_stage
         from tunelab.runs.read import read_run_config
 
         if run_stage(read_run_config(Path(model))) == "rm":
-            if quantize != "none":
+            if options.quantize != "none":
                 raise TunelabError(f"{model}: a reward model (stage rm) is evaluated in full precision; drop "
-                                   f"model.quantize={quantize}")
-            return load_reward_engine(Path(model), device=device, dtype=dtype)
-    return load_engine(model, adapter, EngineOptions(device=device, dtype=dtype, template=template, quantize=quantize))
+                                   f"model.quantize={options.quantize}")
+            return load_reward_engine(Path(model), device=options.device, dtype=options.dtype)
+    return load_engine(model, adapter, options)
 
 
 def run_data_config(engine) -> DataConfig:
@@ -263,19 +263,16 @@ def slug(name: str) -> str:
 
 @dataclass
 class LoadOptions:
-    """How evaluate() and compare_models() load models given by name (the same settings as `tunelab chat`)."""
+    """How evaluate() and compare_models() load models given by name: an adapter (evaluate only) and the engine
+    options `tunelab chat` takes (device, dtype, template, quantize...)."""
 
     adapter: str | None = None  # a PEFT adapter applied on the model (evaluate only)
-    template: str | None = None  # overrides the recorded chat template (a name or a .jinja file)
-    device: str = "auto"
-    dtype: str = "auto"
-    quantize: str = "none"  # model.quantize: int8 / nf4 loads the base through bitsandbytes (inference only)
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
     def open(self, model, adapter: bool = True):
         if not isinstance(model, (str, Path)):
             return model  # already loaded
-        return open_engine(model, self.adapter if adapter else None, template=self.template, device=self.device,
-                           dtype=self.dtype, quantize=self.quantize)
+        return open_engine(model, self.adapter if adapter else None, self.engine)
 
 
 def evaluate(model, data: Any = None, cfg: EvalConfig | None = None, load: LoadOptions | None = None, *,
