@@ -257,3 +257,14 @@ def test_chat_runs_with_overrides(tiny_llama, capsys):
 def test_config_errors_still_name_the_source(tmp_path):
     with pytest.raises(ConfigError, match=r"invalid config .*c\.yaml"):
         load_config(write(tmp_path / "c.yaml", "serve:\n  port: x\n"), flags={"serve.host": "::1"})
+
+
+def test_serve_and_eval_load_models_with_the_model_settings_chat_uses(run_dir):
+    from tunelab.cli import evaluate, serve
+
+    args = parse("serve", str(run_dir), "--dtype", "bfloat16", "--device", "cpu", "model.quantize=int8")
+    options = serve.engine_options(command_config(args))
+    assert (options.dtype, options.device, options.quantize, options.threads) == ("bfloat16", "cpu", "int8", 3)
+    args = parse("eval", str(run_dir), "--dtype", "float16", "--template", "vicuna")
+    options = evaluate.engine_options(args, command_config(args))
+    assert (options.dtype, options.template) == ("float16", "vicuna")

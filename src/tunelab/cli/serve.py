@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from tunelab.cli.common import Setting, add_override_argument, add_settings, config_from_args
+
+if TYPE_CHECKING:
+    from tunelab.inference.engine import EngineOptions
 
 SETTINGS = (
     Setting("--host", "serve.host", note="another host needs an API key"),
@@ -19,6 +23,8 @@ SETTINGS = (
     Setting("--threads", "train.threads", note="also a run's own train.threads when MODEL is a run"),
     Setting("--allow-no-auth", "serve.allow_no_auth"),
     Setting("--shutdown-timeout", "serve.shutdown_timeout_s", metavar="S"),
+    Setting("--device", "model.device"),
+    Setting("--dtype", "model.dtype"),
     Setting("--quantize", "model.quantize", note="engine hf"),
 )
 
@@ -51,8 +57,15 @@ def thread_setting(args: argparse.Namespace) -> int | None:
     return run_config(args).train.threads
 
 
-def run(args: argparse.Namespace) -> int:
+def engine_options(cfg) -> EngineOptions:
+    """How the served model loads: model.device/dtype/quantize and train.threads, as `tunelab chat` reads them."""
     from tunelab.inference.engine import EngineOptions
+
+    return EngineOptions(device=cfg.model.device, dtype=cfg.model.dtype, threads=cfg.train.threads,
+                         quantize=cfg.model.quantize)
+
+
+def run(args: argparse.Namespace) -> int:
     from tunelab.serving.server import serve
 
     cfg = run_config(args)  # a bad flag or override is a ConfigError naming the key (exit 2)
@@ -61,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
 
         raise TunelabError(f"--quantize / model.quantize={cfg.model.quantize} is bitsandbytes in the hf engine; "
                            f"engine {cfg.serve.engine} serves quantized checkpoints itself (e.g. a GPTQ/AWQ export)")
-    serve(args.model, args.adapter, cfg.serve, EngineOptions(threads=cfg.train.threads, quantize=cfg.model.quantize))
+    serve(args.model, args.adapter, cfg.serve, engine_options(cfg))
     return 0
