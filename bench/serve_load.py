@@ -163,6 +163,25 @@ def report(levels: list[Level], max_tokens: int, note: str) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for level in levels:
         print(level.row())
+    for line in first_token_targets(levels):
+        print(line)
+
+
+def first_token_targets(levels: list[Level]) -> list[str]:
+    """Issue 15's first-token target per streaming level above one client: p95 first token at most 3x the lone
+    request's (the 1-client level's p95) plus one batch step (that level's median inter-token gap)."""
+    lone = next((lv for lv in levels if lv.clients == 1 and lv.first_token), None)
+    if lone is None:
+        return []
+    lines = []
+    for level in levels:
+        if level.clients == 1 or not level.first_token or not level.inter_token:
+            continue
+        p95, step = _pct(level.first_token)[1], _pct(level.inter_token)[0]
+        target = 3 * _pct(lone.first_token)[1] + step
+        lines.append(f"first-token p95 at {level.clients} clients {p95:.3f} s vs 3 x {_pct(lone.first_token)[1]:.3f} "
+                     f"+ one step {step:.3f} = {target:.3f} s: {'met' if p95 <= target else 'NOT met'}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ def test_compare_batching_streams_and_caps_the_batching_off_levels(tiny_llama):
     assert [r[0] for r in table_rows(on)] == ["1", "3"] and [r[0] for r in table_rows(off)] == ["1"]
     for row in table_rows(out):
         assert row[10] == "0" and float(row[3]) > 0 and row[6] != "nan"  # no errors, tokens, a first-token time
+    assert "first-token p95 at 3 clients" in on  # the target, checked against the 1-client level
 
 
 def test_compare_threads_reports_both_generation_threads(tiny_llama):

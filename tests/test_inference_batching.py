@@ -258,3 +258,99 @@ def test_closing_an_idle_engine_starts_no_thread(tiny_models):
     with pytest.raises(RuntimeError, match="closed"):
         eng.generate([prompt], params)
     assert eng.scheduler.threads_started == started
+
+
+def _plain_forward(model, ids: list[int]):
+    """The reference: the model alone on one whole prompt, no cache given, no padding, no custom mask."""
+    from transformers import DynamicCache
+
+    out = model(input_ids=torch.tensor([ids]), use_cache=True, past_key_values=DynamicCache())
+    cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+    return out.logits[0, -1], [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+
+
+def _prefilled(scheduler, prompts: list[list[int]]) -> list[Request]:
+    joiners = [Request(ids, GenerationParams(max_new_tokens=4), 4, []) for ids in prompts]
+    with torch.inference_mode():
+        scheduler._prefill(joiners)
+    return joiners
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_prefill_gives_each_prompt_the_first_token_and_cache_of_the_model_alone(tiny_models, packed):
+    """Packed (one row, no padding) and padded prefills of prompts of different lengths, the second time starting
+    from the held start of the last prompt, against the plain forward of each prompt alone."""
+    from tunelab.inference.scheduler import Scheduler
+
+    eng = load_engine(str(tiny_models["llama"]))
+    scheduler = Scheduler(eng.model, eng.tokenizer, eng.stop_ids, max_batch_size=16)
+    scheduler.packed_prefill = packed
+    try:
+        for round_ in range(2):  # round 1 reuses the held prompt's start (the template's shared tokens)
+            prompts = [eng.tokenizer(render(eng, q), add_special_tokens=False)["input_ids"]
+                       for q in QUESTIONS[round_ * 5:round_ * 5 + 5]]
+            before = (scheduler.reused_tokens, scheduler.packed_prefills)
+            scheduler._rows, scheduler._cache, scheduler._mask = [], None, None  # each round: a fresh batch
+            joiners = _prefilled(scheduler, prompts)
+            assert (scheduler.reused_tokens > before[0]) == (round_ == 1)
+            assert scheduler.packed_prefills - before[1] == packed
+            for row, (ids, req) in enumerate(zip(prompts, joiners)):
+                logits, layers = _plain_forward(eng.model, ids)
+                assert req.out[0] == int(logits.argmax())
+                cols = scheduler._mask[row].nonzero().squeeze(1)
+                assert len(cols) == len(ids) and int(scheduler._mask[row].sum()) == len(ids)
+                for (k, v), layer in zip(layers, scheduler._cache.layers):
+                    torch.testing.assert_close(layer.keys[row][:, cols], k, atol=1e-5, rtol=1e-4)
+                    torch.testing.assert_close(layer.values[row][:, cols], v, atol=1e-5, rtol=1e-4)
+    finally:
+        eng.close()
+
+
+def test_packed_and_padded_prefills_give_the_same_answers(tiny_models):
+    packed = load_engine(str(tiny_models["llama"]))
+    padded = load_engine(str(tiny_models["llama"]))
+    padded.scheduler.packed_prefill = False
+    try:
+        params = GenerationParams(max_new_tokens=8)
+        prompts = [render(packed, q) for q in QUESTIONS[:8]]
+        together = [[r.wait() for r in [submit(e, p, params) for p in prompts]] for e in (packed, padded)]
+        assert together[0] == together[1]
+        assert packed.scheduler.packed_prefills > 0 and padded.scheduler.packed_prefills == 0
+    finally:
+        packed.close()
+        padded.close()
+
+
+def test_a_sliding_window_narrower_than_a_prompt_falls_back_to_a_padded_prefill(tiny_models):
+    from tunelab.inference.prefill import fits_packing
+
+    eng = load_engine(str(tiny_models["gemma"]))  # sliding_window 64 in its sliding layers
+    try:
+        config = eng.scheduler.config
+        assert fits_packing(config, 64) and not fits_packing(config, 65)
+        params = GenerationParams(max_new_tokens=4)
+        long_prompt = render(eng, "why is the sky blue? " * 12)
+        assert eng.count_tokens(long_prompt) > 64
+        eng.generate([render(eng, "hi")], params)
+        assert eng.scheduler.packed_prefills == 1
+        eng.generate([long_prompt], params)
+        assert eng.scheduler.packed_prefills == 1  # padded: transformers builds the sliding mask itself
+    finally:
+        eng.close()
+
+
+def test_an_idle_engine_prefills_a_burst_of_requests_in_one_forward(tiny_models):
+    eng = load_engine(str(tiny_models["llama"]))
+    scheduler, params = eng.scheduler, GenerationParams(max_new_tokens=3)
+    prompts = [render(eng, q) for q in QUESTIONS[:6]]
+    alone = [eng.generate([p], params)[0] for p in prompts]
+    sizes: list[int] = []
+    real_prefill = scheduler._prefill
+    scheduler._prefill = lambda joiners: (sizes.append(len(joiners)), real_prefill(joiners))
+    scheduler.gather_s, scheduler.gather_gap_s = 2.0, 0.5  # a loaded machine may space the submits out
+    try:
+        together = [r.wait() for r in [submit(eng, p, params) for p in prompts]]
+    finally:
+        del scheduler._prefill
+        eng.close()
+    assert together == alone and sizes == [6]

@@ -1,12 +1,13 @@
 """Continuous (in-flight) batching over the model's KV cache: the one generation loop behind HFEngine.
 
-Requests join the running batch at a token boundary (their prompts are prefilled together, then their cache rows
-are left-padded and stacked onto the batch's) and leave it when they end, each with its own sampling parameters,
+Requests join the running batch at a token boundary (their prompts are prefilled together, packed into one row
+without padding where the model's attention allows it (inference/prefill.py), then their cache rows are
+left-padded and stacked onto the batch's) and leave it when they end, each with its own sampling parameters,
 stop strings, token limit and cancel event. Requests that arrive during a prefill are prefilled next, before the
 batch's next decode step, and a prompt that starts like the last one prefilled (the same system prompt, an earlier
 turn) reuses that prompt's keys and values for the shared start and prefills only the rest. Every row gets
 explicit position ids and an attention mask over its own tokens, so a request's greedy output does not depend on
-what it is batched with (tested).
+what it is batched with (tested). An idle engine gathers a burst of arrivals (GATHER_S) into one prefill.
 
 Why not transformers' `init_continuous_batching` / `generate_batch`: its paged cache takes no initial per-request
 cache, so P-Tuning v2 prefixes (a trained KV cache in every layer) could not be applied, and tunelab needs per-row
@@ -24,6 +25,7 @@ import inspect
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,12 +33,17 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.inference.engine import Completion, GenerationParams
+from tunelab.inference.prefill import attention_mask_for, fits_packing, pack_prompts, unpack_layers
 from tunelab.inference.stopping import ends_with_stop, find_stop
 
 log = logging.getLogger(__name__)
 
 PREFILL_ROUNDS = 2  # prefills in a row before the running batch's next decode step (requests arriving meanwhile)
 IDLE_EXIT_S = 0.5  # the loop thread ends after this long without work; the next request starts a fresh one
+# an idle engine's first request waits while more keep arriving (each within GATHER_GAP_S of the last, for at most
+# GATHER_S in all), so a burst of requests is prefilled in one forward instead of one alone and then the rest
+GATHER_GAP_S = 0.01
+GATHER_S = 0.03
 
 
 @dataclass
@@ -91,6 +98,8 @@ class Scheduler:
         self.prefix_model = model if _is_prefix_model(model) else None
         self.model = model.get_base_model() if self.prefix_model is not None else model
         self.device = next(model.parameters()).device
+        self.config = self.model.config  # its attention implementation and sliding window decide packed prefill
+        self.dtype = getattr(self.model, "dtype", torch.float32)
         # transformers 5.24 renamed the forward argument past_key_values to cache (the old name warns until 5.40)
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._pending: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
@@ -103,6 +112,9 @@ class Scheduler:
         self.reuse_prompts = self.prefix_model is None
         self._last_prompt: _HeldPrompt | None = None
         self.reused_tokens = 0  # prompt tokens taken from it instead of prefilled (for tests and the bench)
+        self.packed_prefill = True  # newcomers' prompts in one row without padding, where the model allows it
+        self.packed_prefills = 0  # prefills run packed (for tests and the bench)
+        self.gather_s, self.gather_gap_s = GATHER_S, GATHER_GAP_S
         self.steps = 0  # decode steps run, and the most rows one of them carried (for tests and the bench)
         self.largest_batch = 0
         self.idle_exit_s: float | None = IDLE_EXIT_S
@@ -186,14 +198,24 @@ class Scheduler:
                 raise
 
     def _take_pending(self, block: bool) -> list[Request]:
+        """Up to the batch's free room of pending requests; with `block` (nothing running) wait for the first,
+        then gather a burst (`gather_s`)."""
         room = self.max_batch_size - len(self._rows)
         taken: list[Request] = []
+        gather_until = None
         while len(taken) < room:
-            wait = block and not taken
+            if not block:
+                wait, timeout = False, None
+            elif gather_until is None:
+                wait, timeout = True, self.idle_exit_s
+            else:
+                wait, timeout = True, min(self.gather_gap_s, gather_until - time.monotonic())
+                if timeout <= 0:
+                    break
             try:
-                item = self._pending.get(block=wait, timeout=self.idle_exit_s if wait else None)
+                item = self._pending.get(block=wait, timeout=timeout)
             except queue.Empty:
-                self._idle = wait
+                self._idle = block and not taken
                 break
             if item is None:
                 self._closed = True
@@ -204,6 +226,8 @@ class Scheduler:
                 self._finish(item)
                 continue
             taken.append(item)
+            if block and gather_until is None:
+                gather_until = time.monotonic() + self.gather_s
         return taken
 
     @staticmethod
@@ -221,35 +245,59 @@ class Scheduler:
     def _prefill(self, joiners: list[Request]) -> None:
         """Run the joiners' prompts together, sample their first tokens (streamed at once), add them to the batch.
 
-        Cache columns: [adapter prefix][the start of the last prompt][the rest of each prompt, left-padded]; a row
-        attends to the columns of the held prompt it shares (`held[i]` tokens) and to its own tokens."""
-        n = len(joiners)
-        cache, prefix_len, held = self._start_cache(joiners)
-        start = prefix_len + max(held)
+        Each row attends to the start cache's columns its prompt shares (adapter prefix, `held[i]` tokens of the
+        last prompt) and to its own tokens. Packed (one row, no padding: inference/prefill.py) where the model's
+        attention allows it, else left-padded."""
+        start, prefix_len, held = self._start_layers(joiners)
+        seen = [prefix_len + h for h in held]
         rest = [r.ids[h:] for r, h in zip(joiners, held)]
-        width = max(len(t) for t in rest)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, start + width), dtype=torch.long)
-        mask[:, :prefix_len] = 1
-        for i, (h, tokens) in enumerate(zip(held, rest)):
-            ids[i, width - len(tokens):] = torch.tensor(tokens)
-            mask[i, prefix_len:prefix_len + h] = 1
-            mask[i, start + width - len(tokens):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
-        mask = mask.to(self.device)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=positions.to(self.device),
-                         use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        longest = max(s + len(t) for s, t in zip(seen, rest))
+        if self.packed_prefill and fits_packing(self.config, longest):
+            logits, layers, mask = self._packed_forward(start, seen, rest)
+            self.packed_prefills += 1
+        else:
+            logits, layers, mask = self._padded_forward(start, prefix_len, held, rest)
         for r in joiners:
             r.pos = prefix_len + len(r.ids)
             if r.params.seed is not None:
                 r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
-        cache = _returned_cache(out)
         if self.reuse_prompts:
             self.reused_tokens += sum(held)
-            self._last_prompt = _HeldPrompt.of(joiners[-1].ids, cache, mask, row=n - 1)
-        self._merge(cache, mask, joiners)
-        self._advance(joiners, out.logits[:, -1, :])
+            self._last_prompt = _HeldPrompt.of(joiners[-1].ids, layers, mask, row=len(joiners) - 1)
+        self._merge(layers, mask, joiners)
+        self._advance(joiners, logits)
+
+    def _packed_forward(self, start, seen: list[int], rest: list[list[int]]):
+        """(first-token logits per row, cache layers one row per request left-padded, their mask) of one packed
+        forward over every prompt's unseen tokens."""
+        packed = pack_prompts(rest, seen, start[0][0].shape[2] if start else 0)
+        mask = attention_mask_for(packed.mask, self.config._attn_implementation, self.dtype)
+        out = self.model(input_ids=packed.ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=packed.positions.to(self.device), use_cache=True,
+                         logits_to_keep=packed.last.to(self.device), **{self._cache_arg: _plain_cache(start)})
+        layers = unpack_layers(_layers(_returned_cache(out)), packed)
+        return out.logits[0], layers, packed.row_mask.to(self.device)
+
+    def _padded_forward(self, start, prefix_len: int, held: list[int], rest: list[list[int]]):
+        """As `_packed_forward`, with the prompts left-padded to one width: the cache columns are
+        [adapter prefix][the start of the last prompt][the rest of each prompt, left-padded]."""
+        n = len(rest)
+        cache = _plain_cache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in start])
+        begin = prefix_len + max(held)
+        width = max(len(t) for t in rest)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, begin + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        for i, (h, tokens) in enumerate(zip(held, rest)):
+            ids[i, width - len(tokens):] = torch.tensor(tokens)
+            mask[i, prefix_len:prefix_len + h] = 1
+            mask[i, begin + width - len(tokens):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, begin:]
+        mask = mask.to(self.device)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=positions.to(self.device),
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        return out.logits[:, -1, :], _layers(_returned_cache(out)), mask
 
     def _decode(self) -> None:
         rows = self._rows
@@ -265,32 +313,30 @@ class Scheduler:
         self.largest_batch = max(self.largest_batch, len(rows))
         self._advance(rows, out.logits[:, -1, :])
 
-    def _start_cache(self, joiners: list[Request]):
-        """The cache the joiners' prefill continues, the adapter prefix's length, and per row how many of its prompt
-        tokens are already in it (at least one token of every prompt is left to prefill: it gives the logits)."""
-        from transformers import DynamicCache
-
+    def _start_layers(self, joiners: list[Request]):
+        """The one-row cache layers the joiners' prefill continues (none: empty), the adapter prefix's length, and
+        per row how many of its prompt tokens are already in them (at least one token of every prompt is left to
+        prefill: it gives the logits)."""
         n = len(joiners)
         if self.prefix_model is not None:
-            prompt = self.prefix_model.get_prompt(batch_size=n)
-            return _plain_cache(_layers(prompt)), self.prefix_model.peft_config["default"].num_virtual_tokens, [0] * n
+            prompt = self.prefix_model.get_prompt(batch_size=1)
+            return _layers(prompt), self.prefix_model.peft_config["default"].num_virtual_tokens, [0] * n
         last = self._last_prompt if self.reuse_prompts else None
         held = [min(last.shared(r.ids), len(r.ids) - 1) if last is not None else 0 for r in joiners]
         if not any(held):
-            return DynamicCache(), 0, [0] * n
+            return [], 0, [0] * n
         width = max(held)  # every row gets these columns; the mask hides those past a row's own count
-        return _plain_cache([(k[:, :, :width].expand(n, -1, -1, -1), v[:, :, :width].expand(n, -1, -1, -1))
-                             for k, v in last.layers]), 0, held
+        return [(k[:, :, :width], v[:, :, :width]) for k, v in last.layers], 0, held
 
     # ------------------------------------------------------------------------------------------- cache rows
-    def _merge(self, cache, mask: torch.Tensor, joiners: list[Request]) -> None:
+    def _merge(self, layers, mask: torch.Tensor, joiners: list[Request]) -> None:
         if self._cache is None:
-            self._cache, self._mask, self._rows = _plain_cache(_layers(cache)), mask, list(joiners)
+            self._cache, self._mask, self._rows = _plain_cache(layers), mask, list(joiners)
             return
         width = max(self._mask.shape[1], mask.shape[1])
         layers = [(torch.cat([_pad_left(k0, width), _pad_left(k1, width)]),
                    torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
-                  for (k0, v0), (k1, v1) in zip(_layers(self._cache), _layers(cache))]
+                  for (k0, v0), (k1, v1) in zip(_layers(self._cache), layers)]
         self._cache = _plain_cache(layers)
         self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)])
         self._rows += joiners
@@ -348,10 +394,9 @@ class _HeldPrompt:
     layers: list[tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def of(cls, ids: list[int], cache, mask: torch.Tensor, row: int) -> _HeldPrompt:
+    def of(cls, ids: list[int], layers, mask: torch.Tensor, row: int) -> _HeldPrompt:
         cols = mask[row].nonzero().squeeze(1)  # the row's own tokens, without the padding of the batch
-        return cls(list(ids), [(k[row:row + 1, :, cols].clone(), v[row:row + 1, :, cols].clone())
-                               for k, v in _layers(cache)])
+        return cls(list(ids), [(k[row:row + 1, :, cols], v[row:row + 1, :, cols]) for k, v in layers])
 
     def shared(self, ids: list[int]) -> int:
         n = min(len(ids), len(self.ids))
