@@ -122,8 +122,8 @@ def weight_quant_refusal(method: str) -> str | None:
     if missing:
         return (f"not loaded: transformers needs {' and '.join(missing)} to load a {method.upper()} folder "
                 "(pip install 'tunelab[gptq]')")
-    if method == "awq" and not torch.cuda.is_available():
-        return "not loaded: gptqmodel 7.6 has no CPU AWQ kernel (needs a CUDA GPU)"
+    if method == "awq":  # the table measures every row on the CPU, even on a machine with a GPU
+        return "not loaded: the table measures on the CPU and gptqmodel 7.6 has no CPU AWQ kernel"
     return None
 
 
@@ -176,7 +176,7 @@ def format_table(rows: list[TableRow], data_label: str) -> str:
         ppl = f"{r.perplexity:.3f}" if r.perplexity is not None else "-"
         speed = "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}" + (f" ({r.runtime})" if r.runtime else "")
         lines.append(f"| {r.artifact} | {r.size_bytes / 1e6:.1f} MB | {ppl} | {speed} | {r.note or ''} |")
-    return "\n".join(lines) + f"\n\nperplexity on: {data_label} (transformers)"
+    return "\n".join(lines) + f"\n\nperplexity (in transformers) on: {data_label}"
 
 
 def _perplexity(model, tokenizer, template, conversations, data_cfg) -> float:
