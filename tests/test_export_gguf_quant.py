@@ -101,7 +101,8 @@ def test_quantized_files_load_in_transformers_and_modelfile_uses_the_smallest(ex
 
 
 def test_export_table_has_every_artifact(exported):
-    from tunelab.export.table import TableRow
+    from tunelab.export.llamacpp_speed import find_runtime
+    from tunelab.export.table import NO_LLAMA_CPP, TableRow
 
     rows = {r.artifact: r for r in exported.table}
     assert set(rows) == {"merged (safetensors)", *(f"gguf/{p.name}" for p in exported.gguf.values())}
@@ -109,8 +110,11 @@ def test_export_table_has_every_artifact(exported):
     assert merged.tokens_per_s > 0 and merged.size_bytes > 0 and merged.perplexity > 1
     assert all(r.perplexity > 1 for r in rows.values())
     assert abs(rows["gguf/run-lora-f16.gguf"].perplexity / merged.perplexity - 1) < 1e-3  # f16 = merged weights
+    measured = find_runtime() is not None  # llama.cpp measures GGUF speed where its runtime is built
     for name, row in rows.items():
-        assert row.tokens_per_s is None and row.size_bytes == (exported.out_dir / name).stat().st_size
+        assert row.size_bytes == (exported.out_dir / name).stat().st_size
+        assert (row.runtime == "llama.cpp" and row.tokens_per_s > 0) if measured else (
+            row.tokens_per_s is None and row.note == NO_LLAMA_CPP)
     sizes = {t: rows[f"gguf/{p.name}"].size_bytes for t, p in exported.gguf.items()}
     assert sizes["q4_0"] < sizes["q5_0"] < sizes["f16"] and sizes["q4_1"] < sizes["q5_1"]
     text = (exported.out_dir / "export_table.md").read_text()

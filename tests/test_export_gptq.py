@@ -1,10 +1,12 @@
 """GPTQ / AWQ (W4A16) export through GPT-QModel: refused before anything is written when the library is missing or
-untested, calibration text from the run's own training data, and (when gptqmodel is installed) the real export."""
+untested, calibration text from the run's own training data, the GPTQ row of the export table (its reason where the
+folder cannot be loaded here), and (when gptqmodel is installed) the real export measured in the table."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from test_inference_support import make_run_dir
 from tunelab.cli.main import main
 from tunelab.config.schema import ExportConfig
 from tunelab.errors import TunelabError
-from tunelab.export import gptq
+from tunelab.export import gptq, table
 from tunelab.export.pipeline import export_model, training_template
 from tunelab.runs.artifacts import resolve_artifact
 
@@ -102,23 +104,77 @@ def test_group_size_divides_every_layer_input(tiny_llama, tmp_path):
     assert gptq.group_size_for(tmp_path) == 128
 
 
+def table_inputs(tiny_llama, tmp_path, method: str = "gptq"):
+    """An export folder (the tiny model as the merged model) with a stand-in <method>/ folder, and held-out data."""
+    from transformers import AutoTokenizer
+
+    art = resolve_artifact(str(run_with_data(tiny_llama, tmp_path)), device="cpu")
+    out = tmp_path / "export"
+    shutil.copytree(tiny_llama, out)
+    (out / method).mkdir()
+    (out / method / "model.safetensors").write_bytes(b"x" * 12345)  # not a model: nothing may try to read it
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    template = training_template(art, tokenizer)
+    conversations, _ = table.held_out_conversations(art, template, tokenizer)
+    artifacts = table.Artifacts(out, weight_quant={method: {"method": method, "size_bytes": 12345}})
+    return artifacts, conversations, template, art.run_config.data
+
+
+@pytest.mark.parametrize(("method", "present", "why"), [
+    ("gptq", False, ("not loaded: transformers needs gptqmodel and optimum to load a GPTQ folder "
+                     "(pip install 'tunelab[gptq]')")),
+    ("awq", True, "not loaded: the table measures on the CPU and gptqmodel 7.6 has no CPU AWQ kernel")])
+def test_a_weight_quant_row_says_why_it_was_not_loaded(method, present, why, tiny_llama, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if present else None)
+                        if name in ("gptqmodel", "optimum") else real(name, *a))
+    artifacts, conversations, template, data_cfg = table_inputs(tiny_llama, tmp_path, method)
+    merged, row = table.build_table(artifacts, conversations, template, data_cfg)
+    assert merged.perplexity > 1 and merged.tokens_per_s > 0 and merged.runtime == "transformers"
+    assert row == table.TableRow(method, 12345, None, None, None, why)
+    text = table.write_table(artifacts.out_dir, [merged, row], "last 1 examples")
+    assert f"| {method} | 0.0 MB | - | - | {why} |" in text.splitlines()
+    assert text.startswith("| artifact | size | perplexity | tokens/s | note |")
+    saved = json.loads((artifacts.out_dir / "export_table.json").read_text())["rows"]
+    assert [table.TableRow(**r) for r in saved] == [merged, row]
+
+
+def test_a_weight_quant_folder_that_fails_to_load_gives_the_error(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(table, "weight_quant_refusal", lambda method: None)  # as if gptqmodel were installed
+    artifacts, conversations, template, data_cfg = table_inputs(tiny_llama, tmp_path)
+    (artifacts.out_dir / "gptq" / "config.json").write_text("{not json")
+    merged, row = table.build_table(artifacts, conversations, template, data_cfg)
+    assert merged.perplexity > 1 and row.size_bytes == 12345
+    assert (row.perplexity, row.tokens_per_s, row.runtime) == (None, None, None)
+    assert row.note.startswith("not loaded here: ") and "Error" in row.note
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                     reason="gptqmodel is not installed (pip install 'tunelab[gptq]')")
 @pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="AWQ needs a CUDA GPU (gptqmodel 7.6)"))])
-def test_weight_quant_export_loads_in_transformers(method, tiny_llama, tmp_path, monkeypatch):
+def test_weight_quant_export_loads_in_transformers_and_is_measured(method, tiny_llama, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.chdir(tmp_path)  # gptqmodel writes its per-layer log into ./logs/ (a fixed relative path)
 
     run = run_with_data(tiny_llama, tmp_path)
-    result = export_model(str(run), ExportConfig(**{method: True}, calibration_samples=6), table=False)
+    result = export_model(str(run), ExportConfig(**{method: True}, calibration_samples=6))
     folder = result.out_dir / method
     info = result.weight_quant[method]
     assert info["folder"] == str(folder) and info["calibration_examples"] == 6 and info["bits"] == 4
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == method and config["bits"] == 4
     assert (folder / "chat_template.jinja").read_text() == (result.out_dir / "chat_template.jinja").read_text()
+    merged_row, row = result.table
+    assert row.artifact == method and row.size_bytes == info["size_bytes"]
+    if method == "awq":  # written on a CUDA machine, but the table measures on the CPU
+        assert row.note == table.weight_quant_refusal("awq") and row.perplexity is None
+    else:
+        assert row.runtime == "transformers" and row.tokens_per_s > 0 and row.note is None
+        # the tiny random model's perplexity is near its 49k vocabulary; 4-bit weights move it, not by orders
+        assert 0.5 < row.perplexity / merged_row.perplexity < 2
+        assert f"| {method} | {info['size_bytes'] / 1e6:.1f} MB | {row.perplexity:.3f} |" in result.table_text
     merged = AutoModelForCausalLM.from_pretrained(result.out_dir, dtype=torch.float32)
     quantized = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
     torch.manual_seed(0)

@@ -107,11 +107,14 @@ def _export_into(out_dir: Path, art: Artifact, cfg: ExportConfig, source: str) -
 
 
 def _measure_table(result: ExportResult, art: Artifact, template, tokenizer) -> None:
-    from tunelab.export.table import build_table, held_out_conversations, write_table
+    from tunelab.export.llamacpp_speed import find_runtime
+    from tunelab.export.table import Artifacts, build_table, held_out_conversations, write_table
 
     conversations, label = held_out_conversations(art, template, tokenizer)
     data_cfg = art.run_config.data if art.run_config is not None else None
-    result.table = build_table(result.out_dir, result.gguf, result.quantized, conversations, template, data_cfg)
+    artifacts = Artifacts(result.out_dir, result.gguf, result.quantized, result.weight_quant,
+                          llama_cpp=find_runtime(art.model_cfg.cache_dir) if result.gguf else None)
+    result.table = build_table(artifacts, conversations, template, data_cfg)
     notes = [result.imatrix.describe()] if result.imatrix is not None else []
     result.table_text = write_table(result.out_dir, result.table, label, notes)
 

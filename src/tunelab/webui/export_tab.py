@@ -130,10 +130,18 @@ def result_html(result, lang: str) -> str:
     if result.table:
         head = [text(f"export.table.{k}", lang) for k in ("artifact", "size", "perplexity", "speed")]
         rows = [[r.artifact, human_size(r.size_bytes), f"{r.perplexity:.3f}" if r.perplexity is not None else "-",
-                 f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else text("export.table.no_speed", lang)]
-                for r in result.table]
+                 _speed_cell(r, lang)] for r in result.table]
         parts.append(table_html(head, rows))
     return "".join(parts)
+
+
+def _speed_cell(row, lang: str) -> str:
+    """Tokens/s and the runtime that measured it; else why not (a GPTQ folder that cannot load here says so)."""
+    from tunelab.export.table import NO_LLAMA_CPP
+
+    if row.tokens_per_s is not None:
+        return f"{row.tokens_per_s:.1f}" + (f" ({row.runtime})" if row.runtime else "")
+    return row.note if row.note and row.note != NO_LLAMA_CPP else text("export.table.no_speed", lang)
 
 
 def refusal_html(error, lang: str) -> str:
