@@ -210,7 +210,7 @@ def test_bundled_demo_data(tmp_path):
     from tunelab.models.load import load_tokenizer
 
     registry = json.loads((DEMO / "dataset_info.json").read_text(encoding="utf-8"))
-    cfg = DataConfig(dataset_dir=str(DEMO), datasets=[{"name": n} for n in registry if n != "identity"] +
+    cfg = DataConfig(dataset_dir=str(DEMO), datasets=[{"name": n} for n in registry if not n.startswith("identity")] +
                      [{"name": "identity"}], variables={"name": "Tuney", "author": "Lab"}, template="auto")
     tokenizer = load_tokenizer(ModelConfig())
     data = prepare(cfg, tokenizer)

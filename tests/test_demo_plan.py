@@ -21,6 +21,9 @@ class _Data:
         self.train = [None] * examples
 
 
+SMALL = _Data(112, 48.5)  # the small profile's data: the short identity set and the reversal data
+
+
 def _no_probe(*_, **__):
     raise AssertionError("the matmul probe ran although --gflops was given")
 
@@ -30,12 +33,14 @@ def test_demo_sizes_itself_for_a_slow_fp32_cpu(monkeypatch):
     would take the demo far past 10 minutes: it trains the small profile, sized so the whole demo fits."""
     cfg = load_config(CONFIG, ["train.mixed_precision=no"])
     monkeypatch.setattr(demo, "measure_matmul_gflops", _no_probe)
-    plan = demo.plan_demo(cfg, _Data(), gflops=32.0)
+    plan = demo.plan_demo(cfg, _Data(), gflops=32.0, small_data=SMALL)
     assert plan.precision == "fp32" and plan.tokens_per_s == pytest.approx(demo.TOKENS_PER_GFLOP["fp32"] * 32)
     assert "train.batch_size=4" in plan.overrides and f"train.max_steps={plan.steps}" in plan.overrides
     other = demo.OTHER_STAGES_FIXED_S + demo.OTHER_STAGES_GFLOP / 32
     assert plan.other_s == pytest.approx(other)
-    fit = int((demo.DEMO_BUDGET_S - other) * plan.tokens_per_s / (4 * 50.3))
+    assert plan.tokens_per_step == pytest.approx(4 * 48.5)  # the small profile's own examples are counted
+    fit = int((demo.DEMO_BUDGET_S - other) * plan.tokens_per_s / (4 * 48.5))
+    assert plan.steps == fit == 42  # the recipe the README's trials chose: 42 x 4 on a 32 GFLOP/s fp32 CPU
     assert plan.steps == max(demo.SMALL_MIN_STEPS, fit)
     assert plan.estimate_s + plan.other_s <= demo.DEMO_BUDGET_S <= 600  # the whole demo within 10 minutes
     text = plan.describe()
@@ -45,11 +50,44 @@ def test_demo_sizes_itself_for_a_slow_fp32_cpu(monkeypatch):
     assert f"would take ~{full_min} min" in text
 
 
+def test_the_small_profile_trains_the_short_identity_set_without_dropout():
+    """The overrides the slow-CPU plan prints load into the config the trials measured: batch 4, lr 2e-3, LoRA
+    dropout 0, the 16-record identity set (all naming name and author) before the two reversal sets."""
+    cfg = load_config(CONFIG, ["train.mixed_precision=no"])
+    plan = demo.plan_demo(cfg, _Data(), gflops=32.0, small_data=SMALL)
+    small = load_config(CONFIG, ["train.mixed_precision=no", *plan.overrides])
+    assert [d.name for d in small.data.datasets] == ["identity_short", "reverse_en_train", "reverse_zh_train"]
+    assert small.method.dropout == 0 and small.train.batch_size == 4 and small.train.lr == pytest.approx(2e-3)
+    assert small.train.max_steps == plan.steps
+    assert demo.small_profile_config(cfg).data.datasets == small.data.datasets
+    assert "short identity set (112 examples, mean 48.5 tokens)" in plan.describe()
+
+
+def test_the_short_identity_set_is_part_of_the_full_one_and_names_who_trained_it():
+    import json
+
+    folder = CONFIG.parent / "data"
+    info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
+    short = json.loads((folder / info["identity_short"]["file_name"]).read_text(encoding="utf-8"))
+    full = json.loads((folder / info["identity"]["file_name"]).read_text(encoding="utf-8"))
+    assert len(short) == 16 and all(record in full for record in short)
+    assert all("{name}" in r["output"] and "{author}" in r["output"] for r in short)
+    questions = [r["instruction"] for r in short]
+    assert demo.QUESTIONS[0] in questions and demo.QUESTIONS[1] in questions  # the two the demo asks
+
+
+def test_a_config_with_other_data_keeps_its_data_in_the_small_profile():
+    cfg = load_config(CONFIG, ["train.mixed_precision=no", "data.datasets=[{name: identity}]"])
+    plan = demo.plan_demo(cfg, _Data(), gflops=32.0, small_data=SMALL)
+    assert plan.overrides and not any(o.startswith("data.datasets") for o in plan.overrides)
+    assert [d.name for d in demo.small_profile_config(cfg).data.datasets] == ["identity"]
+
+
 def test_a_schedule_set_on_the_command_line_is_kept(monkeypatch):
     cfg = load_config(CONFIG, ["train.mixed_precision=no", "train.max_steps=4"])
-    assert demo.plan_demo(cfg, _Data(), gflops=32.0).overrides == []
+    assert demo.plan_demo(cfg, _Data(), gflops=32.0, small_data=SMALL).overrides == []
     cfg = load_config(CONFIG, ["train.mixed_precision=no"])
-    assert demo.plan_demo(cfg, _Data(), gflops=32.0, adapt=False).overrides == []  # --full
+    assert demo.plan_demo(cfg, _Data(), gflops=32.0, adapt=False, small_data=SMALL).overrides == []  # --full
 
 
 def test_demo_keeps_the_full_schedule_on_a_fast_cpu(monkeypatch):
@@ -61,8 +99,8 @@ def test_demo_keeps_the_full_schedule_on_a_fast_cpu(monkeypatch):
 
 def test_an_explicit_training_budget_wins(monkeypatch):
     cfg = load_config(CONFIG, ["train.mixed_precision=no"])
-    plan = demo.plan_demo(cfg, _Data(), budget_s=60, gflops=170.0)
-    assert plan.steps == max(demo.SMALL_MIN_STEPS, int(60 * plan.tokens_per_s / (4 * 50.3)))
+    plan = demo.plan_demo(cfg, _Data(), budget_s=60, gflops=170.0, small_data=SMALL)
+    assert plan.steps == max(demo.SMALL_MIN_STEPS, int(60 * plan.tokens_per_s / (4 * 48.5)))
 
 
 def test_the_bf16_path_probes_bf16_for_training_and_fp32_for_the_rest(monkeypatch):
