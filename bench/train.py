@@ -17,6 +17,7 @@ a Qwen2.5-0.5B-sized random-weight model on CUDA (speed does not depend on weigh
     python bench/train.py                      # CPU: ~10-15 minutes on 2 cores
     python bench/train.py --steps 4 --no-gc    # a quick look
     python bench/train.py --device cuda --steps 30
+    python bench/train.py --precision fp32 --isa avx2   # AVX2 kernels only (MKL, oneDNN, ATen), every arm
 
 Results: a table on stdout and bench/results/train.{json,md} (git-ignored). Nothing else is written to the repo.
 """
@@ -44,6 +45,10 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.05,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 HYPER = {"lr": 2e-4, "scheduler": "cosine", "seed": 42}
 ARMS = ("plain", "trl", "trl_fast", "tunelab")
+# --isa avx2: the environment that limits MKL, oneDNN and ATen's own kernels to AVX2 (read when each library
+# starts, so it is set before torch is imported and the arm processes inherit it). On an AVX-512 CPU this shows the
+# code path of an AVX2-only CPU, not its speed: clock, caches and cores stay the same.
+ISA_ENV = {"avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 FP32_ARMS = ("plain", "trl_fast", "tunelab")  # --precision fp32: TRL's default arm differs only by recomputation
 
 # ------------------------------------------------------------------------------------------------- synthetic data
@@ -343,7 +348,7 @@ ARM_FUNCS = {
 # (group_by_length is not among them: it only applies to padded batches, i.e. with data.packing=false)
 ABLATIONS = ["data.packing=false", "train.mixed_precision=no", "train.bf16_frozen_base=false",
              "train.fp32_adapter_output=false", "train.packed_attention=false", "train.sparse_logits=false",
-             "train.fast_dropout=false"]
+             "train.fast_dropout=false", "train.fused_lora=false"]
 
 
 def arm_function(arm: str):
@@ -379,6 +384,9 @@ def run_arm(spec_file: str, out_file: str) -> int:
     started = time.perf_counter()
     result = arm_function(spec["arm"])(spec, spec["gc"])
     result["process_s"] = time.perf_counter() - started
+    import torch
+
+    result["aten_kernels"] = torch.backends.cpu.get_cpu_capability()
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     if spec["device"] == "cuda":
         import torch
@@ -480,8 +488,11 @@ def machine(device: str) -> str:
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
+    kernels = torch.backends.cpu.get_cpu_capability()
+    limited = [f"{k}={v}" for k, v in ISA_ENV.get(os.environ.get("TUNELAB_BENCH_ISA", ""), {}).items()]
     return (f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), flags: {cpu_flags()}")
+            f"({torch.get_num_threads()} threads), flags: {cpu_flags()}; ATen kernels: {kernels}"
+            + (f" (limited with {' '.join(limited)}: AVX2 kernels on this CPU, not an AVX2 CPU)" if limited else ""))
 
 
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -520,6 +531,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--precision", choices=["default", "fp32"], default="default",
                         help="fp32: every arm in fp32 (TRL bf16=False, tunelab train.mixed_precision=no), the path "
                         "of CPUs without fast bf16; implies --no-gc and --repeat 2 unless given")
+    parser.add_argument("--isa", choices=sorted(ISA_ENV), default=None,
+                        help="limit MKL, oneDNN and ATen to these kernels in the matmul peak and every arm")
     parser.add_argument("--gc-arms", default="plain,tunelab", help="arms repeated with gradient checkpointing")
     parser.add_argument("--no-gc", action="store_true", help="skip the gradient-checkpointing table")
     parser.add_argument("--ablate", action="store_true", help="also run tunelab with each speed option off in turn "
@@ -542,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return run_arm(*args.child)
+    if args.isa:  # before anything imports torch; the arms inherit it
+        os.environ.update(ISA_ENV[args.isa], TUNELAB_BENCH_ISA=args.isa)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-train-") as tmp:
         work = Path(tmp)
@@ -616,6 +631,7 @@ def save(args, spec: dict, peak: dict, rows: list[dict], report: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = ("train" if args.device == "cpu" else "train_cuda") + ("_fp32" if args.precision == "fp32" else "")
+    name += f"_{args.isa}" if args.isa else ""
     keep = {k: v for k, v in spec.items() if k not in ("lengths",)}
     (out / f"{name}.json").write_text(json.dumps({"spec": keep, "peak": peak, "rows": rows,
                                                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2),

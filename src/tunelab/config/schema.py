@@ -324,6 +324,10 @@ class TrainConfig(Section):
         True, description="Compute logits and loss only at trained positions (prompt tokens skip the lm_head)."
     )
     fast_dropout: bool = Field(True, description="CPU: LoRA dropout with a cheaper random mask (same distribution).")
+    fused_lora: bool = Field(
+        True, description="LoRA without autocast (fp32): add the adapter's output into the frozen layer's output "
+        "with one addmm."
+    )
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON config.")
     fsdp: str | None = Field(None, description="FSDP options string passed to transformers, e.g. 'full_shard auto_wrap'.")
     max_memory_gb: float | None = Field(None, gt=0, description="Fail early when the estimate exceeds this.")

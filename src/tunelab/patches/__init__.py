@@ -11,7 +11,8 @@ undone (forward hooks, peft's input casting switch) is registered with an ExitSt
     trainer_checkpoint   Trainer._get_output_dir / _save_checkpoint (atomic checkpoints)
     trainer_loss         Trainer attributes read by the trained-token loss
     attention            the packed-attention registration and its mask builder
-    peft_layers          fp32 adapter outputs (hooks), fast LoRA dropout (module swap), input dtype casting
+    peft_layers          fp32 adapter outputs (hooks), fast LoRA dropout (module swap), input dtype casting,
+                         fused LoRA add (class swap of peft's lora Linear)
     bitsandbytes         Linear4bit.support_avx512bf16_for_cpu (QLoRA on CPU)
     packing              refuses a packed batch run with a KV cache (transformers' packed detection skips it)
     trl_logprobs         trl.trainer.utils._use_triton (completion-only log-probs of DPO/KTO on CPU)

@@ -13,6 +13,8 @@ Each lever is a plain function with a config switch in TrainConfig; none changes
   block-diagonal mask over the whole packed row, whose cost grows with the square of the row length.
 - `trained_token_loss`: logits only where a label is trained (prompt positions never reach the 49k-column
   lm_head), and the fp32 log-softmax recomputed per chunk in the backward pass instead of kept.
+- `fuse_lora_add`: outside autocast, each LoRA layer adds its adapter's output into the frozen layer's output with
+  one addmm instead of a product, a scaled copy and a sum over the whole output (three passes, one more backward).
 - `set_threads`: one intra-op thread per core this process may use.
 """
 
@@ -45,6 +47,7 @@ class SpeedPlan:
     packed_attention: bool = False
     sparse_logits: bool = False
     fast_dropout: bool = False
+    fused_lora: bool = False
 
     def describe(self) -> str:
         on = [f"{self.threads} threads" if self.threads else None,
@@ -52,7 +55,8 @@ class SpeedPlan:
               "fp32 adapter outputs" if self.fp32_adapter_output else None,
               "per-example attention" if self.packed_attention else None,
               "logits only on trained tokens" if self.sparse_logits else None,
-              "fast LoRA dropout" if self.fast_dropout else None]
+              "fast LoRA dropout" if self.fast_dropout else None,
+              "fused LoRA add" if self.fused_lora else None]
         return "speed: " + (", ".join(x for x in on if x) or "no options")
 
 
@@ -73,6 +77,7 @@ def plan_speed(cfg: RunConfig, device: str, autocast: str | None, packing: bool,
         packed_attention=t.packed_attention and packing and cfg.model.attn_implementation == "sdpa",
         sparse_logits=t.sparse_logits,
         fast_dropout=t.fast_dropout and device == "cpu" and adapters,
+        fused_lora=t.fused_lora and autocast is None and adapters,
     )
 
 
@@ -92,7 +97,8 @@ def apply_speed(model, plan: SpeedPlan, undo: ExitStack, longest: int | None = N
     packed = plan.packed_attention and use_packed_attention(model, longest)
     dropout = plan.fast_dropout and use_fast_dropout(model, undo) > 0
     sparse = plan.sparse_logits and accepts_logits_to_keep(model)
-    return SpeedPlan(plan.threads, plan.bf16_frozen_base, fp32_out, packed, sparse, dropout)
+    fused = plan.fused_lora and fuse_lora_add(model, undo) > 0
+    return SpeedPlan(plan.threads, plan.bf16_frozen_base, fp32_out, packed, sparse, dropout, fused)
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -168,18 +174,21 @@ def keep_adapter_outputs_fp32(model, undo: ExitStack) -> int:
 
 
 class _MaskedScale(torch.autograd.Function):
-    """y = x * keep / (1 - p), saving the 1-byte keep mask (F.dropout saves a mask in the input's dtype)."""
+    """y = x * keep / (1 - p) (no scaling when `scale` is None), saving the 1-byte keep mask (F.dropout saves a
+    mask in the input's dtype)."""
 
     @staticmethod
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.where(keep, x, 0).mul_(scale)
+        kept = torch.where(keep, x, 0)
+        return kept if scale is None else kept.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+        kept = torch.where(keep, grad, 0)
+        return (kept if ctx.scale is None else kept.mul_(ctx.scale)), None, None
 
 
 def keep_mask(shape, p: float, device) -> torch.Tensor:
@@ -209,6 +218,15 @@ class FastDropout(torch.nn.Module):
             return F.dropout(x, self.p, True)
         return _MaskedScale.apply(x, keep_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p))
 
+    def split_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x with the dropped elements zeroed, 1 / (1 - p)): the same mask as forward draws, the scale left to the
+        caller, which folds it into a later product (the fused LoRA add's alpha) instead of a pass over x."""
+        if not self.training or self.p == 0:
+            return x, 1.0
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True), 1.0
+        return _MaskedScale.apply(x, keep_mask(x.shape, self.p, x.device), None), 1.0 / (1.0 - self.p)
+
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
@@ -219,6 +237,15 @@ def use_fast_dropout(model, undo: ExitStack) -> int:
     from tunelab.patches.peft_layers import swap_lora_dropout
 
     return swap_lora_dropout(model, FastDropout, undo)
+
+
+def fuse_lora_add(model, undo: ExitStack) -> int:
+    """Let every plain LoRA Linear add its adapter's output with one addmm into the frozen layer's output
+    (patches.peft_layers.fuse_lora_linear) until `undo` closes; returns the count. Only outside autocast: each layer
+    checks at every call and takes peft's own path otherwise (DoRA, several adapters, mixed dtypes)."""
+    from tunelab.patches.peft_layers import fuse_lora_linear
+
+    return fuse_lora_linear(model, undo)
 
 
 # ------------------------------------------------------------------------------------------------ packed attention
@@ -463,8 +490,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros(())
         for start in range(0, hidden.shape[0], chunk):
             logits = hidden[start:start + chunk] @ weight.t()
-            lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[start:start + chunk, None]).squeeze(1)
+            # log-sum-exp in place (torch.logsumexp writes logits - max into a second (chunk, vocab) buffer)
+            top = logits.amax(dim=-1, keepdim=True)
+            lse[start:start + chunk] = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
             total += (lse[start:start + chunk] - picked).sum()
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk

@@ -308,6 +308,7 @@ FIELD_ZH: dict[str, str] = {
     "train.packed_attention": "打包时按样例分别计算注意力，而不是整行的块对角掩码（sdpa）。",
     "train.sparse_logits": "只在参与训练的位置计算 logits 和损失（提示词不经过 lm_head）。",
     "train.fast_dropout": "CPU：LoRA dropout 用更快的随机掩码（分布相同）。",
+    "train.fused_lora": "LoRA 不用自动混合精度（fp32）时：用一次 addmm 把适配器的输出加到冻结层的输出上。",
     "train.deepspeed": "DeepSpeed JSON 配置文件路径。",
     "train.fsdp": "传给 transformers 的 FSDP 选项，如 'full_shard auto_wrap'。",
     "train.max_memory_gb": "估算内存超过该值时提前报错。",
