@@ -33,7 +33,8 @@ MIN_TRAIN_BUDGET_S = 120.0
 # its budget): more updates per token (batch 4, a higher peak lr), no LoRA dropout, and the short identity set
 # (16 of the 58 identity records, all answering "I am {name} ... trained by {author}"), so ~85% of the tokens go to
 # the reversal task that the held-out exact match scores. Chosen by the trials in README ("Sized for the CPU it
-# finds"): EM >= 0.7 on every seed tried at 42 steps x 4, where the full data at lr 2e-3 reached 0.533 at 35 x 4.
+# finds"): EM 0.767 at 42 steps x 4 (one seed measured; batch 2 gave 0.667-0.833 over two), where the full data at
+# lr 2e-3 reached 0.533 at 35 x 4.
 # Batch 2 learned as much per token but ran at 0.69x the tokens/s of batch 4 here (fp32), so fewer tokens fit.
 SMALL_DATASETS = ("identity_short", "reverse_en_train", "reverse_zh_train")
 SMALL_PROFILE = {"train.batch_size": 4, "train.lr": 2e-3, "method.dropout": 0.0,
