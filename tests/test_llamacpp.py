@@ -16,7 +16,7 @@ TUNELAB_LLAMACPP_EXPORT_TABLE=1 adds the export's own table (GGUFs scored in tra
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import math
 import os
 import sys
@@ -31,14 +31,14 @@ if os.environ.get("TUNELAB_TEST_LLAMACPP") != "1":
     pytest.skip("opt-in llama.cpp runtime check: run `make test-llamacpp` (TUNELAB_TEST_LLAMACPP=1)",
                 allow_module_level=True)
 
-from tunelab.config.schema import ExportConfig, ModelConfig
+from tunelab.config.schema import ExportConfig
 from tunelab.export.llamacpp_build import python_runtime
 
 TYPES = os.environ.get("TUNELAB_LLAMACPP_TYPES", "f16,q8_0,q4_0,q4_k_m,q5_k_m,q6_k").split(",")
 PROMPTS = ["What is the capital of France? Answer in one sentence.", "Who are you?",
            "Reverse the order of these words: apple river stone", "Write two sentences about the sea."]
 N_TOKENS = 16
-DEMO_DATA = Path(__file__).resolve().parent.parent / "examples" / "demo" / "data"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +52,20 @@ def llama_cpp():
     return llama_cpp
 
 
+def _bench_export_table():
+    spec = importlib.util.spec_from_file_location("bench_export_table", REPO / "bench" / "export_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     """A zero-LoRA run on SmolLM2 with the demo's data, exported to TYPES (with the export table)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from tunelab.export.pipeline import export_model
-    from tunelab.models.resolve import resolve_model_path
 
-    base = resolve_model_path(ModelConfig())
     root = tmp_path_factory.mktemp("llamacpp")
-    run = root / "run-zero-lora"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
-        task_type="CAUSAL_LM", r=8, target_modules="all-linear"))  # B = 0: the merged model is the base
-    model.save_pretrained(run / "final")
-    AutoTokenizer.from_pretrained(base).save_pretrained(run / "final")
-    (run / "config.yaml").write_text(
-        f"model:\n  name: {base}\nmethod:\n  name: lora\n  r: 8\ndata:\n  dataset_dir: {DEMO_DATA}\n  datasets:\n"
-        "    - name: identity\n    - name: reverse_en_train\n    - name: reverse_zh_train\n"
-        "  variables:\n    name: Mochi\n    author: TuneLab\n  cutoff_len: 256\n  val_size: 16\n", encoding="utf-8")
-    (run / "run.json").write_text(json.dumps({"status": "completed", "method": "lora"}), encoding="utf-8")
+    run = _bench_export_table().zero_lora_run(root)  # the same run bench/export_table.py measures
     start = time.perf_counter()
     table = os.environ.get("TUNELAB_LLAMACPP_EXPORT_TABLE") == "1"  # transformers' table too (~30 s per GGUF)
     result = export_model(str(run), ExportConfig(gguf=TYPES, table=table), out=root / "export")
