@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from tunelab.data.sources import load_conversations, source_files
 from tunelab.data.templates import ChatTemplate
 from tunelab.data.types import Conversation, Message, Reject
 from tunelab.errors import DataError
+from tunelab.files import staged_folder
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # bump when the processed format or the encoding rules change
@@ -285,9 +284,7 @@ def reuse_prepared(target: Path, template: ChatTemplate, cfg: DataConfig, reject
 
 def save_prepared(target: Path, data: Processed, template: ChatTemplate) -> None:
     """Write to a temporary folder and rename it into place, so a crash never leaves a half cache behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_folder(target) as tmp:
         with _quiet_datasets():
             to_dataset(data.train).save_to_disk(str(tmp / "train"))
             if data.validation:
@@ -296,12 +293,6 @@ def save_prepared(target: Path, data: Processed, template: ChatTemplate) -> None
         write_rejects(data.rejects, tmp / "rejects.jsonl")
         write_histogram(data.lengths, data.cutoff_len, tmp / "lengths.png")
         (tmp / "stats.json").write_text(json.dumps(data.stats, indent=2, ensure_ascii=False), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

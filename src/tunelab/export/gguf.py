@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.files import staged_folder
 from tunelab.models.resolve import cache_root
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,8 @@ def fetch_converter(cache_dir: str | None = None, version: str = LLAMA_CPP_PYTHO
                 "Run `tunelab export --fetch-converter` where PyPI is reachable, or set export.converter_dir to a "
                 "llama.cpp checkout"
             )
-        staging = Path(tmp) / "converter"
-        _extract_converter(archives[0], staging)
-        if home.exists():
-            shutil.rmtree(home)
-        os.replace(staging, home)
+        with staged_folder(home) as staging:
+            _extract_converter(archives[0], staging)
     (home / ".complete").write_text(version, encoding="utf-8")
     return home
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import LLAMA_CPP_PYTHON_VERSION
+from tunelab.files import staged_folder
 from tunelab.models.resolve import cache_root
 
 log = logging.getLogger(__name__)
@@ -253,8 +254,7 @@ def build_python_runtime(cache_dir: str | None = None, version: str = LLAMA_CPP_
     marker = target / ".complete"
     if marker.is_file() and marker.read_text(encoding="utf-8") == version:
         return target
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".python-"))
-    try:
+    with staged_folder(target) as staging:
         shutil.copytree(source_dir(cache_dir, version) / "llama_cpp", staging / "llama_cpp")
         if not (bin_dir / "libllama.so").is_file():
             raise BuildError(f"{bin_dir} has no libllama.so (built without BUILD_SHARED_LIBS?)")
@@ -262,11 +262,6 @@ def build_python_runtime(cache_dir: str | None = None, version: str = LLAMA_CPP_
         shutil.rmtree(lib, ignore_errors=True)
         lib.symlink_to(bin_dir, target_is_directory=True)  # one copy of each library: the tools' own
         _pip_install(["diskcache>=5.6.1"], staging, progress)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     marker.write_text(version, encoding="utf-8")
     progress(f"llama-cpp-python {version} runtime ready in {target}")
     return target

@@ -20,8 +20,9 @@ from tunelab.errors import TunelabError
 from tunelab.export.gguf import convert_to_gguf
 from tunelab.export.gptq import asked_methods, calibration_texts, check_weight_quant, quantize_weights
 from tunelab.export.merge import PREFIX_NOTE, load_merged, save_hf_folder, save_prefix_export, write_marker
-from tunelab.export.target import check_target, staged_folder
+from tunelab.export.target import check_target
 from tunelab.export.verify import RoundTrip, compare_gguf, template_mismatches
+from tunelab.files import staged_folder
 from tunelab.inference.template import load_template
 from tunelab.runs.artifacts import Artifact, resolve_artifact
 from tunelab.runs.rundir import RunDir

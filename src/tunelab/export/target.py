@@ -8,11 +8,6 @@ export leaves the old folder as it was (and no half-old, half-new mix is ever vi
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -55,34 +50,6 @@ def check_target(out_dir: Path, overwrite: bool = False, sources: tuple[Path, ..
         "export (no tunelab_export.json). Choose a new --out, or pass --overwrite to REPLACE the whole folder "
         "and everything in it", folder=out_dir,
     )
-
-
-@contextmanager
-def staged_folder(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty folder named like `out_dir` inside a hidden sibling (so tools that name a model after its
-    folder, like llama.cpp's converter, see the final name); on success it replaces `out_dir`, on any error (or
-    Ctrl-C) it is deleted and `out_dir` is left untouched."""
-    out_dir = out_dir.expanduser()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    staging = holder / out_dir.name
-    staging.mkdir()
-    try:
-        yield staging
-        replace_folder(staging, out_dir)
-    finally:
-        shutil.rmtree(holder, ignore_errors=True)
-
-
-def replace_folder(new: Path, out_dir: Path) -> None:
-    """Move `new` to `out_dir`; an existing `out_dir` is first renamed aside, then deleted."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(new, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def refuse_existing_file(path: Path, overwrite: bool, written_by_tunelab: bool) -> None:

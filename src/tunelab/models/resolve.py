@@ -15,12 +15,11 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from tunelab.config.load import from_environment
 from tunelab.config.schema import DEFAULT_MODEL, ModelConfig
+from tunelab.files import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +114,7 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("converting %s to a safetensors folder (once; later loads take well under a second)", gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with staged_folder(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent,
@@ -131,12 +128,6 @@ def convert_gguf(gguf: Path, cache_dir: str | None = None) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "tunelab_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}, indent=2))
         (tmp / ".complete").touch()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
