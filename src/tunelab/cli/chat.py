@@ -9,18 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tunelab.cli.common import Setting, add_override_argument, add_settings, config_from_args, is_override
+from tunelab.cli.common import LOADING, Setting, add_override_argument, add_settings, config_from_args, is_override
 
 HELP = "commands: /clear forget the conversation · /system TEXT set the system prompt · /exit quit (or Ctrl-D)"
 
 
 SETTINGS = (
     Setting("--system", "data.system", note="a run's own data.system when MODEL is a run"),
-    Setting("--device", "model.device"),
-    Setting("--dtype", "model.dtype"),
-    Setting("--quantize", "model.quantize"),
-    Setting("--threads", "train.threads", note="CPU threads of generation; a run's own train.threads when MODEL is "
-            "a run"),
+    *LOADING,
 )
 # sampling: flags of the generation section (GenerationParams' fields), help and defaults from the schema
 SAMPLING = (

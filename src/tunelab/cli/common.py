@@ -41,6 +41,16 @@ class Setting:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+# how chat and eval load a model for generation (serve has its own notes on them)
+LOADING = (
+    Setting("--device", "model.device"),
+    Setting("--dtype", "model.dtype"),
+    Setting("--quantize", "model.quantize"),
+    Setting("--threads", "train.threads", note="CPU threads of generation; a run's own train.threads when MODEL is "
+            "a run"),
+)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("config", nargs=None if required else "?", help="run config YAML")
     add_override_argument(parser)

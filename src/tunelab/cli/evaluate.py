@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.cli.common import Setting, add_override_argument, add_settings, comma_list, config_from_args, is_override
+from tunelab.cli.common import (
+    LOADING,
+    Setting,
+    add_override_argument,
+    add_settings,
+    comma_list,
+    config_from_args,
+    is_override,
+)
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
@@ -20,11 +28,7 @@ SETTINGS = (
     Setting("--batch-size", "eval.batch_size"),
     Setting("--max-new-tokens", "eval.max_new_tokens"),
     Setting("--output", "eval.output_dir", metavar="DIR"),
-    Setting("--device", "model.device"),
-    Setting("--dtype", "model.dtype"),
-    Setting("--quantize", "model.quantize"),
-    Setting("--threads", "train.threads", note="CPU threads of generation; a run's own train.threads when MODEL is "
-            "a run"),
+    *LOADING,
 )
 
 
