@@ -47,7 +47,10 @@ HYPER = {"lr": 2e-4, "scheduler": "cosine", "seed": 42}
 ARMS = ("plain", "trl", "trl_fast", "tunelab")
 # --isa avx2: the environment that limits MKL, oneDNN and ATen's own kernels to AVX2 (read when each library
 # starts, so it is set before torch is imported and the arm processes inherit it). On an AVX-512 CPU this shows the
-# code path of an AVX2-only CPU, not its speed: clock, caches and cores stay the same.
+# code path of an AVX2-only CPU, not its speed: clock, caches and cores stay the same. Measured on an AMD EPYC Zen 4
+# (2026-12-02): ATen and oneDNN obey (bf16 matmuls fall to ~2 GFLOP/s), MKL's sgemm does not change speed (even
+# MKL_ENABLE_INSTRUCTIONS=SSE4_2 gave 170 GFLOP/s fp32, above SSE's ceiling there): on AMD CPUs MKL picks its own
+# path, and Zen 4 runs AVX-512 as two 256-bit halves, so the fp32 matmul peak stays where it was.
 ISA_ENV = {"avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 FP32_ARMS = ("plain", "trl_fast", "tunelab")  # --precision fp32: TRL's default arm differs only by recomputation
 
@@ -189,24 +192,37 @@ def prepare(args, work: Path) -> dict:
     return spec
 
 
-def matmul_peak(device: str) -> dict:
-    """Best FLOP/s of a square matmul in fp32 and bf16: the ceiling MFU is measured against."""
+def matmul_peak(device: str, largest: int | None = None) -> dict:
+    """Best FLOP/s of a square matmul in fp32 and bf16: the ceiling MFU is measured against. The size doubles from
+    256 up to `largest` (2048 on CPU) while one product takes under 0.1 s, so a precision without fast kernels (bf16
+    under --isa avx2 runs at ~2 GFLOP/s: 17 s per 2048 product) is measured at a size that fits in seconds."""
     import torch
 
-    n = 2048 if device == "cpu" else 8192
+    largest = largest or (2048 if device == "cpu" else 8192)
     peak = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
-        best = float("inf")
-        for _ in range(6):
-            _sync(device)
-            start = time.perf_counter()
-            a @ b
-            _sync(device)
-            best = min(best, time.perf_counter() - start)
-        peak[name] = 2 * n**3 / best
+        n = 256
+        while n < largest and _product_seconds(n, dtype, device, repeats=1) < 0.1:
+            n *= 2
+        peak[name] = 2 * n**3 / _product_seconds(n, dtype, device, repeats=6)
     return peak
+
+
+def _product_seconds(n: int, dtype, device: str, repeats: int) -> float:
+    """Fastest of `repeats` n x n matmuls, after one untimed (kernel selection, first touch of the pages)."""
+    import torch
+
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _sync(device: str) -> None:
@@ -384,16 +400,42 @@ def run_arm(spec_file: str, out_file: str) -> int:
     started = time.perf_counter()
     result = arm_function(spec["arm"])(spec, spec["gc"])
     result["process_s"] = time.perf_counter() - started
-    import torch
-
-    result["aten_kernels"] = torch.backends.cpu.get_cpu_capability()
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    result.update(kernels_in_use(spec["device"]))
     if spec["device"] == "cuda":
         import torch
 
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     Path(out_file).write_text(json.dumps(result), encoding="utf-8")
     return 0
+
+
+def kernels_in_use(device: str) -> dict:
+    """What this process computes with: ATen's kernel level and small fp32 (1024^2) and bf16 (256^2) matmul rates.
+    With --isa avx2 they show that the limits reached the arm's own process: ATen reports AVX2 and the bf16 rate
+    falls from hundreds of GFLOP/s to ~2 (oneDNN without its AVX-512 BF16 kernels)."""
+    import torch
+
+    if device != "cpu":
+        return {}
+    rates = {f"{name}_gflops": 2 * n**3 / _product_seconds(n, dtype, device, repeats=3) / 1e9
+             for name, dtype, n in (("fp32", torch.float32, 1024), ("bf16", torch.bfloat16, 256))}
+    return {"aten_kernels": torch.backends.cpu.get_cpu_capability(), **rates}
+
+
+def kernels_line(rows: list[dict]) -> str:
+    """One report line: the kernels each arm's process ran with (the same in every arm unless something broke)."""
+    seen = {}
+    for r in rows:
+        if "aten_kernels" in r:
+            key = (r["aten_kernels"], round(r["fp32_gflops"], -1), round(r["bf16_gflops"]))
+            seen.setdefault(r["aten_kernels"], []).append(key)
+    if not seen:
+        return ""
+    parts = [f"ATen {kernels} in {len(keys)} arm(s), fp32 1024^2 matmul {min(k[1] for k in keys):.0f}-"
+             f"{max(k[1] for k in keys):.0f} GFLOP/s, bf16 256^2 {min(k[2] for k in keys):.0f}-"
+             f"{max(k[2] for k in keys):.0f} GFLOP/s" for kernels, keys in seen.items()]
+    return "Kernels in the arm processes (measured in each after training): " + "; ".join(parts) + "."
 
 
 # ------------------------------------------------------------------------------------------------ running, report
@@ -492,7 +534,8 @@ def machine(device: str) -> str:
     limited = [f"{k}={v}" for k, v in ISA_ENV.get(os.environ.get("TUNELAB_BENCH_ISA", ""), {}).items()]
     return (f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), flags: {cpu_flags()}; ATen kernels: {kernels}"
-            + (f" (limited with {' '.join(limited)}: AVX2 kernels on this CPU, not an AVX2 CPU)" if limited else ""))
+            + (f" (limited with {' '.join(limited)}: AVX2 kernels on this CPU, not an AVX2-only CPU)" if limited
+               else ""))
 
 
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -551,12 +594,16 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def isa_environment(isa: str | None) -> dict:
+    """The variables --isa sets for the matmul peak and every arm (none without --isa)."""
+    return {**ISA_ENV[isa], "TUNELAB_BENCH_ISA": isa} if isa else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return run_arm(*args.child)
-    if args.isa:  # before anything imports torch; the arms inherit it
-        os.environ.update(ISA_ENV[args.isa], TUNELAB_BENCH_ISA=args.isa)
+    os.environ.update(isa_environment(args.isa))  # before anything imports torch; the arms inherit it
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-train-") as tmp:
         work = Path(tmp)
@@ -601,8 +648,8 @@ def render(args, spec: dict, peak: dict, flops: float, rows: list[dict], seconds
          f"{args.steps * args.batch_size} ({spec['tokens']} tokens, {spec['trained_tokens']} with loss), "
          f"{args.steps} steps of {args.batch_size}; {flops / 1e12:.2f} model TFLOP."),
         (f"Precision: {'fp32 in every arm' if args.precision == 'fp32' else 'each arm its default'}. "
-         f"Runs: {args.repeat} per arm, interleaved (every arm once, then again), the median run reported "
-         f"(of two: the faster). "
+         f"Runs: {args.repeat} per arm, interleaved (every arm once, then again), the median run reported"
+         f"{' (of two: the faster)' if args.repeat == 2 else ''}. "
          f"'tokens/s' times all {args.steps} steps (set-up of step 1 included); 'after step 1' times steps "
          f"2-{args.steps} ({args.steps - 1} steps) by their own tokens, and 'MFU own' uses that time against the "
          f"matmul peak of the arm's precision. 'load' is the 1-minute load average at the start and end of the "
@@ -610,6 +657,8 @@ def render(args, spec: dict, peak: dict, flops: float, rows: list[dict], seconds
         "",
         table([r for r in rows if not r["gc"] and not r["arm"].startswith("tunelab:")], gpu),
     ]
+    if kernels_line(rows):
+        parts[3:3] = [kernels_line(rows)]
     ablations = [r for r in rows if r["arm"].startswith("tunelab:")]
     if ablations:
         tuned = [r for r in rows if r["arm"] == "tunelab" and not r["gc"]]
