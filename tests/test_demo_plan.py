@@ -120,6 +120,14 @@ def test_the_bf16_path_probes_bf16_for_training_and_fp32_for_the_rest(monkeypatc
     assert plan.overrides == [] and plan.steps == 60 and plan.estimate_s + plan.other_s < 240
 
 
+def test_the_cpu_is_named_with_exactly_the_bf16_instructions_it_has():
+    """An AMD EPYC with AVX-512 BF16 but no AMX is not said to have AMX (nor an AVX2-only CPU either)."""
+    assert demo.bf16_features({"avx2", "avx512f", "avx512_bf16"}) == "with AVX-512 BF16"
+    assert demo.bf16_features({"avx512_bf16", "amx_tile", "amx_bf16"}) == "with AVX-512 BF16 and AMX"
+    assert demo.bf16_features({"avx2", "fma"}) == "no AVX-512 BF16 or AMX"
+    assert demo.cpu_description().endswith(("with AVX-512 BF16", "with AVX-512 BF16 and AMX", "no AVX-512 BF16 or AMX"))
+
+
 def test_matmul_probe_measures_something():
     assert demo.measure_matmul_gflops(size=128, seconds=0.05) > 0.1
 

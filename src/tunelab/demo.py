@@ -79,18 +79,23 @@ def _minutes(seconds: float) -> str:
 
 
 def cpu_description() -> str:
-    """The CPU's model name and whether it has the fast bf16 instructions training's `auto` looks for."""
+    """The CPU's model name and which of the fast bf16 instructions training's `auto` looks for it has."""
     import platform
 
-    from tunelab.training.sft import cpu_has_fast_bf16
-
-    name = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        first_cpu = Path("/proc/cpuinfo").read_text(encoding="utf-8").split("\n\n", 1)[0]
     except OSError:
-        pass
-    return f"{name}, {'with' if cpu_has_fast_bf16() else 'no'} AVX-512 BF16/AMX"
+        first_cpu = ""
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu.splitlines())}
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    return f"{name}, {bf16_features(flags)}"
+
+
+def bf16_features(flags: set[str]) -> str:
+    """Names exactly which of AVX-512 BF16 and AMX (its bf16 tiles) the CPU flags show."""
+    found = [label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in flags]
+    return "with " + " and ".join(found) if found else "no AVX-512 BF16 or AMX"
 
 
 def measure_matmul_gflops(dtype=None, size: int = 1024, seconds: float = 0.5) -> float:
