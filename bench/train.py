@@ -657,8 +657,9 @@ def render(args, spec: dict, peak: dict, flops: float, rows: list[dict], seconds
         "",
         table([r for r in rows if not r["gc"] and not r["arm"].startswith("tunelab:")], gpu),
     ]
-    if kernels_line(rows):
-        parts[3:3] = [kernels_line(rows)]
+    kernels = kernels_line(rows)
+    if kernels:
+        parts[3:3] = [kernels]
     ablations = [r for r in rows if r["arm"].startswith("tunelab:")]
     if ablations:
         tuned = [r for r in rows if r["arm"] == "tunelab" and not r["gc"]]
