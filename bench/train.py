@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -528,8 +527,9 @@ def machine(device: str) -> str:
 
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from tunelab.hardware import cpu_info
+
+    cpu = cpu_info().name
     kernels = torch.backends.cpu.get_cpu_capability()
     limited = [f"{k}={v}" for k, v in ISA_ENV.get(os.environ.get("TUNELAB_BENCH_ISA", ""), {}).items()]
     return (f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__} "
@@ -543,11 +543,11 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 def cpu_flags() -> str:
     """The SIMD flags that decide the fp32 and bf16 matmul rates: which are present, which absent."""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
+    from tunelab.hardware import cpu_info
+
+    have = cpu_info().flags
+    if not have:
         return "unknown"
-    have = set(line.split(":", 1)[1].split())
     return " ".join(f if f in have else f"no-{f}" for f in SIMD_FLAGS)
 
 

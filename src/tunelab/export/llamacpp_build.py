@@ -30,6 +30,7 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import LLAMA_CPP_PYTHON_VERSION
 from tunelab.files import staged_folder
+from tunelab.hardware import cpu_info, parse_cpuinfo
 from tunelab.models.resolve import cache_root
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,7 @@ def cpu_options(cpuinfo: str | None = None) -> list[str]:
     """-march=native, except on CPUs advertising AMX: there every other instruction set of the CPU is named and AMX
     is left out. ggml's AMX kernels (quantized matmuls) died with a general protection fault on `ldtilecfg` on
     this project's Xeon (in a container; the kernel granted the AMX permission), taking every q4/q5/q8 GGUF down."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-        except OSError:
-            cpuinfo = ""
-    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
-    flags = set(line.partition(":")[2].split())
+    flags = cpu_info().flags if cpuinfo is None else parse_cpuinfo(cpuinfo).flags
     if "amx_tile" not in flags:
         return ["-DGGML_NATIVE=ON"]
     chosen = [f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in X86_FLAGS.items()]

@@ -127,11 +127,9 @@ class Precision:
 
 def cpu_has_fast_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matmuls run ~3-4x faster than fp32 there (docs/pitfalls.md #8)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    from tunelab.hardware import cpu_info
+
+    return cpu_info().fast_bf16
 
 
 def plan_precision(cfg: RunConfig, device: str) -> Precision:
