@@ -56,6 +56,16 @@ def test_default_system_prompt_becomes_system(tiny_models):
         "Réponds en français."
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_a_runs_system_prompt_is_compared_as_training_rendered_it(tiny_models, family):
+    """A run trained with data.system: training gave it to every conversation without a system message, and the
+    Modelfile's SYSTEM does the same, so the check finds no difference (it compared against the template's own
+    default system prompt, and every `tunelab export` of the demo run failed with TEMPLATE DIFFERS)."""
+    template, tokenizer = family_template(tiny_models[family])
+    mf = build_modelfile("m.gguf", template, tokenizer, system="You are a helpful assistant.")
+    assert mf.family is not None and mf.mismatches == []
+
+
 def test_embedded_smollm2_template():
     from tunelab.config.schema import ModelConfig
     from tunelab.models.resolve import resolve_model_path

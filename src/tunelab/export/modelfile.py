@@ -100,10 +100,16 @@ def render_like_ollama(go: str, messages: list[dict], system: str | None, bos: s
 
 
 def template_mismatches(go: str, template, tokenizer, system: str | None) -> list[str]:
+    """Sample conversations that Ollama (the Modelfile's SYSTEM, then its TEMPLATE) renders other than training did:
+    training gave `system` (data.system) to every conversation without a system message of its own."""
     problems = []
     for conv in SAMPLE_CONVERSATIONS:
+        if system and conv[0]["role"] != "system":
+            trained = [{"role": "system", "content": system}, *conv]
+        else:
+            trained = conv
         try:
-            expected = template.render(conv, add_generation_prompt=True)
+            expected = template.render(trained, add_generation_prompt=True)
         except TemplateError:  # the training template rejects this shape (e.g. Mistral has no system role)
             continue
         if adds_bos(tokenizer) and renders_bos(template, tokenizer, expected):  # llama.cpp adds this one
