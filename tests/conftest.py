@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from measure_slow import read_list
 from tiny import FAMILIES, build_tiny_model
 
 
@@ -62,6 +63,8 @@ SLOW_MODULES = {
     "test_demo.py": "the whole demo pipeline, export included",
     "test_train_resume.py": "kill -9 / signals / resume and 2-process torchrun runs, in subprocesses",
     "test_bench.py": "runs the training benchmark script",
+    "test_bench_align.py": "runs the alignment benchmark (tunelab and TRL arms)",
+    "test_bench_serve.py": "runs the serving benchmark against real servers",
     "test_export_gguf_quant.py": "llama.cpp's converter plus numpy quantization of every q4/q5 type (~2 min)",
 }
 SLOW_TESTS = {
@@ -69,6 +72,7 @@ SLOW_TESTS = {
     "test_export_command_writes_gguf_modelfile_and_round_trips": "GGUF conversion and round trip (~50 s)",
 }
 SLOW_NAME_PARTS = ("smollm2_real", "two_cpu_processes", "multi_process", "torchrun")
+SLOW_MEASURED = read_list()  # tests/slow_tests.txt: each took >= 1.5 s (tests/measure_slow.py rewrites it)
 
 
 def slow_reason(module: str, name: str) -> str | None:
@@ -78,6 +82,8 @@ def slow_reason(module: str, name: str) -> str | None:
         return SLOW_MODULES[module]
     if base in SLOW_TESTS:
         return SLOW_TESTS[base]
+    if f"{module}::{base}" in SLOW_MEASURED:
+        return f"took {SLOW_MEASURED[f'{module}::{base}']}"
     return next((f"name contains {part!r}" for part in SLOW_NAME_PARTS if part in base), None)
 
 
