@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 SIZES = {  # Qwen2.5-like shapes
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2),
+    "tiny": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2},
+    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2},
+    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+             "num_key_value_heads": 2},
 }
-WORDS = ("alpha beta gamma delta model token train data loss layer weight value answer question river mountain "
+WORDS = ("alpha beta gamma delta model token train data loss layer weight value answer question river mountain "  # noqa: SIM905
          "数据 模型 训练 问题 答案 学习 语言 城市 河流 山").split()
 
 

@@ -60,10 +60,10 @@ def test_method_errors_read_as_with_a_hand_written_union():
             load_config(None, override)
         problems[override[-1]] = e.value.problems
     assert problems == {
-        "method.name=lorax": ["method: Input tag 'lorax' found using 'name' does not match any of the expected tags: "
-                              "'lora', 'dora', 'qlora', 'full', 'freeze', 'prefix'"],
-        "method.rr=1": ["method.rr: unknown key; valid keys here: alpha, bits, compute_dtype, double_quant, dropout, "
-                        "init_from, modules_to_save, name, quant_type, r, rslora, target_modules"],
+        "method.name=lorax": [("method: Input tag 'lorax' found using 'name' does not match any of the expected tags: "
+                               "'lora', 'dora', 'qlora', 'full', 'freeze', 'prefix'")],
+        "method.rr=1": [("method.rr: unknown key; valid keys here: alpha, bits, compute_dtype, double_quant, dropout, "
+                         "init_from, modules_to_save, name, quant_type, r, rslora, target_modules")],
         "method.r=0": ["method.r: Input should be greater than or equal to 1 (got 0)"],
         "method={name: freeze, trainable_layers: x}": [
             "method.trainable_layers: Input should be a valid integer, unable to parse string as an integer (got 'x')"],
