@@ -70,6 +70,7 @@ SLOW_MODULES = {
 SLOW_TESTS = {
     "test_embedded_smollm2_template": "loads the real embedded SmolLM2",
     "test_export_command_writes_gguf_modelfile_and_round_trips": "GGUF conversion and round trip (~50 s)",
+    "test_a_dropped_engine_thread_is_joined_before_the_interpreter_exits": "two engine processes end to end (~40 s)",
 }
 SLOW_NAME_PARTS = ("smollm2_real", "two_cpu_processes", "multi_process", "torchrun")
 SLOW_MEASURED = read_list()  # tests/slow_tests.txt: each took >= 1.5 s (tests/measure_slow.py rewrites it)

@@ -3,6 +3,7 @@ stops, identical greedy output under 16-way concurrency (with and without a LoRA
 
 from __future__ import annotations
 
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -354,3 +355,33 @@ def test_an_idle_engine_prefills_a_burst_of_requests_in_one_forward(tiny_models)
         del scheduler._prefill
         eng.close()
     assert together == alone and sizes == [6]
+
+
+def test_a_dropped_engine_thread_is_joined_before_the_interpreter_exits(tiny_models):
+    """The demo's last step: answer, drop the engine, exit. The loop thread then frees the scheduler (its last
+    reference) after the interpreter started finalizing, and the process aborted (exit 134, "terminate called without
+    an active exception") on some runs. join_loop_threads (run at exit) waits for it; the process exits 0 each time."""
+    import subprocess
+    import sys
+
+    from tunelab.inference.scheduler import join_loop_threads
+
+    eng = load_engine(str(tiny_models["llama"]), options=EngineOptions(threads=1))
+    eng.generate([render(eng, "hi")], GenerationParams(max_new_tokens=2))
+    thread = eng.scheduler._thread
+    del eng
+    gc.collect()
+    join_loop_threads()
+    assert thread is None or not thread.is_alive()
+    script = ("import gc, sys\n"
+              "from tunelab.inference.engine import EngineOptions, GenerationParams\n"
+              "from tunelab.inference.hf import load_engine\n"
+              "eng = load_engine(sys.argv[1], options=EngineOptions(threads=1))\n"
+              "prompt = eng.render([{'role': 'user', 'content': 'hi'}])\n"
+              "print(eng.generate([prompt] * 4, GenerationParams(max_new_tokens=8))[0].text)\n"
+              "del eng\n"
+              "gc.collect()\n")
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script, str(tiny_models["llama"])], capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]

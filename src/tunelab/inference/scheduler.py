@@ -155,6 +155,7 @@ class Scheduler:
     def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="tunelab-scheduler", daemon=True)
         self.threads_started += 1
+        _LOOP_THREADS.add(self._thread)
         self._thread.start()
 
     # ------------------------------------------------------------------------------------------------- the loop
@@ -464,3 +465,22 @@ def _close_at_exit(ref: weakref.ref) -> None:
     scheduler = ref()
     if scheduler is not None:
         scheduler.close(wait=10.0)
+
+
+# Every loop thread, until it has ended. A closed engine's thread can outlive its scheduler: when the engine is dropped
+# (`del engine` after a demo's last answer) the thread holds the last reference, so the scheduler, its KV cache and
+# its tensors are freed in that thread after the loop returns, and `_close_at_exit`'s weak reference is gone. If the
+# interpreter finalizes meanwhile, the thread is stopped inside a tensor's dealloc: "terminate called without an
+# active exception", exit 134 after a successful `tunelab demo` (caught under gdb). Joined at exit, after every
+# scheduler's own close (atexit runs in reverse order of registration, and this one is registered first).
+_LOOP_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def join_loop_threads(timeout: float = 10.0) -> None:
+    """Wait for every generation loop thread that is still alive (they end once closed or idle)."""
+    for thread in list(_LOOP_THREADS):
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+atexit.register(join_loop_threads)
