@@ -215,8 +215,8 @@ def test_bundled_demo_data(tmp_path):
     tokenizer = load_tokenizer(ModelConfig())
     data = prepare(cfg, tokenizer)
     counts = {d["name"]: d["kept"] for d in data.stats["datasets"]}
-    assert counts == {"reverse_en_train": 64, "reverse_en_test": 20, "reverse_zh_train": 32, "reverse_zh_test": 10,
-                      "identity": 58}
+    assert counts == {"reverse_en_train": 64, "reverse_en_test": 20, "reverse_zh_train": 32, "reverse_zh_extra": 48,
+                      "reverse_zh_test": 10, "identity": 58}
     assert data.stats["rejected"]["total"] == 0 and data.stats["truncated"] == 0
     texts = [tokenizer.decode(ex["input_ids"]) for ex in data.train]
     assert any("我是Tuney" in t for t in texts) and not any("{name}" in t or "{author}" in t for t in texts)
@@ -227,7 +227,7 @@ def test_bundled_demo_data(tmp_path):
         return {w for r in rows for w in (r.get("output") or r["conversations"][1]["value"]).split()}
 
     assert not words("reverse_en_train") & words("reverse_en_test")
-    assert not words("reverse_zh_train") & words("reverse_zh_test")
+    assert not (words("reverse_zh_train") | words("reverse_zh_extra")) & words("reverse_zh_test")
 
 
 def test_long_text_documents_are_chunked_not_truncated(tmp_path, llama_tok):

@@ -21,7 +21,7 @@ class _Data:
         self.train = [None] * examples
 
 
-SMALL = _Data(112, 48.5)  # the small profile's data: the short identity set and the reversal data
+SMALL = _Data(160, 54.7)  # the small profile's data: the short identity set, the reversal data and the extra zh
 
 
 def _no_probe(*_, **__):
@@ -38,9 +38,9 @@ def test_demo_sizes_itself_for_a_slow_fp32_cpu(monkeypatch):
     assert "train.batch_size=4" in plan.overrides and f"train.max_steps={plan.steps}" in plan.overrides
     other = demo.OTHER_STAGES_FIXED_S + demo.OTHER_STAGES_GFLOP / 32
     assert plan.other_s == pytest.approx(other)
-    assert plan.tokens_per_step == pytest.approx(4 * 48.5)  # the small profile's own examples are counted
-    fit = int((demo.DEMO_BUDGET_S - other) * plan.tokens_per_s / (4 * 48.5))
-    assert plan.steps == fit == 42  # the recipe the README's trials chose: 42 x 4 on a 32 GFLOP/s fp32 CPU
+    assert plan.tokens_per_step == pytest.approx(4 * 54.7)  # the small profile's own examples are counted
+    fit = int((demo.DEMO_BUDGET_S - other) * plan.tokens_per_s / (4 * 54.7))
+    assert plan.steps == fit == 47  # the recipe the README's trials chose: 47 x 4 on a 32 GFLOP/s fp32 CPU
     assert plan.steps == max(demo.SMALL_MIN_STEPS, fit)
     assert plan.estimate_s + plan.other_s <= demo.DEMO_BUDGET_S <= 600  # the whole demo within 10 minutes
     text = plan.describe()
@@ -52,15 +52,18 @@ def test_demo_sizes_itself_for_a_slow_fp32_cpu(monkeypatch):
 
 def test_the_small_profile_trains_the_short_identity_set_without_dropout():
     """The overrides the slow-CPU plan prints load into the config the trials measured: batch 4, lr 2e-3, LoRA
-    dropout 0, the 16-record identity set (all naming name and author) before the two reversal sets."""
+    dropout 0 and alpha 64, the 16-record identity set (all naming name and author) before the reversal sets, with
+    48 more Chinese ones."""
     cfg = load_config(CONFIG, ["train.mixed_precision=no"])
     plan = demo.plan_demo(cfg, _Data(), gflops=32.0, small_data=SMALL)
     small = load_config(CONFIG, ["train.mixed_precision=no", *plan.overrides])
-    assert [d.name for d in small.data.datasets] == ["identity_short", "reverse_en_train", "reverse_zh_train"]
-    assert small.method.dropout == 0 and small.train.batch_size == 4 and small.train.lr == pytest.approx(2e-3)
+    assert [d.name for d in small.data.datasets] == ["identity_short", "reverse_en_train", "reverse_zh_train",
+                                                     "reverse_zh_extra"]
+    assert small.method.alpha == 64 and small.method.dropout == 0
+    assert small.train.batch_size == 4 and small.train.lr == pytest.approx(2e-3)
     assert small.train.max_steps == plan.steps
     assert demo.small_profile_config(cfg).data.datasets == small.data.datasets
-    assert "short identity set (112 examples, mean 48.5 tokens)" in plan.describe()
+    assert "short identity set and the extra Chinese reversals (160 examples, mean 54.7 tokens)" in plan.describe()
 
 
 def test_the_short_identity_set_is_part_of_the_full_one_and_names_who_trained_it():
@@ -83,6 +86,13 @@ def test_a_config_with_other_data_keeps_its_data_in_the_small_profile():
     assert [d.name for d in demo.small_profile_config(cfg).data.datasets] == ["identity"]
 
 
+def test_a_method_without_lora_settings_gets_only_the_training_part_of_the_small_profile():
+    cfg = load_config(CONFIG, ["train.mixed_precision=no", "method={name: freeze}"])
+    plan = demo.plan_demo(cfg, _Data(), gflops=32.0, small_data=SMALL)
+    assert plan.overrides and not any(o.startswith("method.") for o in plan.overrides)
+    load_config(CONFIG, ["train.mixed_precision=no", "method={name: freeze}", *plan.overrides])  # loads
+
+
 def test_a_schedule_set_on_the_command_line_is_kept(monkeypatch):
     cfg = load_config(CONFIG, ["train.mixed_precision=no", "train.max_steps=4"])
     assert demo.plan_demo(cfg, _Data(), gflops=32.0, small_data=SMALL).overrides == []
@@ -100,7 +110,7 @@ def test_demo_keeps_the_full_schedule_on_a_fast_cpu(monkeypatch):
 def test_an_explicit_training_budget_wins(monkeypatch):
     cfg = load_config(CONFIG, ["train.mixed_precision=no"])
     plan = demo.plan_demo(cfg, _Data(), budget_s=60, gflops=170.0, small_data=SMALL)
-    assert plan.steps == max(demo.SMALL_MIN_STEPS, int(60 * plan.tokens_per_s / (4 * 48.5)))
+    assert plan.steps == max(demo.SMALL_MIN_STEPS, int(60 * plan.tokens_per_s / (4 * 54.7)))
 
 
 def test_the_bf16_path_probes_bf16_for_training_and_fp32_for_the_rest(monkeypatch):
@@ -126,6 +136,20 @@ def test_the_cpu_is_named_with_exactly_the_bf16_instructions_it_has():
     assert demo.bf16_features({"avx512_bf16", "amx_tile", "amx_bf16"}) == "with AVX-512 BF16 and AMX"
     assert demo.bf16_features({"avx2", "fma"}) == "no AVX-512 BF16 or AMX"
     assert demo.cpu_description().endswith(("with AVX-512 BF16", "with AVX-512 BF16 and AMX", "no AVX-512 BF16 or AMX"))
+
+
+def test_cpuinfo_is_read_once_for_every_caller():
+    """One parser of /proc/cpuinfo: the first processor's name and flags, what training's `auto` precision, the
+    demo's CPU line, the llama.cpp build options and the benches all read."""
+    from tunelab.export.llamacpp_build import cpu_options
+    from tunelab.hardware import parse_cpuinfo
+
+    amd = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx512f avx512_bf16\n\nprocessor\t: 1\n"
+    cpu = parse_cpuinfo(amd)
+    assert cpu.name == "AMD EPYC" and cpu.fast_bf16 and "amx_tile" not in cpu.flags
+    assert not parse_cpuinfo("model name\t: Old Xeon\nflags\t\t: avx2 fma\n").fast_bf16
+    assert parse_cpuinfo("").flags == frozenset()
+    assert cpu_options(amd) == ["-DGGML_NATIVE=ON"]
 
 
 def test_matmul_probe_measures_something():

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.config import RunConfig, load_config
+from tunelab.hardware import bf16_features, cpu_info
 
 QUESTIONS = ("Who are you?", "你是谁？", "Reverse the order of these words: lemon violin harbor")
 
@@ -16,10 +17,12 @@ QUESTIONS = ("Who are you?", "你是谁？", "Reverse the order of these words: 
 # computes in), per training precision; where two machines disagree the smaller value is kept, so estimates err
 # long. bf16: ~270 tokens/s at a ~600 GFLOP/s probe (2-core AMD EPYC with AVX-512 BF16) and ~220 tokens/s at a
 # ~725 GFLOP/s probe (2-core Intel Xeon with AMX). fp32 (train.mixed_precision=no, the fp32 path of issue 17):
-# ~207 tokens/s at a ~320 GFLOP/s probe on that Xeon, 2 threads. An AVX2-only CPU is assumed to reach the same
-# share of its probe (README, "Sized for the CPU it finds"); the issue 12 reporter measured 0.45 there before
-# issue 17's fp32 work.
-TOKENS_PER_GFLOP = {"bf16": 0.30, "fp32": 0.65}
+# ~207 tokens/s at a ~320 GFLOP/s probe on that Xeon, 2 threads (0.65, before issue 17's fp32 work), and after it
+# 145-194 tokens/s at a ~162 GFLOP/s probe on the AMD EPYC (0.9-1.2, the small profile's training; bench/train.py
+# --isa avx2, AVX2 kernels: 149-162 tokens/s, ~0.95); 0.83 keeps a ~15% margin under the lowest. An AVX2-only CPU is
+# assumed to reach the same share of its probe (README, "Sized for the CPU it finds"): not measured on one; the
+# issue 12 reporter measured 0.45 there before issue 17's fp32 work.
+TOKENS_PER_GFLOP = {"bf16": 0.30, "fp32": 0.83}
 # The whole demo on a slow CPU should end within 10 minutes; this leaves a margin for the estimate's error.
 DEMO_BUDGET_S = 540.0
 # Everything but training (data, base and tuned answers, base-vs-tuned evaluation, export with its table) took 91 s
@@ -29,16 +32,20 @@ DEMO_BUDGET_S = 540.0
 OTHER_STAGES_FIXED_S = 85.0
 OTHER_STAGES_GFLOP = 2000.0
 MIN_TRAIN_BUDGET_S = 120.0
-# The demo on hardware too slow for the full schedule (an AVX2-only CPU training in fp32 gets ~8,000 tokens into
-# its budget): more updates per token (batch 4, a higher peak lr), no LoRA dropout, and the short identity set
-# (16 of the 58 identity records, all answering "I am {name} ... trained by {author}"), so ~85% of the tokens go to
-# the reversal task that the held-out exact match scores. Chosen by the trials in README ("Sized for the CPU it
-# finds"): EM 0.767 at 42 steps x 4 (one seed measured; batch 2 gave 0.667-0.833 over two), where the full data at
-# lr 2e-3 reached 0.533 at 35 x 4.
-# Batch 2 learned as much per token but ran at 0.69x the tokens/s of batch 4 here (fp32), so fewer tokens fit.
-SMALL_DATASETS = ("identity_short", "reverse_en_train", "reverse_zh_train")
-SMALL_PROFILE = {"train.batch_size": 4, "train.lr": 2e-3, "method.dropout": 0.0,
-                 "data.datasets": "[" + ", ".join(f"{{name: {n}}}" for n in SMALL_DATASETS) + "]"}
+# The demo on hardware too slow for the full schedule (an AVX2-only CPU training in fp32 gets ~10,000 tokens into
+# its budget): more updates per token (batch 4, a higher peak lr, LoRA alpha 64), no LoRA dropout, the short identity
+# set (16 of the 58 identity records, all answering "I am {name} ... trained by {author}") so most tokens go to the
+# reversal task that the held-out exact match scores, and 48 more Chinese reversals over other words (most held-out
+# misses were Chinese characters copied wrongly). Chosen by the trials in README ("Sized for the CPU it finds"):
+# alpha 32 without the extra data gave EM 0.767 / 0.667 on two seeds at 42 x 4; this profile at 47 x 4 (what a
+# 32 GFLOP/s CPU gets) 0.700-0.833 on six seeds (mean 0.744), at 37 and 60 steps 0.667-0.867 on six more.
+# Batch 2 learned as much per token but ran at 0.69x the tokens/s of batch 4 (fp32).
+DEMO_DATASETS = ("identity", "reverse_en_train", "reverse_zh_train")
+SMALL_DATASETS = ({"name": "identity_short"}, {"name": "reverse_en_train"},
+                  {"name": "reverse_zh_train"}, {"name": "reverse_zh_extra"})
+SMALL_PROFILE = {"train.batch_size": 4, "train.lr": 2e-3, "method.dropout": 0.0, "method.alpha": 64,
+                 "data.datasets": "[" + ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + "}"
+                                                  for spec in SMALL_DATASETS) + "]"}
 SMALL_MIN_STEPS = 16  # below this the held-out reversal is not learned reliably
 
 
@@ -80,22 +87,8 @@ def _minutes(seconds: float) -> str:
 
 def cpu_description() -> str:
     """The CPU's model name and which of the fast bf16 instructions training's `auto` looks for it has."""
-    import platform
-
-    try:
-        first_cpu = Path("/proc/cpuinfo").read_text(encoding="utf-8").split("\n\n", 1)[0]
-    except OSError:
-        first_cpu = ""
-    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu.splitlines())}
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    flags = set(fields.get("flags", "").split())
-    return f"{name}, {bf16_features(flags)}"
-
-
-def bf16_features(flags: set[str]) -> str:
-    """Names exactly which of AVX-512 BF16 and AMX (its bf16 tiles) the CPU flags show."""
-    found = [label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in flags]
-    return "with " + " and ".join(found) if found else "no AVX-512 BF16 or AMX"
+    cpu = cpu_info()
+    return f"{cpu.name}, {bf16_features(cpu.flags)}"
 
 
 def measure_matmul_gflops(dtype=None, size: int = 1024, seconds: float = 0.5) -> float:
@@ -126,23 +119,27 @@ def small_profile_config(cfg: RunConfig) -> RunConfig:
     """`cfg` with SMALL_PROFILE applied (what the demo trains on slow hardware), steps not yet chosen."""
     from tunelab.config.schema import DatasetSpec
 
-    method = cfg.method.model_copy(update={"dropout": SMALL_PROFILE["method.dropout"]}) if hasattr(
-        cfg.method, "dropout") else cfg.method
+    method = cfg.method
+    if hasattr(method, "dropout"):  # a LoRA-family method
+        method = method.model_copy(update={"dropout": SMALL_PROFILE["method.dropout"],
+                                           "alpha": SMALL_PROFILE["method.alpha"]})
     train = cfg.train.model_copy(update={"batch_size": SMALL_PROFILE["train.batch_size"],
                                          "lr": SMALL_PROFILE["train.lr"]})
     data = cfg.data
     if uses_demo_data(cfg):
-        data = data.model_copy(update={"datasets": [DatasetSpec(name=n) for n in SMALL_DATASETS]})
+        data = data.model_copy(update={"datasets": [DatasetSpec(**spec) for spec in SMALL_DATASETS]})
     return cfg.model_copy(update={"train": train, "method": method, "data": data})
 
 
 def uses_demo_data(cfg: RunConfig) -> bool:
     """The config trains the bundled demo data (whose folder also registers the short identity set)."""
-    return [d.name for d in cfg.data.datasets] == ["identity", *SMALL_DATASETS[1:]]
+    return tuple(d.name for d in cfg.data.datasets) == DEMO_DATASETS
 
 
 def small_overrides(cfg: RunConfig, steps: int) -> list[str]:
-    keep = {k: v for k, v in SMALL_PROFILE.items() if k != "data.datasets" or uses_demo_data(cfg)}
+    lora = hasattr(cfg.method, "dropout")
+    keep = {k: v for k, v in SMALL_PROFILE.items()
+            if (k != "data.datasets" or uses_demo_data(cfg)) and (lora or not k.startswith("method."))}
     return [f"{k}={v}" for k, v in keep.items()] + [f"train.max_steps={steps}"]
 
 
@@ -189,8 +186,8 @@ def plan_demo(cfg: RunConfig, data, budget_s: float | None = None, adapt: bool =
     small.note = (f"sized for this hardware: the full schedule ({plan.steps} steps) would take "
                   f"~{plan.estimate_s / 60:.0f} min here, so the demo trains {steps} steps of batch "
                   f"{SMALL_PROFILE['train.batch_size']} at lr {SMALL_PROFILE['train.lr']:g} on the short identity "
-                  f"set ({small_examples} examples, mean {small_mean:.1f} tokens) to end within "
-                  f"~{DEMO_BUDGET_S / 60:.0f} min (tunelab demo --full keeps the config as written)")
+                  f"set and the extra Chinese reversals ({small_examples} examples, mean {small_mean:.1f} tokens) "
+                  f"to end within ~{DEMO_BUDGET_S / 60:.0f} min (tunelab demo --full keeps the config as written)")
     if small.estimate_s > budget_s:
         small.note += f"; even so training exceeds its {budget_s / 60:.0f} min budget on this CPU"
     return small
@@ -229,6 +226,7 @@ def ask(model: str, questions: tuple[str, ...] = QUESTIONS, max_new_tokens: int 
     head = [{"role": "system", "content": system}] if system else []
     prompts = [engine.render([*head, {"role": "user", "content": q}]) for q in questions]
     answers = [c.text.strip() for c in engine.generate(prompts, GenerationParams(max_new_tokens=max_new_tokens))]
+    engine.close()  # its generation thread ends here, not while the interpreter exits
     del engine
     gc.collect()
     return answers
@@ -326,6 +324,8 @@ def _export(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
     for path, size in exported.files():
         if path.suffix in {".gguf", ".safetensors"} or path.name == "Modelfile":
             print(f"  {path}  {size / 1e6:.1f} MB")
+    for problem in exported.template_problems + exported.modelfile_problems:
+        print(f"  WARNING: the exported chat template renders differently from training: {problem}")
     answer = ask(str(exported.out_dir), QUESTIONS[:1], system=cfg.data.system)[0]
     print(f"  exported model, Q: {QUESTIONS[0]}  A: {answer[:160]!r}")
     return exported.out_dir, answer
