@@ -169,6 +169,9 @@ class _Engine:
 
         return [Completion(" answer ", 1, 1, "stop") for _ in prompts]
 
+    def close(self):
+        self.closed = True
+
 
 def test_questions_are_asked_with_the_training_system_prompt(monkeypatch):
     """Base and tuned models are asked in the frame the data was trained in (data.system), not the template's own
@@ -176,6 +179,7 @@ def test_questions_are_asked_with_the_training_system_prompt(monkeypatch):
     engine = _Engine()
     monkeypatch.setattr("tunelab.inference.hf.load_engine", lambda model: engine)
     assert demo.ask("m", ("Who are you?",), system="You are a helpful assistant.") == ["answer"]
+    assert engine.closed  # its generation thread ended before the next stage (and before the interpreter exits)
     assert engine.rendered[-1] == [{"role": "system", "content": "You are a helpful assistant."},
                                    {"role": "user", "content": "Who are you?"}]
     demo.ask("m", ("Who are you?",))
