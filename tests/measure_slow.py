@@ -15,8 +15,6 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
-
 LIST = Path(__file__).with_name("slow_tests.txt")
 HEADER = """\
 # Tests that `make test-fast` skips because one run took >= {over:g} s (written by tests/measure_slow.py; the
@@ -48,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("junit", type=Path)
     parser.add_argument("--over", type=float, default=1.5, help="seconds from which a test is slow (1.5)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parents[1] / "src"))  # run as a script, outside the venv's install
     from tunelab.hardware import cpu_info
 
     cpu = cpu_info().name
     kept = read_list()
-    new = {key: f"{seconds:5.1f} s  {cpu}" for key, seconds in measured(args.junit).items()
+    new = {key: f"{seconds:.1f} s  {cpu}" for key, seconds in measured(args.junit).items()
            if seconds >= args.over and key not in kept}
     rows = sorted({**kept, **new}.items())
     LIST.write_text(HEADER.format(over=args.over) + "".join(f"{k}  {v}\n" for k, v in rows), encoding="utf-8")

@@ -138,7 +138,7 @@ def test_the_cpu_is_named_with_exactly_the_bf16_instructions_it_has():
     assert demo.cpu_description().endswith(("with AVX-512 BF16", "with AVX-512 BF16 and AMX", "no AVX-512 BF16 or AMX"))
 
 
-def test_cpuinfo_is_read_once_for_every_caller():
+def test_cpuinfo_gives_the_first_processors_name_flags_and_fast_bf16():
     """One parser of /proc/cpuinfo: the first processor's name and flags, what training's `auto` precision, the
     demo's CPU line, the llama.cpp build options and the benches all read."""
     from tunelab.export.llamacpp_build import cpu_options

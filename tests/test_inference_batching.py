@@ -367,12 +367,14 @@ def test_a_dropped_engine_thread_is_joined_before_the_interpreter_exits(tiny_mod
     from tunelab.inference.scheduler import join_loop_threads
 
     eng = load_engine(str(tiny_models["llama"]), options=EngineOptions(threads=1))
+    eng.scheduler.idle_exit_s = None  # the loop ends only when closed, not by idling
     eng.generate([render(eng, "hi")], GenerationParams(max_new_tokens=2))
     thread = eng.scheduler._thread
-    del eng
+    assert thread is not None and thread.is_alive()
+    del eng  # closes the scheduler without waiting
     gc.collect()
     join_loop_threads()
-    assert thread is None or not thread.is_alive()
+    assert not thread.is_alive()
     script = ("import gc, sys\n"
               "from tunelab.inference.engine import EngineOptions, GenerationParams\n"
               "from tunelab.inference.hf import load_engine\n"

@@ -4,6 +4,7 @@ base-vs-tuned evaluation on held-out data -> export -> one question to the expor
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,7 @@ DEMO_DATASETS = ("identity", "reverse_en_train", "reverse_zh_train")
 SMALL_DATASETS = ({"name": "identity_short"}, {"name": "reverse_en_train"},
                   {"name": "reverse_zh_train"}, {"name": "reverse_zh_extra"})
 SMALL_PROFILE = {"train.batch_size": 4, "train.lr": 2e-3, "method.dropout": 0.0, "method.alpha": 64,
-                 "data.datasets": "[" + ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + "}"
-                                                  for spec in SMALL_DATASETS) + "]"}
+                 "data.datasets": json.dumps(SMALL_DATASETS)}  # JSON is YAML: the override reads it back
 SMALL_MIN_STEPS = 16  # below this the held-out reversal is not learned reliably
 
 
@@ -120,7 +120,7 @@ def small_profile_config(cfg: RunConfig) -> RunConfig:
     from tunelab.config.schema import DatasetSpec
 
     method = cfg.method
-    if hasattr(method, "dropout"):  # a LoRA-family method
+    if _lora_family(cfg):
         method = method.model_copy(update={"dropout": SMALL_PROFILE["method.dropout"],
                                            "alpha": SMALL_PROFILE["method.alpha"]})
     train = cfg.train.model_copy(update={"batch_size": SMALL_PROFILE["train.batch_size"],
@@ -131,15 +131,19 @@ def small_profile_config(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"train": train, "method": method, "data": data})
 
 
+def _lora_family(cfg: RunConfig) -> bool:
+    """LoRA, DoRA or QLoRA: the methods with the alpha and dropout SMALL_PROFILE sets."""
+    return hasattr(cfg.method, "dropout")
+
+
 def uses_demo_data(cfg: RunConfig) -> bool:
     """The config trains the bundled demo data (whose folder also registers the short identity set)."""
     return tuple(d.name for d in cfg.data.datasets) == DEMO_DATASETS
 
 
 def small_overrides(cfg: RunConfig, steps: int) -> list[str]:
-    lora = hasattr(cfg.method, "dropout")
     keep = {k: v for k, v in SMALL_PROFILE.items()
-            if (k != "data.datasets" or uses_demo_data(cfg)) and (lora or not k.startswith("method."))}
+            if (k != "data.datasets" or uses_demo_data(cfg)) and (_lora_family(cfg) or not k.startswith("method."))}
     return [f"{k}={v}" for k, v in keep.items()] + [f"train.max_steps={steps}"]
 
 
